@@ -1,0 +1,43 @@
+# Everything a fresh machine needs: `make demo` runs tpo on the bundled model, `make test` runs the tests.
+# Both build a virtual environment in .venv first (llama-cpp-python compiles from source once,
+# about 10 minutes; pip caches the wheel afterwards).
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+EXTRAS ?= local,openai,hf,math,data,dev
+comma := ,
+PROMPT ?= Explain in two sentences why the sky is blue.
+
+.PHONY: install demo test test-fast lint typecheck clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# torch is installed on its own, pinned to the CPU build this machine provides, before anything
+# that depends on it, so that pip never pulls a CUDA build.
+$(VENV)/.installed-$(subst $(comma),-,$(EXTRAS)): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet "torch==2.13.0"
+	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
+	@touch $@
+
+install: $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+
+demo: install
+	$(BIN)/tpo run "$(PROMPT)"
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: install
+	$(BIN)/ruff check src tests benchmarks
+
+typecheck: install
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV)

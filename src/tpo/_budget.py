@@ -1,0 +1,117 @@
+"""Makes every request fit the backend's context window, shortening long fields visibly."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+
+from .errors import ConfigError
+from .protocols import PolicyBackend
+from .types import Message
+
+#: Assumed when neither the backend nor the configuration gives a context window.
+DEFAULT_CONTEXT_WINDOW = 8192
+_SAFETY_TOKENS = 16
+
+
+def estimate_tokens(text: str) -> int:
+    """A conservative token count for text when the backend has no tokenizer to ask.
+
+    Real tokenizers give about four ASCII characters a token; this assumes 2.5, and a token
+    for every byte of non-ASCII text (the worst case of a byte-level vocabulary).
+    """
+    ascii_chars = sum(1 for ch in text if ord(ch) < 128) if not text.isascii() else len(text)
+    non_ascii_bytes = len(text.encode("utf-8", "surrogatepass")) - ascii_chars
+    return math.ceil(ascii_chars / 2.5) + non_ascii_bytes
+
+
+def estimate_messages(messages: Sequence[Message]) -> int:
+    """``estimate_tokens`` over a conversation, with a chat-template allowance per message."""
+    return 8 + sum(8 + estimate_tokens(m.content) for m in messages)
+
+
+def shorten_middle(text: str, keep_chars: int) -> str:
+    """Keep the start and the end of ``text`` and say visibly how much was cut from the middle."""
+    if keep_chars >= len(text):
+        return text
+    keep_chars = max(keep_chars, 0)
+    head = (keep_chars * 3) // 5
+    tail = keep_chars - head
+    omitted = len(text) - keep_chars
+    marker = f"\n[... {omitted:,} characters omitted to fit the context window ...]\n"
+    return text[:head] + marker + (text[len(text) - tail :] if tail else "")
+
+
+class ContextBudget:
+    """Counts tokens for one backend and fits requests into its window."""
+
+    def __init__(self, backend: PolicyBackend, window: int) -> None:
+        self.window = window
+        self._backend = backend
+        self._limit = window - _SAFETY_TOKENS - window // 100
+
+    def count(self, messages: Sequence[Message]) -> int:
+        n = None
+        counter = getattr(self._backend, "count_tokens", None)
+        if counter is not None:
+            n = counter(messages)
+        return estimate_messages(messages) if n is None else n
+
+    def fit(
+        self,
+        build: Callable[[Mapping[str, str]], tuple[Message, ...]],
+        values: Mapping[str, str],
+        shrinkable: Sequence[str],
+        max_tokens: int,
+    ) -> tuple[tuple[Message, ...], int, tuple[str, ...]]:
+        """Build the request from ``values``; shorten the largest ``shrinkable`` values until it fits.
+
+        Returns the messages, the completion token limit that still fits, and the names of
+        the values that were shortened.
+        """
+        reserve = min(max_tokens, self._limit // 2)
+        prompt_budget = self._limit - reserve
+        current = dict(values)
+        truncated: set[str] = set()
+        for _ in range(12):
+            messages = build(current)
+            used = self.count(messages)
+            if used <= prompt_budget:
+                return messages, max(1, min(max_tokens, self._limit - used)), tuple(sorted(truncated))
+            sizes = {k: self._text_tokens(current[k]) for k in shrinkable if current[k]}
+            if not sizes:
+                break
+            # Cut 10% more than the excess, plus room for the markers, from the largest values.
+            target_total = max(0, sum(sizes.values()) - math.ceil((used - prompt_budget) * 1.1) - 24 * len(sizes))
+            for name, cap in _water_fill(sizes, target_total).items():
+                if cap < sizes[name]:
+                    text = current[name]
+                    current[name] = shorten_middle(text, int(len(text) * cap / sizes[name]))
+                    truncated.add(name)
+        raise ConfigError(
+            f"a request does not fit the context window of {self.window} tokens even with its long parts "
+            f"shortened; the prompt templates alone take about {self.count(build({k: '' for k in values}))} tokens. "
+            "Use a model with a larger window, a lower max_tokens, or shorter templates."
+        )
+
+    def _text_tokens(self, text: str) -> int:
+        counter = getattr(self._backend, "count_tokens", None)
+        if counter is not None:
+            n = counter((Message("user", text),))
+            base = counter((Message("user", ""),))
+            if n is not None and base is not None:
+                return max(1, n - base)
+        return max(1, estimate_tokens(text))
+
+
+def _water_fill(sizes: Mapping[str, int], total: int) -> dict[str, int]:
+    """Caps per value so that their sum is at most ``total``, cutting the largest values first."""
+    names = sorted(sizes, key=lambda k: sizes[k])
+    caps: dict[str, int] = {}
+    remaining, left = total, len(names)
+    for name in names:
+        share = remaining // left if left else 0
+        caps[name] = min(sizes[name], share)
+        remaining -= caps[name]
+        left -= 1
+    return caps

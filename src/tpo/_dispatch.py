@@ -1,0 +1,102 @@
+"""Hands requests from many concurrent prompt chains to one backend, batched when it wants batches."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Generic, TypeVar
+
+from .errors import BackendError, RunError, TPOError
+
+Req = TypeVar("Req")
+Res = TypeVar("Res")
+
+
+class Dispatcher(Generic[Req, Res]):
+    """Submit one request, await its result.
+
+    With ``batching`` the dispatcher waits until every runnable prompt chain has had its turn
+    (the event loop goes quiet), then sends everything pending in one call, one call at a
+    time; requests that arrive meanwhile form the next batch. Without it, each request is
+    its own call, made at once, so a slow request never holds up another.
+    """
+
+    def __init__(
+        self,
+        call: Callable[[Sequence[Req]], Awaitable[Sequence[Res]]],
+        *,
+        batching: bool,
+        label: str,
+        error: type[RunError] = BackendError,
+        max_batch: int | None = None,
+    ) -> None:
+        self._call = call
+        self._batching = batching
+        self._label = label
+        self._error = error
+        self._max_batch = max_batch
+        self._pending: list[tuple[Req, asyncio.Future[Res]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        #: Number of calls made to the backend, and the size of the largest batch.
+        self.calls = 0
+        self.largest_batch = 0
+
+    async def submit(self, item: Req) -> Res:
+        if not self._batching:
+            return (await self._checked_call([item]))[0]
+        fut: asyncio.Future[Res] = asyncio.get_running_loop().create_future()
+        self._pending.append((item, fut))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        return await fut
+
+    async def submit_many(self, items: Sequence[Req]) -> list[Res]:
+        """Submit several requests of one prompt chain so that they can share a batch."""
+        if not self._batching:
+            if not items:
+                return []
+            return list(await self._checked_call(list(items))) if len(items) == 1 else list(
+                await asyncio.gather(*(self.submit(i) for i in items))
+            )
+        return list(await asyncio.gather(*(self.submit(i) for i in items)))
+
+    async def _flush(self) -> None:
+        while self._pending:
+            # Let every chain that is ready to run reach its next request first.
+            seen = -1
+            while seen != len(self._pending):
+                seen = len(self._pending)
+                await asyncio.sleep(0)
+            cut = len(self._pending) if self._max_batch is None else self._max_batch
+            batch, self._pending = self._pending[:cut], self._pending[cut:]
+            live = [(item, fut) for item, fut in batch if not fut.cancelled()]
+            if not live:
+                continue
+            try:
+                results = await self._checked_call([item for item, _ in live])
+            except asyncio.CancelledError:
+                for _, fut in live:
+                    fut.cancel()
+                raise
+            except Exception as e:  # delivered to every waiter of the batch
+                for _, fut in live:
+                    if not fut.done():
+                        fut.set_exception(e)
+                continue
+            for (_, fut), res in zip(live, results):
+                if not fut.done():
+                    fut.set_result(res)
+
+    async def _checked_call(self, items: Sequence[Req]) -> Sequence[Res]:
+        self.calls += 1
+        self.largest_batch = max(self.largest_batch, len(items))
+        try:
+            results = await self._call(items)
+        except TPOError:
+            raise
+        except Exception as e:  # a backend that let a third-party error escape
+            raise self._error(f"{self._label} failed: {type(e).__name__}: {e}") from e
+        if len(results) != len(items):
+            raise self._error(f"{self._label} returned {len(results)} results for {len(items)} requests")
+        return results
+

@@ -1,0 +1,568 @@
+"""TPO, revision and best-of-N as one engine that drives many prompts through their steps at once.
+
+Each prompt is one asyncio chain of dependent calls (sample, score, then per step: loss,
+gradient, update, score). All chains share one dispatcher per backend, so a batching
+backend receives every request that is ready in one call, and a concurrent backend keeps
+all of them in flight; a slow prompt only ever waits for its own chain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Union
+
+from ._budget import DEFAULT_CONTEXT_WINDOW, ContextBudget
+from ._dispatch import Dispatcher
+from .config import TPOConfig
+from .errors import ConfigError, RewardError, RunError
+from .prompts import extract_answer, render, render_conversation
+from .protocols import PolicyBackend, RewardModel
+from .result import StepRecord, TPOResult, Usage
+from .store import Candidate, CandidateStore, answer_id
+from .types import Generation, GenerationRequest, Message, Prompt, PromptLike, SamplingParams, Score, ScoreRequest
+
+__all__ = ["Engine", "StepCallback", "derive_seed"]
+
+#: Called with a partial result after every finished step of every prompt (for progress and checkpoints).
+StepCallback = Callable[[TPOResult], Union[None, Awaitable[None]]]
+
+
+def derive_seed(run_seed: int, prompt_id: str, step: int, role: str) -> int:
+    """The sampling seed for one call: a hash of (run seed, prompt id, step, role), below 2**31."""
+    digest = hashlib.blake2b(f"{run_seed}\x1f{prompt_id}\x1f{step}\x1f{role}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") & 0x7FFFFFFF
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+@dataclass
+class _Chain:
+    """The mutable state of one prompt while it runs."""
+
+    prompt: Prompt
+    store: CandidateStore = field(default_factory=CandidateStore)
+    steps: list[StepRecord] = field(default_factory=list)
+    usage: Usage = Usage()
+    stopped_early: str | None = None
+
+
+@dataclass
+class _StepTally:
+    """Counters for the step in progress."""
+
+    policy_calls: int = 0
+    sequences: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    reward_calls: int = 0
+    reward_failures: int = 0
+    truncated: set[str] = field(default_factory=set)
+
+    def usage(self, wall_time_s: float) -> Usage:
+        return Usage(
+            self.policy_calls,
+            self.sequences,
+            self.prompt_tokens,
+            self.completion_tokens,
+            self.reward_calls,
+            self.reward_failures,
+            wall_time_s,
+        )
+
+
+class Engine:
+    """Runs TPO (or revision, or best-of-N) for any number of prompts.
+
+    ``policy`` samples the answers; ``critic`` (default: the policy) writes the critiques,
+    the feedback and the rewrites; ``reward`` scores answers. The engine owns none of them:
+    closing them is the caller's business.
+    """
+
+    def __init__(
+        self,
+        policy: PolicyBackend,
+        reward: RewardModel,
+        *,
+        critic: PolicyBackend | None = None,
+        config: TPOConfig | None = None,
+    ) -> None:
+        for what, obj, method in (("policy", policy, "generate"), ("reward", reward, "score")):
+            if not callable(getattr(obj, method, None)):
+                raise ConfigError(f"{what} must have an async {method}() method; got {type(obj).__name__}")
+        if critic is not None and not callable(getattr(critic, "generate", None)):
+            raise ConfigError(f"critic must have an async generate() method; got {type(critic).__name__}")
+        self.policy = policy
+        self.critic = critic if critic is not None else policy
+        self.reward = reward
+        self.config = config if config is not None else TPOConfig()
+        #: Totals over every prompt this engine has finished.
+        self.usage = Usage()
+        self._dispatchers: dict[int, Dispatcher[GenerationRequest, Generation]] = {}
+        self._scorer: Dispatcher[ScoreRequest, Score] | None = None
+        self._budgets: dict[int, ContextBudget] = {}
+        self._started_loop: asyncio.AbstractEventLoop | None = None
+
+    # ------------------------------------------------------------------ public
+
+    async def optimize(
+        self,
+        prompt: PromptLike,
+        *,
+        id: str = "0",
+        metadata: Mapping[str, Any] | None = None,
+        resume_from: TPOResult | None = None,
+        on_step: StepCallback | None = None,
+    ) -> TPOResult:
+        """Optimise one prompt and return its result."""
+        p = Prompt.of(prompt, id=id, metadata=metadata)
+        await self._prepare()
+        return await self._run_chain(p, resume_from, on_step)
+
+    async def optimize_many(
+        self,
+        prompts: Iterable[PromptLike] | AsyncIterable[PromptLike],
+        *,
+        resume: Mapping[str, TPOResult] | None = None,
+        on_step: StepCallback | None = None,
+    ) -> AsyncIterator[TPOResult]:
+        """Optimise many prompts concurrently; yield each result as soon as its prompt finishes.
+
+        Prompts are read lazily, at most ``config.max_concurrent_prompts`` at a time, so the
+        input and output can be streams of any length. A prompt that is not a ``Prompt``
+        gets its position (``"0"``, ``"1"``, ...) as id. ``resume`` maps prompt ids to
+        partial results to continue from.
+        """
+        if isinstance(prompts, Sequence) and not isinstance(prompts, str):
+            # A list is validated whole before any model work, so a typo fails fast.
+            normalized: Iterable[Prompt] | AsyncIterable[Prompt] = _check_unique(
+                [Prompt.of(p, id=str(i)) for i, p in enumerate(prompts)]
+            )
+        elif isinstance(prompts, AsyncIterable):
+            normalized = _anumbered(prompts)
+        else:
+            normalized = (Prompt.of(p, id=str(i)) for i, p in enumerate(prompts))
+        await self._prepare()
+        resume = resume or {}
+        limit = self.config.max_concurrent_prompts
+        running: set[asyncio.Task[TPOResult]] = set()
+        source = normalized.__aiter__() if isinstance(normalized, AsyncIterable) else iter(normalized)
+        exhausted = False
+        try:
+            while True:
+                while not exhausted and len(running) < limit:
+                    try:
+                        if isinstance(source, AsyncIterator):
+                            p = await source.__anext__()
+                        else:
+                            p = next(source)
+                    except (StopIteration, StopAsyncIteration):
+                        exhausted = True
+                        break
+                    running.add(asyncio.create_task(self._run_chain(p, resume.get(p.id), on_step)))
+                if not running:
+                    return
+                done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    yield task.result()
+        finally:
+            for task in running:
+                task.cancel()
+            if running:
+                await asyncio.gather(*running, return_exceptions=True)
+
+    # ------------------------------------------------------------------ set-up
+
+    async def _prepare(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._started_loop is loop:
+            return
+        # Dispatchers hold futures of one event loop; a new loop (a new sync call) gets new ones.
+        self._started_loop = loop
+        self._dispatchers = {}
+        for backend in {id(self.policy): self.policy, id(self.critic): self.critic}.values():
+            self._dispatchers[id(backend)] = Dispatcher(
+                backend.generate, batching=bool(getattr(backend, "batching", False)), label=f"policy backend {_name(backend)}"
+            )
+            if id(backend) not in self._budgets:
+                window = self.config.context_window
+                if window is None:
+                    getter = getattr(backend, "context_window", None)
+                    window = await getter() if getter is not None else None
+                self._budgets[id(backend)] = ContextBudget(backend, window or DEFAULT_CONTEXT_WINDOW)
+        self._scorer = Dispatcher(
+            self.reward.score,
+            batching=bool(getattr(self.reward, "batching", False)),
+            label=f"reward model {_name(self.reward)}",
+            error=RewardError,
+        )
+
+    # ------------------------------------------------------------------ one prompt
+
+    async def _run_chain(self, prompt: Prompt, resume_from: TPOResult | None, on_step: StepCallback | None) -> TPOResult:
+        chain = _Chain(prompt)
+        if resume_from is not None and resume_from.status != "failed":
+            chain.store = CandidateStore(resume_from.candidates)
+            chain.steps = list(resume_from.steps)
+            chain.usage = resume_from.usage
+            if resume_from.status == "complete":
+                return resume_from
+        cfg = self.config
+        started = time.perf_counter()
+        error: str | None = None
+        try:
+            if not chain.steps:
+                await self._timed_step(chain, 0, self._sample_step)
+                await _notify(on_step, self._result(chain, "partial"))
+            while chain.stopped_early is None and self._should_continue(chain):
+                step = len(chain.steps)
+                if step > cfg.depth:
+                    break
+                await self._timed_step(chain, step, self._update_step)
+                await _notify(on_step, self._result(chain, "partial"))
+        except RunError as e:
+            error = f"{type(e).__name__}: {e}"
+        earlier_s = resume_from.usage.wall_time_s if resume_from is not None and resume_from.status != "failed" else 0.0
+        chain.usage = replace(chain.usage, wall_time_s=earlier_s + time.perf_counter() - started)
+        if error is None and not chain.store.scored():
+            error = "no answer could be scored: " + "; ".join(
+                sorted({c.score_error for c in chain.store if c.score_error} or {"every sample failed"})
+            )
+        result = self._result(chain, "failed" if error else "complete", error)
+        self.usage = self.usage + result.usage
+        return result
+
+    def _should_continue(self, chain: _Chain) -> bool:
+        cfg = self.config
+        best = chain.store.best()
+        if best is None or best.score is None:
+            return False
+        if cfg.early_stop_score is not None and best.score >= cfg.early_stop_score:
+            chain.stopped_early = f"best score {best.score:g} reached the threshold {cfg.early_stop_score:g}"
+            return False
+        k = cfg.early_stop_patience
+        if k is not None and len(chain.steps) > k:
+            before = chain.steps[-k - 1].best_score
+            if before is not None and best.score <= before:
+                chain.stopped_early = f"best score did not improve for {k} step(s)"
+                return False
+        return True
+
+    async def _timed_step(self, chain: _Chain, step: int, run: Callable[[_Chain, int, _StepTally], Awaitable[StepRecord]]) -> None:
+        tally = _StepTally()
+        t0 = time.perf_counter()
+        try:
+            record = await run(chain, step, tally)
+        finally:
+            # The usage of a step that failed half-way still counts towards the prompt.
+            usage = tally.usage(time.perf_counter() - t0)
+            chain.usage = chain.usage + usage
+        best = chain.store.best()
+        chain.steps.append(
+            replace(record, truncated=tuple(sorted(tally.truncated)), best_score=best.score if best else None, usage=usage)
+        )
+
+    async def _sample_step(self, chain: _Chain, step: int, tally: _StepTally) -> StepRecord:
+        cfg, prompt = self.config, chain.prompt
+        budget = self._budgets[id(self.policy)]
+        names = [f"m{i}" for i in range(len(prompt.messages))]
+        values = {n: m.content for n, m in zip(names, prompt.messages)}
+
+        def build(v: Mapping[str, str]) -> tuple[Message, ...]:
+            return tuple(Message(m.role, v[n]) for n, m in zip(names, prompt.messages))
+
+        messages, max_tokens, cut = budget.fit(build, values, names, cfg.max_tokens)
+        tally.truncated.update("conversation" for _ in cut)
+        gen = await self._generate(
+            self.policy, tally, messages, n=cfg.width, max_tokens=max_tokens, temperature=cfg.temperature,
+            purpose="sample", chain=chain, step=step,
+        )
+        failures: list[str] = []
+        texts: list[tuple[str, str | None]] = []
+        for i, text in enumerate(gen.texts):
+            if not text.strip():
+                failures.append(f"sample {i} was empty")
+            else:
+                texts.append((text.strip(), _at(gen.finish_reasons, i)))
+        if len(gen.texts) < cfg.width:
+            failures.append(f"the backend returned {len(gen.texts)} of {cfg.width} samples")
+        ids = await self._score_and_store(chain, tally, texts, step=step, parent=None, origins=["sample"] * len(texts), failures=failures)
+        return StepRecord(step=step, kind="sample", candidate_ids=tuple(ids), failures=tuple(failures))
+
+    async def _update_step(self, chain: _Chain, step: int, tally: _StepTally) -> StepRecord:
+        cfg, prompts = self.config, self.config.prompts
+        chosen = chain.store.best()
+        if chosen is None:  # _should_continue stops a chain before this can happen
+            raise RuntimeError("no scored candidate to improve")
+        rejected: Candidate | None = None
+        fallback = False
+        kind: str = cfg.mode
+        if cfg.mode == "tpo":
+            if cfg.rejected_from == "latest":
+                rejected = _worst_of(chain.store, chain.steps[-1].candidate_ids) or chain.store.worst()
+            else:
+                rejected = chain.store.worst()
+            if rejected is None or rejected.id == chosen.id:
+                rejected, fallback, kind = None, True, "revision"
+        budget = self._budgets[id(self.critic)]
+        conversation = render_conversation(chain.prompt.messages)
+        loss_template = prompts.loss_tpo if kind == "tpo" else prompts.loss_revision
+        critic_tokens = cfg.critic_max_tokens or cfg.max_tokens
+        critic_temp = cfg.critic_temperature if cfg.critic_temperature is not None else cfg.temperature
+
+        loss_values = {"conversation": conversation, "chosen": chosen.text, "rejected": rejected.text if rejected else ""}
+
+        def build_loss(v: Mapping[str, str]) -> tuple[Message, ...]:
+            return (Message("user", render(loss_template, v)),)
+
+        messages, max_tokens, cut = budget.fit(build_loss, loss_values, list(loss_values), critic_tokens)
+        tally.truncated.update(cut)
+        loss_gen = await self._generate(self.critic, tally, messages, n=1, max_tokens=max_tokens, temperature=critic_temp,
+                                        purpose="loss", chain=chain, step=step)
+        critique = _first(loss_gen).strip()
+        failures: list[str] = []
+        if not critique:
+            failures.append("the critique was empty")
+
+        grad_values = {**loss_values, "critique": critique}
+
+        def build_grad(v: Mapping[str, str]) -> tuple[Message, ...]:
+            return (
+                Message("user", render(loss_template, v)),
+                Message("assistant", v["critique"]),
+                Message("user", render(prompts.gradient, v)),
+            )
+
+        messages, max_tokens, cut = budget.fit(build_grad, grad_values, list(grad_values), critic_tokens)
+        tally.truncated.update(cut)
+        grad_gen = await self._generate(self.critic, tally, messages, n=1, max_tokens=max_tokens, temperature=critic_temp,
+                                        purpose="gradient", chain=chain, step=step)
+        feedback = _first(grad_gen).strip()
+        if not feedback:
+            failures.append("the feedback was empty")
+
+        upd_values = {"conversation": conversation, "chosen": chosen.text, "critique": critique, "feedback": feedback, "tag": prompts.tag}
+
+        def build_update(v: Mapping[str, str]) -> tuple[Message, ...]:
+            return (Message("user", render(prompts.update, v)),)
+
+        messages, max_tokens, cut = budget.fit(build_update, upd_values, ["conversation", "chosen", "critique", "feedback"], cfg.max_tokens)
+        tally.truncated.update(cut)
+        upd_gen = await self._generate(self.critic, tally, messages, n=cfg.width, max_tokens=max_tokens,
+                                       temperature=cfg.temperature, purpose="update", chain=chain, step=step)
+        extraction: dict[str, int] = {}
+        texts: list[tuple[str, str | None]] = []
+        origins: list[str] = []
+        for i, reply in enumerate(upd_gen.texts):
+            ex = extract_answer(reply, prompts.tag)
+            extraction[ex.kind] = extraction.get(ex.kind, 0) + 1
+            if not ex.text:
+                failures.append(f"rewrite {i} was empty ({ex.kind})")
+                continue
+            texts.append((ex.text, _at(upd_gen.finish_reasons, i)))
+            origins.append(ex.kind)
+        if len(upd_gen.texts) < cfg.width:
+            failures.append(f"the backend returned {len(upd_gen.texts)} of {cfg.width} rewrites")
+        ids = await self._score_and_store(chain, tally, texts, step=step, parent=chosen.id, origins=origins, failures=failures)
+        return StepRecord(
+            step=step,
+            kind=kind,  # type: ignore[arg-type]
+            candidate_ids=tuple(ids),
+            chosen_id=chosen.id,
+            rejected_id=rejected.id if rejected else None,
+            fallback_to_revision=fallback,
+            critique=critique,
+            feedback=feedback,
+            extraction=extraction,
+            failures=tuple(failures),
+        )
+
+    # ------------------------------------------------------------------ calls
+
+    async def _generate(
+        self,
+        backend: PolicyBackend,
+        tally: _StepTally,
+        messages: tuple[Message, ...],
+        *,
+        n: int,
+        max_tokens: int,
+        temperature: float,
+        purpose: str,
+        chain: _Chain,
+        step: int,
+    ) -> Generation:
+        cfg = self.config
+        request = GenerationRequest(
+            messages=messages,
+            n=n,
+            sampling=SamplingParams(
+                temperature=temperature,
+                top_p=cfg.top_p,
+                max_tokens=max_tokens,
+                seed=derive_seed(cfg.seed, chain.prompt.id, step, purpose),
+            ),
+            purpose=purpose,  # type: ignore[arg-type]
+            prompt_id=chain.prompt.id,
+            step=step,
+        )
+        gen = await self._dispatchers[id(backend)].submit(request)
+        tally.policy_calls += 1
+        tally.sequences += len(gen.texts)
+        tally.prompt_tokens += gen.prompt_tokens or 0
+        tally.completion_tokens += gen.completion_tokens or 0
+        return gen
+
+    async def _score_and_store(
+        self,
+        chain: _Chain,
+        tally: _StepTally,
+        texts: Sequence[tuple[str, str | None]],
+        *,
+        step: int,
+        parent: str | None,
+        origins: Sequence[str],
+        failures: list[str],
+    ) -> list[str]:
+        """Score the answers not yet in the store, add them, and return the ids of all of them in order."""
+        ids = [answer_id(t) for t, _ in texts]
+        new: dict[str, int] = {}
+        for i, cid in enumerate(ids):
+            if cid not in chain.store and cid not in new:
+                new[cid] = i
+        order = list(new.values())
+        scorer = self._scorer
+        if scorer is None:
+            raise RuntimeError("the engine was not prepared")
+        requests = [
+            ScoreRequest(chain.prompt.messages, texts[i][0], chain.prompt.metadata, chain.prompt.id) for i in order
+        ]
+        if requests:
+            try:
+                scores = await scorer.submit_many(requests)
+            except RewardError as e:
+                scores = [Score.failed(str(e))] * len(requests)
+            tally.reward_calls += len(requests)
+        else:
+            scores = []
+        for i, score in zip(order, scores):
+            value = score.value if score.error is None else None
+            if value is not None and not _finite(value):
+                value, score = None, Score.failed(f"the reward model returned a non-finite score ({score.value!r})")
+            if value is None:
+                tally.reward_failures += 1
+                failures.append(f"answer {ids[i]} could not be scored: {score.error or 'no score'}")
+            chain.store.add(
+                Candidate(
+                    id=ids[i],
+                    text=texts[i][0],
+                    score=float(value) if value is not None else None,
+                    step=step,
+                    parent_id=parent,
+                    origin=origins[i],  # type: ignore[arg-type]
+                    score_error=score.error if value is None else None,
+                    finish_reason=texts[i][1],
+                )
+            )
+        return ids
+
+    # ------------------------------------------------------------------ results
+
+    def _result(self, chain: _Chain, status: str, error: str | None = None) -> TPOResult:
+        cfg = self.config
+        final: Candidate | None
+        if cfg.final_from == "last_step" and chain.steps:
+            final = _best_of(chain.store, chain.steps[-1].candidate_ids) or chain.store.best()
+        else:
+            final = chain.store.best()
+        return TPOResult(
+            prompt_id=chain.prompt.id,
+            messages=tuple(m.as_dict() for m in chain.prompt.messages),
+            status=status,  # type: ignore[arg-type]
+            answer=final.text if final else None,
+            score=final.score if final else None,
+            best_id=final.id if final else None,
+            candidates=tuple(chain.store),
+            steps=tuple(chain.steps),
+            usage=chain.usage,
+            seed=cfg.seed,
+            config=cfg.to_dict(),
+            metadata=dict(chain.prompt.metadata),
+            error=error,
+            stopped_early=chain.stopped_early,
+            policy=_name(self.policy),
+            critic=_name(self.critic),
+            reward=_name(self.reward),
+            tpo_version=_version(),
+        )
+
+
+def _name(obj: object) -> str:
+    return str(getattr(obj, "name", type(obj).__name__))
+
+
+def _first(gen: Generation) -> str:
+    return gen.texts[0] if gen.texts else ""
+
+
+def _at(seq: Sequence[str | None], i: int) -> str | None:
+    return seq[i] if i < len(seq) else None
+
+
+def _finite(x: float) -> bool:
+    try:
+        return float(x) - float(x) == 0.0
+    except (TypeError, ValueError):
+        return False
+
+
+def _best_of(store: CandidateStore, ids: Iterable[str]) -> Candidate | None:
+    pool = _scored_among(store, ids)
+    return max(pool, key=lambda c: c.score) if pool else None  # type: ignore[arg-type,return-value]
+
+
+def _worst_of(store: CandidateStore, ids: Iterable[str]) -> Candidate | None:
+    pool = _scored_among(store, ids)
+    return min(pool, key=lambda c: c.score) if pool else None  # type: ignore[arg-type,return-value]
+
+
+def _scored_among(store: CandidateStore, ids: Iterable[str]) -> list[Candidate]:
+    seen: set[str] = set()
+    pool = []
+    for cid in ids:
+        c = store.get(cid)
+        if c is not None and c.score is not None and cid not in seen:
+            seen.add(cid)
+            pool.append(c)
+    return pool
+
+
+def _check_unique(prompts: list[Prompt]) -> list[Prompt]:
+    seen: set[str] = set()
+    for p in prompts:
+        if p.id in seen:
+            raise ConfigError(f"two prompts have the id {p.id!r}; prompt ids must be unique within a run")
+        seen.add(p.id)
+    return prompts
+
+
+async def _anumbered(prompts: AsyncIterable[PromptLike]) -> AsyncIterator[Prompt]:
+    i = 0
+    async for p in prompts:
+        yield Prompt.of(p, id=str(i))
+        i += 1
+
+
+async def _notify(callback: StepCallback | None, result: TPOResult) -> None:
+    if callback is None:
+        return
+    out = callback(result)
+    if out is not None and asyncio.iscoroutine(out):
+        await out

@@ -1,0 +1,213 @@
+"""Options shared by the commands that run the method (``run``, ``batch``), and turning them into objects."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from ..config import MODES, TPOConfig
+from ..errors import ConfigError, RunError, UserError
+from ..prompts import PromptSet
+from ..protocols import PolicyBackend, RewardModel
+from ..registry import policy_from_spec, reward_from_spec
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+DEFAULT_POLICY = "llamacpp"
+DEFAULT_REWARD = "judge"
+
+
+def _key_values(ctx: click.Context, param: click.Parameter, values: Sequence[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", ctx=ctx, param=param)
+        out[key.strip().replace("-", "_")] = _parse_scalar(raw)
+    return out
+
+
+def _parse_scalar(raw: str) -> Any:
+    import json
+
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw
+
+
+def model_options(f: F) -> F:
+    """Policy, critic and reward selection."""
+    decorators = [
+        click.option("--policy", "policy_spec", default=DEFAULT_POLICY, show_default=True, metavar="SPEC",
+                     help="Model that samples answers: llamacpp[:FILE.gguf], openai:MODEL, vllm:MODEL, hf:MODEL, or a plugin."),
+        click.option("--critic", "critic_spec", default=None, metavar="SPEC",
+                     help="Model for the critique, feedback and rewrite calls (default: the policy)."),
+        click.option("--reward", "reward_specs", multiple=True, metavar="SPEC",
+                     help=f"Reward model (default: {DEFAULT_REWARD}, the policy judging its own answers). Repeat to combine."),
+        click.option("--reward-weights", default=None, metavar="W1,W2,...", help="Weights of several --reward, in order."),
+        click.option("--prefer", default=None, metavar="TEXT",
+                     help="Your preference, in words, for the judge reward (replaces its default rubric)."),
+        click.option("--prefer-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+                     help="Read the judge's rubric from a file."),
+        click.option("--base-url", default=None, envvar="OPENAI_BASE_URL", show_envvar=True,
+                     help="Server URL for openai: policies."),
+        click.option("--api-key-env", default=None, metavar="NAME",
+                     help="Environment variable holding the API key (default OPENAI_API_KEY). The key is never printed or saved."),
+        click.option("--policy-option", "policy_options", multiple=True, callback=_key_values, metavar="KEY=VALUE",
+                     help="Backend option, e.g. n_ctx=4096, dtype=bfloat16, tensor_parallel_size=2. Repeatable."),
+        click.option("--reward-option", "reward_options", multiple=True, callback=_key_values, metavar="KEY=VALUE",
+                     help="Reward model option, e.g. batch_size=8, device=cuda. Repeatable."),
+    ]
+    for d in reversed(decorators):
+        f = d(f)
+    return f
+
+
+def method_options(f: F) -> F:
+    """The method's settings; every one maps to a ``TPOConfig`` field."""
+    decorators = [
+        click.option("--mode", type=click.Choice(MODES), default="tpo", show_default=True,
+                     help="tpo (chosen vs rejected), revision (chosen alone) or bon (best-of-N)."),
+        click.option("--width", "-n", type=click.IntRange(min=1), default=5, show_default=True, help="Answers per step (N)."),
+        click.option("--depth", "-d", type=click.IntRange(min=0), default=2, show_default=True, help="Improvement steps (D)."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Run seed; every call's seed derives from it."),
+        click.option("--temperature", type=float, default=0.7, show_default=True),
+        click.option("--top-p", type=float, default=0.95, show_default=True),
+        click.option("--max-tokens", type=click.IntRange(min=1), default=2048, show_default=True,
+                     help="New tokens per answer (capped to fit the model's context window)."),
+        click.option("--critic-max-tokens", type=click.IntRange(min=1), default=None,
+                     help="New tokens for critiques and feedback (default: --max-tokens)."),
+        click.option("--rejected-from", type=click.Choice(["all", "latest"]), default="all", show_default=True,
+                     help="Take the rejected answer from the whole store (the paper) or the latest step."),
+        click.option("--final-from", type=click.Choice(["all", "last_step"]), default="all", show_default=True,
+                     help="Return the best answer seen (the paper) or the best of the last step."),
+        click.option("--early-stop-score", type=float, default=None, help="Stop a prompt once its best score reaches this."),
+        click.option("--early-stop-patience", type=click.IntRange(min=1), default=None,
+                     help="Stop a prompt after this many steps without improvement."),
+        click.option("--context-window", type=click.IntRange(min=256), default=None,
+                     help="Override the model's context window (tokens)."),
+        click.option("--prompts", "prompts_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+                     help="A .toml or .json file overriding the loss/gradient/update templates."),
+    ]
+    for d in reversed(decorators):
+        f = d(f)
+    return f
+
+
+_METHOD_KEYS = ("mode", "width", "depth", "seed", "temperature", "top_p", "max_tokens", "critic_max_tokens",
+                "rejected_from", "final_from", "early_stop_score", "early_stop_patience", "context_window")
+
+
+def build_config(params: Mapping[str, Any]) -> TPOConfig:
+    """A ``TPOConfig`` from the method options."""
+    options = {k: params[k] for k in _METHOD_KEYS if k in params}
+    if params.get("prompts_file") is not None:
+        options["prompts"] = PromptSet.load(params["prompts_file"])
+    return TPOConfig().with_options(**options)
+
+
+@dataclass
+class Models:
+    """The backends a command runs with."""
+
+    policy: PolicyBackend
+    critic: PolicyBackend | None
+    reward: RewardModel
+
+    async def aclose(self) -> None:
+        seen: set[int] = set()
+        for obj in (self.policy, self.critic, self.reward):
+            if obj is None or id(obj) in seen:
+                continue
+            seen.add(id(obj))
+            close = getattr(obj, "aclose", None)
+            if close is not None:
+                await close()
+
+
+def build_models(params: Mapping[str, Any]) -> Models:
+    """Policy, critic and reward from the model options."""
+    policy_opts: dict[str, Any] = dict(params.get("policy_options") or {})
+    for key in ("base_url", "api_key_env"):
+        if params.get(key) is not None:
+            policy_opts[key] = params[key]
+    policy = policy_from_spec(params["policy_spec"], **policy_opts)
+    critic = None
+    if params.get("critic_spec"):
+        critic_opts = {k: v for k, v in policy_opts.items() if k in ("base_url", "api_key_env")}
+        critic = policy_from_spec(params["critic_spec"], **critic_opts)
+    rubric = params.get("prefer")
+    if params.get("prefer_file") is not None:
+        if rubric is not None:
+            raise ConfigError("give either --prefer or --prefer-file, not both")
+        rubric = Path(params["prefer_file"]).read_text(encoding="utf-8")
+    specs = list(params.get("reward_specs") or ()) or [DEFAULT_REWARD]
+    reward_opts: dict[str, Any] = dict(params.get("reward_options") or {})
+    rewards = []
+    for spec in specs:
+        opts = dict(reward_opts)
+        if spec.split(":", 1)[0] == "judge" and rubric is not None:
+            opts["prefer"] = rubric
+        rewards.append(reward_from_spec(spec, policy=policy, **opts))
+    weights = params.get("reward_weights")
+    if len(rewards) == 1:
+        if weights:
+            raise ConfigError("--reward-weights needs more than one --reward")
+        if rubric is not None and specs[0].split(":", 1)[0] != "judge":
+            raise ConfigError("--prefer and --prefer-file set the judge's rubric; add --reward judge to use them")
+        return Models(policy, critic, rewards[0])
+    from ..rewards.combine import WeightedReward  # noqa: PLC0415 - only for several rewards
+
+    parsed = None
+    if weights:
+        try:
+            parsed = [float(w) for w in str(weights).split(",")]
+        except ValueError as e:
+            raise ConfigError(f"--reward-weights {weights!r} is not a comma-separated list of numbers") from e
+    return Models(policy, critic, WeightedReward(rewards, weights=parsed))
+
+
+def with_errors(f: F) -> F:
+    """Turn tpo's errors into a message and an exit status (2: your input; 1: a failure while running)."""
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return f(*args, **kwargs)
+        except UserError as e:
+            click.echo(f"Error: {e}", err=True)
+            sys.exit(2)
+        except RunError as e:
+            click.echo(f"Failed: {e}", err=True)
+            sys.exit(1)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@contextmanager
+def quiet_stderr_fd() -> Iterator[None]:
+    """Silence C libraries (llama.cpp) that write to file descriptor 2 directly."""
+    import os
+
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):
+        yield
+        return
+    saved = os.dup(fd)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+        yield
+    finally:
+        os.dup2(saved, fd)
+        os.close(saved)
+        os.close(devnull)

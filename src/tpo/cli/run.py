@@ -1,0 +1,129 @@
+"""``tpo run``: optimise one prompt and show the steps as they happen."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from contextlib import nullcontext
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.panel import Panel
+from rich.table import Table
+
+from ..algorithm import Engine
+from ..result import TPOResult
+from ._common import DEFAULT_POLICY, build_config, build_models, method_options, model_options, with_errors
+
+DEMO_NOTE = (
+    "This runs on SmolLM2-135M-Instruct, a tiny model bundled for a quick offline demonstration: "
+    "its answers and its own judging are weak, and TPO needs a policy that follows instructions well. "
+    "For real use point tpo at a capable model, e.g. --policy openai:MODEL --base-url http://localhost:8000/v1 "
+    "(a vLLM, SGLang, llama.cpp or Ollama server) and a reward model, e.g. --reward hf:Skywork/Skywork-Reward-V2-Qwen3-0.6B."
+)
+
+
+@click.command("run")
+@click.argument("prompt", required=False)
+@click.option("--messages", "messages_file", type=click.File("r", encoding="utf-8"), default=None,
+              help="Read the conversation from a JSON file of OpenAI-style messages ('-' for standard input).")
+@click.option("--json", "as_json", is_flag=True, help="Print the full result as JSON (progress is not shown).")
+@model_options
+@method_options
+@with_errors
+def run_command(prompt: str | None, messages_file: Any, as_json: bool, **params: Any) -> None:
+    """Optimise the answer to PROMPT and print the best answer found.
+
+    With no options this runs TPO (depth 2, width 5) on the bundled SmolLM2-135M model with
+    the model judging its own answers, offline.
+    """
+    from ..errors import InputError
+
+    if (prompt is None) == (messages_file is None):
+        raise InputError("give a PROMPT argument or --messages FILE (one of them)")
+    conversation: Any = prompt
+    if messages_file is not None:
+        try:
+            conversation = json.load(messages_file)
+        except ValueError as e:
+            raise InputError(f"--messages {messages_file.name}: not valid JSON: {e}") from e
+    config = build_config(params)
+    console = Console(stderr=True, highlight=False)
+    if params["policy_spec"] == DEFAULT_POLICY and not as_json:
+        console.print(f"[dim]{DEMO_NOTE}[/dim]\n")
+    with console.status("Loading models…", spinner="dots") if not as_json else nullcontext():
+        models = build_models(params)
+    result = asyncio.run(_run(conversation, models, config, None if as_json else console))
+    if as_json:
+        click.echo(result.to_json(indent=2))
+    else:
+        _render_final(result, console)
+    if result.status == "failed":
+        sys.exit(1)
+
+
+async def _run(conversation: Any, models: Any, config: Any, console: Console | None) -> TPOResult:
+    engine = Engine(models.policy, models.reward, critic=models.critic, config=config)
+    shown = 0
+
+    def on_step(partial: TPOResult) -> None:
+        nonlocal shown
+        if console is None:
+            return
+        for record in partial.steps[shown:]:
+            _render_step(partial, record, console)
+        shown = len(partial.steps)
+
+    try:
+        if console is not None:
+            console.print(f"[bold]{config.mode}[/bold] width {config.width}, depth {config.depth}, seed {config.seed} · "
+                          f"policy {engine.policy.name} · reward {getattr(engine.reward, 'name', '?')}")
+        return await engine.optimize(conversation, on_step=on_step)
+    finally:
+        await models.aclose()
+
+
+def _render_step(result: TPOResult, record: Any, console: Console) -> None:
+    by_id = {c.id: c for c in result.candidates}
+    title = "sample" if record.step == 0 else f"step {record.step}: {record.kind}"
+    if record.fallback_to_revision:
+        title += " (chosen = rejected: fell back to revision)"
+    table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False, expand=False)
+    table.add_column("id", style="dim")
+    table.add_column("score", justify="right")
+    table.add_column("answer", overflow="ellipsis", no_wrap=True, max_width=70)
+    for cid in record.candidate_ids:
+        c = by_id.get(cid)
+        if c is None:
+            continue
+        score = f"{c.score:.3f}" if c.score is not None else "[red]failed[/red]"
+        table.add_row(cid[:8], score, c.text.replace("\n", " "))
+    console.print(table)
+    notes = []
+    if record.fallbacks:
+        notes.append(f"{record.fallbacks} rewrite(s) lacked the answer tags")
+    notes.extend(record.failures)
+    if record.truncated:
+        notes.append("shortened to fit the context window: " + ", ".join(record.truncated))
+    for note in notes:
+        console.print(f"  [yellow]· {note}[/yellow]")
+    best = f"{record.best_score:.3f}" if record.best_score is not None else "none"
+    console.print(f"  best so far: {best} · {record.usage.wall_time_s:.1f}s\n")
+
+
+def _render_final(result: TPOResult, console: Console) -> None:
+    if result.stopped_early:
+        console.print(f"[dim]Stopped early: {result.stopped_early}[/dim]")
+    if result.error:
+        console.print(f"[red]Failed:[/red] {result.error}")
+    u = result.usage
+    console.print(f"[dim]{u.policy_calls} policy calls, {u.sequences} sequences, {u.prompt_tokens} prompt + "
+                  f"{u.completion_tokens} completion tokens, {u.reward_calls} answers scored, {u.wall_time_s:.1f}s[/dim]")
+    if result.answer is None:
+        return
+    console.print(Panel(result.answer, title=f"best answer · score {result.score:.3f}", title_align="left"))
+    # The answer itself also goes to standard output, so `tpo run ... > answer.txt` works.
+    if not sys.stdout.isatty():
+        click.echo(result.answer)

@@ -1,0 +1,138 @@
+"""Finds policy backends and reward models by name, through entry points, and builds them from specs.
+
+A spec is ``NAME:TARGET`` (``openai:gpt-4o-mini``, ``hf:./my-rm``, ``llamacpp`` alone for the
+bundled model). ``NAME`` is an entry point in the group ``tpo.backends`` (policies) or
+``tpo.rewards`` (rewards); the built-in ones are registered the same way as third-party
+plugins. An entry point names a class with a ``from_spec`` class method::
+
+    class MyBackend:
+        name: str
+        batching = False
+        supports_n = True
+        supports_logprobs = False
+        description = "one line for `tpo backends`"
+
+        @classmethod
+        def from_spec(cls, target: str, **options) -> "MyBackend": ...
+
+Options a class does not know must raise ``ConfigError`` (``take_options`` helps).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Any
+
+from .errors import ConfigError
+from .protocols import PolicyBackend, RewardModel
+
+__all__ = [
+    "BACKENDS_GROUP",
+    "REWARDS_GROUP",
+    "PluginInfo",
+    "list_plugins",
+    "load_plugin",
+    "policy_from_spec",
+    "reward_from_spec",
+    "split_spec",
+    "take_options",
+]
+
+BACKENDS_GROUP = "tpo.backends"
+REWARDS_GROUP = "tpo.rewards"
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    """What ``tpo backends`` shows for one installed plugin."""
+
+    name: str
+    group: str
+    value: str
+    description: str
+    capabilities: Mapping[str, Any]
+    error: str | None = None
+
+
+def split_spec(spec: str) -> tuple[str, str]:
+    """``"openai:gpt-4o"`` → ``("openai", "gpt-4o")``; a bare name has an empty target.
+
+    A Windows drive letter or a path is not taken for a name: ``C:\\m.gguf`` and
+    ``./x:y`` have no name part.
+    """
+    spec = spec.strip()
+    if not spec:
+        raise ConfigError("an empty backend or reward spec; expected NAME or NAME:TARGET")
+    name, sep, target = spec.partition(":")
+    if not sep:
+        return name, ""
+    if len(name) == 1 or "/" in name or "\\" in name or "." in name:
+        raise ConfigError(f"spec {spec!r} has no backend name; write NAME:TARGET, e.g. llamacpp:{spec}")
+    return name, target
+
+
+def _group(group: str) -> dict[str, Any]:
+    return {ep.name: ep for ep in entry_points(group=group)}
+
+
+def load_plugin(group: str, name: str) -> Any:
+    """The class registered under ``name`` in ``group``; ``ConfigError`` lists the known names."""
+    eps = _group(group)
+    if name not in eps:
+        kind = "policy backend" if group == BACKENDS_GROUP else "reward"
+        known = ", ".join(sorted(eps)) or "none"
+        raise ConfigError(f"unknown {kind} {name!r}; installed: {known}")
+    return eps[name].load()
+
+
+def policy_from_spec(spec: str, **options: Any) -> PolicyBackend:
+    """Build a policy backend from ``NAME[:TARGET]`` and its options."""
+    name, target = split_spec(spec)
+    cls = load_plugin(BACKENDS_GROUP, name)
+    backend: PolicyBackend = cls.from_spec(target, **options)
+    return backend
+
+
+def reward_from_spec(spec: str, *, policy: PolicyBackend | None = None, **options: Any) -> RewardModel:
+    """Build a reward model from ``NAME[:TARGET]``; ``policy`` is offered to rewards that use one (the judge)."""
+    name, target = split_spec(spec)
+    cls = load_plugin(REWARDS_GROUP, name)
+    if getattr(cls, "uses_policy", False):
+        options = {**options, "policy": policy}
+    reward: RewardModel = cls.from_spec(target, **options)
+    return reward
+
+
+def take_options(options: Mapping[str, Any], allowed: Mapping[str, Any], *, owner: str) -> dict[str, Any]:
+    """Options for ``owner`` with defaults from ``allowed``; unknown names raise ``ConfigError``.
+
+    Options whose value is ``None`` count as not given.
+    """
+    given = {k: v for k, v in options.items() if v is not None}
+    unknown = set(given) - set(allowed)
+    if unknown:
+        raise ConfigError(
+            f"{owner} does not take the option(s) {', '.join(sorted(unknown))}; it takes {', '.join(sorted(allowed)) or 'none'}"
+        )
+    return {**allowed, **given}
+
+
+_CAPABILITIES = ("batching", "supports_n", "supports_logprobs", "counts_tokens", "knows_context_window")
+
+
+def list_plugins(group: str) -> list[PluginInfo]:
+    """Every plugin installed in ``group``, with its capabilities (or why it cannot be loaded)."""
+    out = []
+    for name, ep in sorted(_group(group).items()):
+        try:
+            cls = ep.load()
+        except Exception as e:  # a broken plugin must not break the listing
+            out.append(PluginInfo(name, group, ep.value, "", {}, error=f"{type(e).__name__}: {e}"))
+            continue
+        doc = (getattr(cls, "description", None) or (cls.__doc__ or "").strip().splitlines() or [""])
+        description = doc if isinstance(doc, str) else doc[0]
+        caps = {c: getattr(cls, c) for c in _CAPABILITIES if hasattr(cls, c)}
+        out.append(PluginInfo(name, group, ep.value, description, caps))
+    return out
