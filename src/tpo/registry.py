@@ -98,6 +98,8 @@ def policy_from_spec(spec: str, **options: Any) -> PolicyBackend:
 def reward_from_spec(spec: str, *, policy: PolicyBackend | None = None, **options: Any) -> RewardModel:
     """Build a reward model from ``NAME[:TARGET]``; ``policy`` is offered to rewards that use one (the judge)."""
     name, target = split_spec(spec)
+    if name in ("http", "https") and target.startswith("//"):
+        name, target = "http", f"{name}:{target}"  # a bare URL: --reward https://host/pooling
     cls = load_plugin(REWARDS_GROUP, name)
     if getattr(cls, "uses_policy", False):
         options = {**options, "policy": policy}

@@ -16,7 +16,7 @@ from ..config import MODES, TPOConfig
 from ..errors import ConfigError, RunError, UserError
 from ..prompts import PromptSet
 from ..protocols import PolicyBackend, RewardModel
-from ..registry import policy_from_spec, reward_from_spec
+from ..registry import BACKENDS_GROUP, load_plugin, policy_from_spec, reward_from_spec, split_spec
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -63,8 +63,13 @@ def model_options(f: F) -> F:
                      help="Environment variable holding the API key (default OPENAI_API_KEY). The key is never printed or saved."),
         click.option("--policy-option", "policy_options", multiple=True, callback=_key_values, metavar="KEY=VALUE",
                      help="Backend option, e.g. n_ctx=4096, dtype=bfloat16, tensor_parallel_size=2. Repeatable."),
-        click.option("--reward-option", "reward_options", multiple=True, callback=_key_values, metavar="KEY=VALUE",
-                     help="Reward model option, e.g. batch_size=8, device=cuda. Repeatable."),
+        click.option("--critic-option", "critic_options", multiple=True, callback=_key_values, metavar="KEY=VALUE",
+                     help="Option of the --critic backend, as --policy-option is for the policy. Repeatable."),
+        click.option("--reward-option", "reward_options", multiple=True, callback=_key_values, metavar="[R.]KEY=VALUE",
+                     help="Reward model option, e.g. batch_size=8. With several --reward, prefix the reward's name or "
+                          "position: math.field=gold, 2.device=cuda. Repeatable."),
+        click.option("--reward-normalize", type=click.Choice(["none", "zscore", "minmax"]), default="none", show_default=True,
+                     help="With several --reward: normalise each within a prompt's candidates before weighting."),
     ]
     for d in reversed(decorators):
         f = d(f)
@@ -135,33 +140,36 @@ class Models:
 
 def build_models(params: Mapping[str, Any]) -> Models:
     """Policy, critic and reward from the model options."""
-    policy_opts: dict[str, Any] = dict(params.get("policy_options") or {})
-    for key in ("base_url", "api_key_env"):
-        if params.get(key) is not None:
-            policy_opts[key] = params[key]
-    policy = policy_from_spec(params["policy_spec"], **policy_opts)
+    server = {k: params[k] for k in ("base_url", "api_key_env") if params.get(k) is not None}
+    policy = _policy(params["policy_spec"], dict(params.get("policy_options") or {}), server)
     critic = None
-    if params.get("critic_spec"):
-        critic_opts = {k: v for k, v in policy_opts.items() if k in ("base_url", "api_key_env")}
-        critic = policy_from_spec(params["critic_spec"], **critic_opts)
+    critic_spec = params.get("critic_spec")
+    critic_opts: dict[str, Any] = dict(params.get("critic_options") or {})
+    # A critic with the same spec (and no options of its own) is the policy: never load one model twice.
+    if critic_spec and (critic_spec != params["policy_spec"] or critic_opts):
+        critic = _policy(critic_spec, critic_opts, server)
+    elif critic_opts:
+        raise ConfigError("--critic-option needs --critic")
     rubric = params.get("prefer")
     if params.get("prefer_file") is not None:
         if rubric is not None:
             raise ConfigError("give either --prefer or --prefer-file, not both")
         rubric = Path(params["prefer_file"]).read_text(encoding="utf-8")
     specs = list(params.get("reward_specs") or ()) or [DEFAULT_REWARD]
-    reward_opts: dict[str, Any] = dict(params.get("reward_options") or {})
+    names = [spec.split(":", 1)[0] for spec in specs]
+    per_reward = _split_reward_options(dict(params.get("reward_options") or {}), names)
     rewards = []
-    for spec in specs:
-        opts = dict(reward_opts)
-        if spec.split(":", 1)[0] == "judge" and rubric is not None:
+    for i, spec in enumerate(specs):
+        opts = per_reward[i]
+        if names[i] == "judge" and rubric is not None:
             opts["prefer"] = rubric
         rewards.append(reward_from_spec(spec, policy=policy, **opts))
     weights = params.get("reward_weights")
+    normalize = params.get("reward_normalize") or "none"
     if len(rewards) == 1:
-        if weights:
-            raise ConfigError("--reward-weights needs more than one --reward")
-        if rubric is not None and specs[0].split(":", 1)[0] != "judge":
+        if weights or normalize != "none":
+            raise ConfigError("--reward-weights and --reward-normalize need more than one --reward")
+        if rubric is not None and names[0] != "judge":
             raise ConfigError("--prefer and --prefer-file set the judge's rubric; add --reward judge to use them")
         return Models(policy, critic, rewards[0])
     from ..rewards.combine import WeightedReward  # noqa: PLC0415 - only for several rewards
@@ -172,7 +180,39 @@ def build_models(params: Mapping[str, Any]) -> Models:
             parsed = [float(w) for w in str(weights).split(",")]
         except ValueError as e:
             raise ConfigError(f"--reward-weights {weights!r} is not a comma-separated list of numbers") from e
-    return Models(policy, critic, WeightedReward(rewards, weights=parsed))
+    return Models(policy, critic, WeightedReward(rewards, weights=parsed, normalize=normalize))
+
+
+def _policy(spec: str, options: dict[str, Any], server: Mapping[str, Any]) -> PolicyBackend:
+    """A policy backend; --base-url and --api-key-env (also read from the environment) go only to server backends."""
+    cls = load_plugin(BACKENDS_GROUP, split_spec(spec)[0])
+    for key in getattr(cls, "server_options", ()):
+        if key in server:
+            options.setdefault(key, server[key])
+    return policy_from_spec(spec, **options)
+
+
+def _split_reward_options(options: Mapping[str, Any], names: Sequence[str]) -> list[dict[str, Any]]:
+    """Options per reward: ``key`` goes to every reward, ``name.key`` or ``position.key`` (1-based) to one."""
+    out: list[dict[str, Any]] = [{} for _ in names]
+    for key, value in options.items():
+        target, dot, rest = key.partition(".")
+        if not dot:
+            for opts in out:
+                opts[key] = value
+            continue
+        if target.isdigit():
+            pos = int(target)
+            if not 1 <= pos <= len(names):
+                raise ConfigError(f"--reward-option {key}: there is no reward number {pos} (there are {len(names)})")
+            out[pos - 1][rest] = value
+            continue
+        matches = [i for i, name in enumerate(names) if name == target]
+        if not matches:
+            raise ConfigError(f"--reward-option {key}: no --reward named {target!r} (rewards: {', '.join(names)})")
+        for i in matches:
+            out[i][rest] = value
+    return out
 
 
 def with_errors(f: F) -> F:

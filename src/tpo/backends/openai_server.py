@@ -1,0 +1,855 @@
+"""A policy backend for any OpenAI-compatible chat server: vLLM, SGLang, llama.cpp, Ollama, hosted APIs.
+
+Requests go out one HTTP call each, concurrently, through the official ``openai`` async
+client; the backend keeps up to ``max_concurrency`` *sequences* in flight (a request for
+``n`` answers counts ``n``), retries what a busy or flaky server gets wrong, and learns
+whether the server honours ``n``::
+
+    policy = OpenAIPolicy.from_spec("Qwen/Qwen3-8B", base_url="http://gpu-box:8000/v1")
+    result = tpo.optimize("...", policy=policy, reward=reward)
+    await policy.aclose()
+
+It sends no system prompt and no stop strings of its own: the server's chat template
+decides how the conversation is rendered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import importlib
+import json
+import math
+import os
+import random
+import re
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+from ..errors import BackendError, ConfigError, MissingDependencyError
+from ..registry import take_options
+from ..types import Generation, GenerationRequest, Message, TokenLogprob
+
+__all__ = ["MalformedResponseError", "OpenAIPolicy", "OpenAIStats"]
+
+#: Where requests go when neither ``base_url`` nor ``OPENAI_BASE_URL`` says otherwise.
+OFFICIAL_BASE_URL = "https://api.openai.com/v1"
+#: Sent as the key to servers that need none (the client refuses to run without one).
+_PLACEHOLDER_KEY = "no-key-needed"
+#: Ollama sizes its window by the machine unless told; this is the smallest of its current defaults.
+_OLLAMA_DEFAULT_WINDOW = 4096
+_RETRY_STATUSES = frozenset({408, 409, 425, 429})
+#: 5xx statuses that say the request itself cannot be served, so that retrying cannot help.
+_NEVER_RETRY = frozenset({501, 505})
+#: Statuses with which a server may refuse ``n > 1``; llama.cpp's server says "Only one completion
+#: choice is allowed" with a 400 or, in some versions, a 500.
+_MAYBE_N = frozenset({400, 422, 501})
+_MENTIONS_N = re.compile(r"\bn\b|choice", re.IGNORECASE)
+_SEED_STRIDE = 0x9E3779B1
+
+T = TypeVar("T")
+
+
+class MalformedResponseError(BackendError):
+    """The server answered, but not with a chat completion tpo can read (not JSON, no choices, no text)."""
+
+
+@dataclass
+class OpenAIStats:
+    """Counters over the backend's lifetime, for logs and for checking a deployment."""
+
+    #: HTTP requests sent for generations (every attempt counts).
+    http_requests: int = 0
+    #: Attempts that were retried after a 429, a 5xx, a timeout or a connection error.
+    retries: int = 0
+    #: Extra single-answer requests sent because the server returned fewer choices than asked.
+    topped_up: int = 0
+    #: The most sequences in flight at one moment.
+    peak_sequences_in_flight: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class _Choice:
+    text: str
+    finish_reason: str | None
+    logprobs: tuple[TokenLogprob, ...] | None
+
+
+@dataclass
+class _Reply:
+    choices: list[_Choice]
+    prompt_tokens: int | None
+    completion_tokens: int | None
+
+
+@dataclass
+class _Failure:
+    """Why one attempt failed, and whether another attempt may succeed."""
+
+    what: str
+    status: int | None
+    retryable: bool
+    retry_after_s: float | None = None
+    #: Set when a request for several answers was refused, perhaps because of ``n`` itself.
+    maybe_n: bool = False
+
+
+class _FailedCall(Exception):
+    """Internal: one call failed for good; carries the failure for the fallback logic."""
+
+    def __init__(self, failure: _Failure, error: BackendError) -> None:
+        super().__init__(str(error))
+        self.failure = failure
+        self.error = error
+
+
+class _Secret:
+    """Holds the API key so that it never shows in a repr, a log line or a traceback's locals."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "_Secret('***')"
+
+    __str__ = __repr__
+
+
+class _SequenceLimiter:
+    """A first-come, first-served semaphore whose units are sequences, not requests.
+
+    A request for more sequences than the limit is admitted alone, so it cannot wait forever.
+    """
+
+    def __init__(self, limit: int, stats: OpenAIStats) -> None:
+        self.limit = limit
+        self.in_flight = 0
+        self._stats = stats
+        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
+
+    @asynccontextmanager
+    async def hold(self, sequences: int) -> AsyncIterator[None]:
+        k = max(1, min(sequences, self.limit))
+        await self._acquire(k)
+        try:
+            yield
+        finally:
+            self._release(k)
+
+    async def _acquire(self, k: int) -> None:
+        if not self._waiters and self.in_flight + k <= self.limit:
+            self._take(k)
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((k, fut))
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self._release(k)  # granted just before the cancellation arrived
+            else:
+                self._wake()  # let whoever queued behind this request go
+            raise
+
+    def _take(self, k: int) -> None:
+        self.in_flight += k
+        self._stats.peak_sequences_in_flight = max(self._stats.peak_sequences_in_flight, self.in_flight)
+
+    def _release(self, k: int) -> None:
+        self.in_flight -= k
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters:
+            k, fut = self._waiters[0]
+            if fut.done():
+                self._waiters.popleft()
+                continue
+            if self.in_flight + k > self.limit:
+                return
+            self._waiters.popleft()
+            self._take(k)
+            fut.set_result(None)
+
+
+@dataclass
+class _LoopState:
+    """The client and the limiter of one event loop (each ``tpo.optimize`` call runs its own loop)."""
+
+    loop: asyncio.AbstractEventLoop
+    client: Any
+    limiter: _SequenceLimiter
+
+
+class OpenAIPolicy:
+    """Samples answers from an OpenAI-compatible ``/chat/completions`` endpoint.
+
+    ``model`` is the name the server serves. ``base_url`` defaults to ``OPENAI_BASE_URL``,
+    then to the OpenAI API. The key comes from ``api_key`` (Python only), else from the
+    environment variable ``api_key_env`` (default ``OPENAI_API_KEY``); a server that needs
+    no key gets a placeholder. The key never appears in a repr, an error or a result.
+
+    ``max_concurrency`` limits the sequences in flight (a request for ``n`` answers counts
+    ``n``). Each attempt may take ``timeout_s``; 408/409/425/429, 5xx, timeouts and
+    connection errors are retried up to ``max_retries`` times with exponential backoff
+    (``backoff_s`` doubling up to ``max_backoff_s``, with jitter), waiting at least as long
+    as the server's ``Retry-After`` (up to ``max_retry_after_s``). The final ``BackendError``
+    names the model, the server and the last status. A reply that is not a chat completion
+    (not JSON, no choices, no text in any choice) raises ``MalformedResponseError`` at once:
+    a server that answers wrongly answers wrongly again. An empty text is the model's answer
+    and is returned as one (the engine records it as a failed sample).
+
+    ``native_n``: ``None`` learns whether the server returns ``n`` choices per request
+    (most do; llama-cpp-python's server and some proxies return one); ``True`` always asks
+    for ``n`` at once; ``False`` always sends ``n`` single-answer requests. Missing choices
+    are always fetched with extra requests, each with its own seed.
+
+    ``context_window`` overrides what the server reports. ``extra_body`` is merged into
+    every request body (for example ``{"top_k": 20}`` or vLLM's ``chat_template_kwargs``).
+    """
+
+    name: str = "openai"
+    description = "Any OpenAI-compatible chat server: vLLM, SGLang, llama.cpp, Ollama, hosted APIs."
+    #: The CLI's --base-url and --api-key-env go to backends that list them here.
+    server_options = ("base_url", "api_key_env")
+    batching = False
+    supports_n = True
+    supports_logprobs = True
+    counts_tokens = False
+    knows_context_window = True
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        max_concurrency: int = 256,
+        timeout_s: float = 600.0,
+        max_retries: int = 6,
+        backoff_s: float = 1.0,
+        max_backoff_s: float = 60.0,
+        max_retry_after_s: float = 300.0,
+        native_n: bool | None = None,
+        context_window: int | None = None,
+        extra_body: Mapping[str, Any] | None = None,
+        probe_timeout_s: float = 10.0,
+    ) -> None:
+        self._openai = _import_openai()
+        if not isinstance(model, str) or not model.strip():
+            raise ConfigError(
+                "the openai backend needs a model name: --policy openai:MODEL, with MODEL the name "
+                "your server serves (GET /v1/models lists them)"
+            )
+        self.model = model.strip()
+        self.base_url = _check_base_url(base_url if base_url is not None else OFFICIAL_BASE_URL)
+        self.name = f"openai:{self.model}"
+        self.max_concurrency = _int_at_least("max_concurrency", max_concurrency, 1)
+        self.timeout_s = _positive("timeout_s", timeout_s)
+        self.max_retries = _int_at_least("max_retries", max_retries, 0)
+        self.backoff_s = _positive("backoff_s", backoff_s, allow_zero=True)
+        self.max_backoff_s = _positive("max_backoff_s", max_backoff_s, allow_zero=True)
+        self.max_retry_after_s = _positive("max_retry_after_s", max_retry_after_s, allow_zero=True)
+        self.probe_timeout_s = _positive("probe_timeout_s", probe_timeout_s)
+        if native_n is not None and not isinstance(native_n, bool):
+            raise ConfigError(f"native_n must be true, false or unset, not {native_n!r}")
+        self._native_n_option = native_n
+        #: What the backend believes about ``n``: None until a request for several answers has told.
+        self._native_n = native_n
+        if context_window is not None:
+            _int_at_least("context_window", context_window, 1)
+        self._window_option = context_window
+        self._window: int | None = None
+        self._window_known = False
+        if extra_body is not None and not isinstance(extra_body, Mapping):
+            raise ConfigError(f"extra_body must be a JSON object (a mapping), not {type(extra_body).__name__}")
+        self.extra_body: dict[str, Any] = dict(extra_body or {})
+        if api_key is None:
+            if _is_official(self.base_url):
+                raise ConfigError(
+                    f"{self.base_url} needs an API key: set OPENAI_API_KEY, or name another variable with "
+                    "api_key_env=NAME (--api-key-env NAME). For a local server, give its URL with --base-url."
+                )
+            api_key = _PLACEHOLDER_KEY
+        self._key = _Secret(api_key)
+        # Newer OpenAI models refuse the older `max_tokens`; open-source servers know only it for sure.
+        self._max_tokens_field = "max_completion_tokens" if _is_official(self.base_url) else "max_tokens"
+        #: Counters over this backend's lifetime.
+        self.stats = OpenAIStats()
+        # Jitter only spreads retries of many clients in time; it never changes a result.
+        self._jitter = random.Random()  # noqa: S311 - not for security
+        self._state: _LoopState | None = None
+
+    @classmethod
+    def from_spec(cls, target: str, **options: Any) -> OpenAIPolicy:
+        """Build from ``openai:MODEL`` and options (``base_url``, ``api_key_env``, ``max_concurrency``, ...).
+
+        ``base_url`` falls back to the environment variable ``OPENAI_BASE_URL``; the key is read
+        from the variable named by ``api_key_env`` (default ``OPENAI_API_KEY``).
+        """
+        opts = take_options(
+            options,
+            {
+                "base_url": None,
+                "api_key_env": None,
+                "max_concurrency": 256,
+                "timeout_s": 600.0,
+                "max_retries": 6,
+                "backoff_s": 1.0,
+                "max_backoff_s": 60.0,
+                "max_retry_after_s": 300.0,
+                "native_n": None,
+                "context_window": None,
+                "extra_body": None,
+                "probe_timeout_s": 10.0,
+            },
+            owner="the openai backend",
+        )
+        base_url = opts.pop("base_url") or os.environ.get("OPENAI_BASE_URL") or None
+        key_env = opts.pop("api_key_env")
+        if key_env is not None:
+            if not isinstance(key_env, str) or not key_env.strip():
+                raise ConfigError(f"api_key_env must name an environment variable, not {key_env!r}")
+            key = os.environ.get(key_env.strip())
+            if not key:
+                raise ConfigError(f"api_key_env={key_env.strip()}, but the environment variable {key_env.strip()} is not set")
+        else:
+            key = os.environ.get("OPENAI_API_KEY") or None
+        return cls(target, base_url=base_url, api_key=key, **opts)
+
+    def __repr__(self) -> str:
+        return (
+            f"OpenAIPolicy(model={self.model!r}, base_url={_display_url(self.base_url)!r}, "
+            f"max_concurrency={self.max_concurrency}, native_n={self._native_n!r})"
+        )
+
+    @property
+    def native_n(self) -> bool | None:
+        """Whether the server returns ``n`` choices per request: True, False, or None while unknown."""
+        return self._native_n
+
+    # ------------------------------------------------------------------ protocol
+
+    async def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
+        """One ``Generation`` per request, in order; the requests run concurrently."""
+        return await _all_or_cancel([self._generate_one(r) for r in requests])
+
+    async def context_window(self) -> int | None:
+        """The ``context_window`` option, else what the server reports, else ``None``; asked once.
+
+        Looked up, in order: ``max_model_len`` and similar fields of ``GET /v1/models`` (vLLM,
+        SGLang, LM Studio), llama.cpp's ``GET /props``, Ollama's ``POST /api/show`` (its
+        ``num_ctx``, else the model's length capped at Ollama's default of 4096), and
+        text-generation-inference's ``GET /info``. llama-cpp-python's server reports none.
+        """
+        if self._window_option is not None:
+            return self._window_option
+        if not self._window_known:
+            self._window = await self._probe_window()
+            self._window_known = True
+        return self._window
+
+    def count_tokens(self, messages: Sequence[Message]) -> int | None:
+        """Always ``None``: counting would cost a round trip, so the engine estimates instead."""
+        return None
+
+    async def aclose(self) -> None:
+        """Close the HTTP connections. The backend opens new ones if it is used again."""
+        state, self._state = self._state, None
+        if state is None:
+            return
+        try:
+            await state.client.close()
+        except Exception:  # noqa: S110 - connections of a finished event loop cannot be closed politely
+            pass
+
+    # ------------------------------------------------------------------ one request
+
+    async def _generate_one(self, request: GenerationRequest) -> Generation:
+        n = request.n
+        if n < 1:
+            return Generation(texts=())
+        replies: list[_Reply] = []
+        choices: list[_Choice] = []
+        if n == 1 or self._native_n is not False:
+            try:
+                first = await self._call(request, n_ask=n, index=0)
+            except _FailedCall as e:
+                if not (e.failure.maybe_n and self._native_n_option is None):
+                    raise e.error from e.__cause__
+                # The server may refuse n > 1 outright (llama.cpp's server does): try single requests.
+                replies = await _all_or_cancel([self._call_or_raise(request, 1, i) for i in range(n)])
+                self._native_n = False
+                return _merge(replies, [c for r in replies for c in r.choices[:1]])
+            replies.append(first)
+            choices = first.choices[:n]
+            if n > 1 and self._native_n_option is None:
+                self._native_n = len(first.choices) >= n
+        missing = range(len(choices), n)
+        if missing:
+            if replies:
+                self.stats.topped_up += len(missing)
+            extra = await _all_or_cancel([self._call_or_raise(request, 1, i) for i in missing])
+            replies.extend(extra)
+            choices.extend(c for r in extra for c in r.choices[:1])
+        return _merge(replies, choices)
+
+    async def _call_or_raise(self, request: GenerationRequest, n_ask: int, index: int) -> _Reply:
+        try:
+            return await self._call(request, n_ask=n_ask, index=index)
+        except _FailedCall as e:
+            raise e.error from e.__cause__
+
+    async def _call(self, request: GenerationRequest, *, n_ask: int, index: int) -> _Reply:
+        """One chat completion for ``n_ask`` answers, retried; ``index`` picks the seed of a single answer."""
+        state = self._loop_state()
+        body = self._body(request, n_ask=n_ask, index=index)
+        attempts = 0
+        async with state.limiter.hold(n_ask):
+            while True:
+                attempts += 1
+                self.stats.http_requests += 1
+                failure, cause, text = await self._attempt(state.client, body)
+                if failure is None:
+                    reply = self._parse(text or "")
+                    if len(reply.choices) > n_ask:
+                        reply.choices = reply.choices[:n_ask]
+                    self.stats.prompt_tokens += reply.prompt_tokens or 0
+                    self.stats.completion_tokens += reply.completion_tokens or 0
+                    return reply
+                if n_ask > 1 and self._native_n is None and failure.status is not None and (
+                    failure.status in _MAYBE_N or (failure.status >= 500 and _MENTIONS_N.search(failure.what))
+                ):
+                    # Not retried: single-answer requests will tell at once whether n was the trouble.
+                    failure.maybe_n, failure.retryable = True, False
+                if not failure.retryable or attempts > self.max_retries:
+                    raise _FailedCall(failure, self._final_error(failure, attempts)) from cause
+                self.stats.retries += 1
+                await asyncio.sleep(self._delay(attempts - 1, failure.retry_after_s))
+
+    async def _attempt(self, client: Any, body: dict[str, Any]) -> tuple[_Failure | None, BaseException | None, str | None]:
+        """Send one request; return (failure, its cause, None) or (None, None, the response text)."""
+        oa = self._openai
+        try:
+            raw = await asyncio.wait_for(
+                client.chat.completions.with_raw_response.create(
+                    **body, extra_body=self.extra_body or None, timeout=self.timeout_s + 5.0
+                ),
+                timeout=self.timeout_s,
+            )
+            return None, None, str(raw.text)
+        except asyncio.TimeoutError as e:
+            return _Failure(f"no reply within {self.timeout_s:g} s", None, True), e, None
+        except oa.APIStatusError as e:
+            status = int(e.status_code)
+            message = f"HTTP {status}: {_server_message(e.body, getattr(e, 'message', ''))}"
+            retryable = status in _RETRY_STATUSES or (status >= 500 and status not in _NEVER_RETRY)
+            return _Failure(message, status, retryable, _retry_after_s(e.response.headers)), e, None
+        except oa.APITimeoutError as e:
+            return _Failure(f"no reply within {self.timeout_s:g} s", None, True), e, None
+        except oa.APIConnectionError as e:
+            return _Failure(f"could not connect ({_cause_text(e)})", None, True), e, None
+        except oa.OpenAIError as e:
+            return _Failure(f"{type(e).__name__}: {e}", None, False), e, None
+
+    def _body(self, request: GenerationRequest, *, n_ask: int, index: int) -> dict[str, Any]:
+        s = request.sampling
+        body: dict[str, Any] = {
+            "model": self.model,
+            "messages": request.messages_as_dicts(),
+            "temperature": s.temperature,
+            "top_p": s.top_p,
+            self._max_tokens_field: s.max_tokens,
+        }
+        if n_ask > 1:
+            body["n"] = n_ask
+        if s.seed is not None:
+            body["seed"] = _seed_for(s.seed, index)
+        if s.stop:
+            body["stop"] = list(s.stop)
+        if request.logprobs is not None:
+            body["logprobs"] = True
+            body["top_logprobs"] = request.logprobs
+        return body
+
+    def _parse(self, text: str) -> _Reply:
+        where = self._where()
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            start = text.strip()[:80]
+            raise MalformedResponseError(
+                f"{where}: the reply is not JSON (it starts {start!r}); "
+                "is the base URL right? It usually ends in /v1",
+                backend=self.name,
+                status=200,
+            ) from e
+        if not isinstance(data, dict):
+            raise MalformedResponseError(f"{where}: the reply is JSON but not an object", backend=self.name, status=200)
+        raw_choices = data.get("choices")
+        if not isinstance(raw_choices, list) or not raw_choices:
+            said = f" (the server says: {_server_message(data, '')})" if "error" in data else ""
+            raise MalformedResponseError(f"{where}: the reply has no choices{said}", backend=self.name, status=200)
+        indexed: list[tuple[int, _Choice]] = []
+        null_content: list[str | None] = []
+        for pos, raw in enumerate(raw_choices):
+            if not isinstance(raw, dict) or not isinstance(raw.get("message"), dict):
+                raise MalformedResponseError(f"{where}: choice {pos} has no message", backend=self.name, status=200)
+            content = _content_text(raw["message"].get("content"))
+            finish = raw.get("finish_reason")
+            finish = finish if isinstance(finish, str) else None
+            if content is None:
+                null_content.append(finish)
+            idx = raw.get("index")
+            key = idx if isinstance(idx, int) and not isinstance(idx, bool) else pos
+            indexed.append((key, _Choice(content or "", finish, _logprobs(raw.get("logprobs")))))
+        if len(null_content) == len(raw_choices):
+            reasons = ", ".join(sorted({str(r) for r in null_content}))
+            raise MalformedResponseError(
+                f"{where}: the reply has no text content (finish_reason {reasons}); a reasoning model may have spent "
+                "max_tokens on its reasoning, or the server returned a tool call",
+                backend=self.name,
+                status=200,
+            )
+        indexed.sort(key=lambda kv: kv[0])
+        usage: dict[str, Any] = data["usage"] if isinstance(data.get("usage"), dict) else {}
+        return _Reply([c for _, c in indexed], _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens")))
+
+    def _delay(self, retry: int, retry_after_s: float | None) -> float:
+        cap = min(self.max_backoff_s, self.backoff_s * (2.0**retry))
+        delay = cap / 2 + self._jitter.uniform(0, cap / 2)
+        if retry_after_s is not None:
+            wait = min(retry_after_s, self.max_retry_after_s)
+            # A little on top so that clients told the same instant do not return together.
+            delay = max(delay, wait + self._jitter.uniform(0, min(1.0, wait / 10)))
+        return delay
+
+    def _final_error(self, failure: _Failure, attempts: int) -> BackendError:
+        where = self._where()
+        if failure.retryable:
+            text = f"{where} failed after {attempts} attempt{'s' * (attempts != 1)}; the last: {failure.what}"
+        else:
+            text = f"{where} refused the request: {failure.what}{_hint(failure.status)}"
+        return BackendError(self._scrub(text), backend=self.name, status=failure.status)
+
+    def _where(self) -> str:
+        return f"model {self.model!r} at {_display_url(self.base_url)}"
+
+    def _scrub(self, text: str) -> str:
+        key = self._key.reveal()
+        return text.replace(key, "***") if len(key) >= 4 else text
+
+    # ------------------------------------------------------------------ client per event loop
+
+    def _loop_state(self) -> _LoopState:
+        loop = asyncio.get_running_loop()
+        state = self._state
+        if state is not None and state.loop is loop:
+            return state
+        # A client's connections belong to the loop that opened them; a new loop needs a new client.
+        client = self._openai.AsyncOpenAI(
+            api_key=self._key.reveal(),
+            base_url=self.base_url,
+            max_retries=0,  # this backend retries itself, so retries never multiply
+            timeout=self.timeout_s + 5.0,
+            http_client=_http_client(self._openai, self.max_concurrency + 8, self.timeout_s + 5.0),
+        )
+        self._state = _LoopState(loop, client, _SequenceLimiter(self.max_concurrency, self.stats))
+        return self._state
+
+    # ------------------------------------------------------------------ context window
+
+    async def _probe_window(self) -> int | None:
+        client = self._loop_state().client
+        root = _server_root(self.base_url)
+        probes: list[Callable[[], Awaitable[int | None]]] = [lambda: self._window_from_models(client)]
+        if not _is_official(self.base_url):
+            probes += [
+                lambda: self._window_from_llamacpp(client, root),
+                lambda: self._window_from_ollama(client, root),
+                lambda: self._window_from_tgi(client, root),
+            ]
+        for probe in probes:
+            try:
+                window = await probe()
+            except Exception:  # noqa: S112 - a server without this endpoint just does not tell
+                continue
+            if window is not None:
+                return window
+        return None
+
+    async def _get(self, client: Any, url: str) -> Any:
+        return await client.get(url, cast_to=object, options={"timeout": self.probe_timeout_s})
+
+    async def _window_from_models(self, client: Any) -> int | None:
+        data = await self._get(client, "/models")
+        entries = data.get("data") if isinstance(data, dict) else None
+        if not isinstance(entries, list):
+            return None
+        mine = [e for e in entries if isinstance(e, dict) and e.get("id") == self.model]
+        if not mine and len(entries) == 1 and isinstance(entries[0], dict):
+            mine = entries  # single-model servers (llama.cpp) answer under any name
+        for entry in mine:
+            for key in ("loaded_context_length", "max_model_len", "n_ctx", "context_length", "context_window", "max_context_length"):
+                value = _count(entry.get(key))
+                if value:
+                    return value
+        return None
+
+    async def _window_from_llamacpp(self, client: Any, root: str) -> int | None:
+        data = await self._get(client, root + "/props")
+        if not isinstance(data, dict):
+            return None
+        settings = data.get("default_generation_settings")
+        value = _count(settings.get("n_ctx")) if isinstance(settings, dict) else None
+        return value or _count(data.get("n_ctx"))
+
+    async def _window_from_ollama(self, client: Any, root: str) -> int | None:
+        data = await client.post(
+            root + "/api/show", cast_to=object, body={"model": self.model}, options={"timeout": self.probe_timeout_s}
+        )
+        if not isinstance(data, dict):
+            return None
+        params = data.get("parameters")
+        if isinstance(params, str):
+            for line in params.splitlines():
+                parts = line.split()
+                if len(parts) == 2 and parts[0] == "num_ctx":
+                    value = _count(_to_int(parts[1]))
+                    if value:
+                        return value
+        info = data.get("model_info")
+        if isinstance(info, dict):
+            lengths = [_count(v) for k, v in info.items() if isinstance(k, str) and k.endswith(".context_length")]
+            trained = max((v for v in lengths if v), default=None)
+            if trained:
+                return min(trained, _OLLAMA_DEFAULT_WINDOW)
+        return None
+
+    async def _window_from_tgi(self, client: Any, root: str) -> int | None:
+        data = await self._get(client, root + "/info")
+        return _count(data.get("max_total_tokens")) if isinstance(data, dict) else None
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _import_openai() -> Any:
+    try:
+        return importlib.import_module("openai")
+    except ImportError as e:
+        raise MissingDependencyError("openai", "openai", "The openai policy backend") from e
+
+
+def _http_client(openai_module: Any, connections: int, timeout_s: float) -> Any:
+    """The client's default HTTP client with a pool as large as the concurrency limit, or None.
+
+    The default pool keeps only 100 connections alive; more requests in flight would open
+    and close a connection each time.
+    """
+    try:
+        cls = openai_module.DefaultAsyncHttpxClient
+        base = next(c for c in cls.__mro__ if c.__name__ == "AsyncClient")
+        httpx_module = importlib.import_module(base.__module__.split(".")[0])
+        limits = httpx_module.Limits(max_connections=connections, max_keepalive_connections=connections)
+        return cls(limits=limits, timeout=timeout_s)
+    except Exception:  # an unfamiliar openai or httpx version: its defaults will do
+        return None
+
+
+def _check_base_url(url: str) -> str:
+    if not isinstance(url, str) or not url.strip():
+        raise ConfigError("base_url is empty; give the server's URL, e.g. http://localhost:8000/v1")
+    url = url.strip().rstrip("/")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(f"base_url {_display_url(url)!r} is not an http(s) URL; e.g. http://localhost:8000/v1")
+    return url
+
+
+def _display_url(url: str) -> str:
+    """The URL without any user:password part."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
+def _is_official(url: str) -> bool:
+    return urlsplit(url).hostname == "api.openai.com"
+
+
+def _server_root(base_url: str) -> str:
+    """``http://host:8000/v1`` → ``http://host:8000``: where servers keep their own endpoints."""
+    return base_url[: -len("/v1")] if base_url.endswith("/v1") else base_url
+
+
+def _seed_for(seed: int, index: int) -> int:
+    """The seed of the ``index``-th single-answer request; the first keeps the request's seed."""
+    return seed if index == 0 else (seed + _SEED_STRIDE * index) & 0x7FFFFFFF
+
+
+def _int_at_least(name: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{name} must be an integer of at least {low}, not {value!r}")
+    return value
+
+
+def _positive(name: str, value: Any, *, allow_zero: bool = False) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} number of seconds, not {value!r}")
+    return float(value)
+
+
+def _to_int(text: str) -> int | None:
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+def _count(value: Any) -> int | None:
+    """A non-negative integer from a JSON value, or None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if not math.isfinite(value) or value < 0 or value != int(value):
+        return None
+    return int(value)
+
+
+def _content_text(content: Any) -> str | None:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # content parts
+        texts = [str(p["text"]) for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)]
+        return "".join(texts) if texts else None
+    return None
+
+
+def _logprobs(raw: Any) -> tuple[TokenLogprob, ...] | None:
+    """Chat-style log-probabilities (``{"content": [{token, logprob, top_logprobs}, ...]}``), or None."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("content"), list):
+        return None
+    out = []
+    for item in raw["content"]:
+        if not isinstance(item, dict) or not isinstance(item.get("token"), str):
+            return None
+        top = tuple(
+            (t["token"], _logprob(t.get("logprob")))
+            for t in item.get("top_logprobs") or ()
+            if isinstance(t, dict) and isinstance(t.get("token"), str)
+        )
+        out.append(TokenLogprob(item["token"], _logprob(item.get("logprob")), top))
+    return tuple(out)
+
+
+def _logprob(value: Any) -> float:
+    # JSON has no -infinity; servers send null (or a huge negative number) for impossible tokens.
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return float("-inf")
+
+
+def _merge(replies: Sequence[_Reply], choices: Sequence[_Choice]) -> Generation:
+    prompt = [r.prompt_tokens for r in replies]
+    completion = [r.completion_tokens for r in replies]
+    want_logprobs = any(c.logprobs is not None for c in choices)
+    return Generation(
+        texts=tuple(c.text for c in choices),
+        prompt_tokens=sum(p for p in prompt if p is not None) if prompt and None not in prompt else None,
+        completion_tokens=sum(c for c in completion if c is not None) if completion and None not in completion else None,
+        finish_reasons=tuple(c.finish_reason for c in choices),
+        logprobs=tuple(c.logprobs for c in choices) if want_logprobs else None,
+    )
+
+
+def _server_message(body: Any, fallback: str) -> str:
+    """The human part of an error body: OpenAI's ``{"error": {"message"}}``, FastAPI's ``detail``, or text."""
+    msg: Any = None
+    if isinstance(body, dict):
+        err = body.get("error")
+        if isinstance(err, dict):
+            msg = err.get("message")
+        elif isinstance(err, str):
+            msg = err
+        if msg is None:
+            msg = body.get("detail", body.get("message"))
+    elif isinstance(body, str):
+        msg = body
+    if msg is None or (isinstance(msg, str) and not msg.strip()):
+        msg = fallback or "no details"
+    text = msg if isinstance(msg, str) else json.dumps(msg)
+    text = " ".join(text.split())
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _retry_after_s(headers: Any) -> float | None:
+    """Seconds to wait from ``retry-after-ms``, or ``Retry-After`` in seconds or as an HTTP date."""
+    if headers is None:
+        return None
+    ms = headers.get("retry-after-ms")
+    if ms is not None:
+        try:
+            value = float(ms) / 1000
+            if math.isfinite(value) and value >= 0:
+                return value
+        except ValueError:
+            pass
+    raw = headers.get("retry-after")
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+        return value if math.isfinite(value) and value >= 0 else None
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(raw)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _cause_text(error: BaseException) -> str:
+    cause = error.__cause__ or error.__context__
+    if cause is None:
+        return type(error).__name__
+    detail = str(cause).strip()
+    return f"{type(cause).__name__}: {detail}" if detail else type(cause).__name__
+
+
+def _hint(status: int | None) -> str:
+    if status in (401, 403):
+        return " (check the API key: set OPENAI_API_KEY, or name another variable with api_key_env=NAME)"
+    if status == 404:
+        return " (check the model name and that the base URL ends in /v1; GET /v1/models lists what the server serves)"
+    return ""
+
+
+async def _all_or_cancel(coros: Sequence[Awaitable[T]]) -> list[T]:
+    """Await all, in order; on the first failure cancel the rest (they hold server capacity) and raise it."""
+    if len(coros) == 1:
+        return [await coros[0]]
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        pending = [t for t in tasks if not t.done()]
+        for t in pending:
+            t.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+

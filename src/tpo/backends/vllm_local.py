@@ -1,0 +1,292 @@
+"""A policy backend that runs vLLM in this process and hands it every request of a step in one call.
+
+vLLM schedules what it is given with continuous batching and shares the KV cache of common
+prefixes (prefix caching is switched on here), so the engine's batching dispatcher gives it
+every prompt's requests of a step at once and vLLM keeps the GPU full::
+
+    policy = VLLMPolicy.from_spec("Qwen/Qwen2.5-7B-Instruct", tensor_parallel_size=2)
+
+Written against vLLM's offline API as of 0.10/0.11 and main (checked in ``vllm/entrypoints/llm.py``):
+``LLM.chat(list_of_conversations, sampling_params=list_of_SamplingParams, use_tqdm=False)``
+returns one ``RequestOutput`` per conversation, in order, each with ``n`` ``CompletionOutput``
+(``text``, ``token_ids``, ``finish_reason``, ``logprobs``). Releases since 0.8 (the oldest the
+``vllm`` extra allows) take the same call; where an attribute moved between versions the code
+says so. Log-probabilities are vLLM's default ``raw_logprobs`` (the model's distribution
+before temperature and top-p) unless the engine is built with another ``logprobs_mode``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ..errors import BackendError, ConfigError, MissingDependencyError
+from ..registry import take_options
+from ..types import Generation, GenerationRequest, Message, TokenLogprob
+
+__all__ = ["VLLMPolicy"]
+
+_OWNER = "the vllm policy backend"
+
+#: Named options and their defaults; ``None`` leaves vLLM's own default in place.
+_OPTIONS: dict[str, Any] = {
+    "tensor_parallel_size": None,
+    "gpu_memory_utilization": None,
+    "max_model_len": None,
+    "dtype": None,
+    "enable_prefix_caching": True,
+    "seed": None,
+    "trust_remote_code": None,
+    "engine_args": None,
+}
+
+
+def _import_vllm() -> Any:
+    try:
+        import vllm
+    except ModuleNotFoundError as e:
+        if e.name is not None and e.name != "vllm" and not e.name.startswith("vllm."):
+            raise BackendError(f"vLLM is installed but could not be imported: {e}", backend="vllm") from e
+        raise MissingDependencyError("vllm", "vllm", "The vllm policy backend") from e
+    except ImportError as e:  # installed, but broken (a CUDA or torch mismatch, say)
+        raise BackendError(f"vLLM is installed but could not be imported: {e}", backend="vllm") from e
+    return vllm
+
+
+class VLLMPolicy:
+    """Generates with an in-process ``vllm.LLM``; a whole batch of requests is one ``LLM.chat`` call.
+
+    ``llm`` is a ready ``vllm.LLM`` (or anything with the same ``chat``, ``get_tokenizer`` and
+    ``model_config``); ``from_spec`` builds one from a model name or path. Each request becomes
+    one conversation with its own ``SamplingParams`` (``n``, temperature, top-p, max tokens,
+    seed, stop strings, log-probabilities). Calls run in a worker thread, one at a time.
+    """
+
+    name = "vllm"
+    description = "vLLM in the same process (GPU): every request of a step in one batched call, prefix caching on"
+    batching = True
+    supports_n = True
+    supports_logprobs = True
+    counts_tokens = True
+    knows_context_window = True
+
+    def __init__(self, llm: Any, *, name: str | None = None) -> None:
+        self._llm: Any = llm
+        self._vllm: Any = None
+        self._tokenizer: Any = None
+        # A thread lock, not an asyncio one: callers may drive us from several event loops.
+        self._lock = threading.Lock()
+        if name is not None:
+            self.name = name
+
+    @classmethod
+    def from_spec(cls, target: str, **options: Any) -> VLLMPolicy:
+        """Load ``target`` (a Hugging Face model id or a local path) into a new ``vllm.LLM``.
+
+        Options: ``tensor_parallel_size``, ``gpu_memory_utilization``, ``max_model_len``,
+        ``dtype``, ``seed`` (the engine's seed; each request brings its own too),
+        ``trust_remote_code``, ``enable_prefix_caching`` (default on), and ``engine_args``: a
+        mapping of any further ``vllm.EngineArgs`` (``{"max_num_seqs": 256}``).
+        """
+        if not target.strip():
+            raise ConfigError("the vllm policy backend needs a model: --policy vllm:MODEL_OR_PATH")
+        opts = take_options(options, _OPTIONS, owner=_OWNER)
+        engine_kwargs = _engine_kwargs(opts, explicit=set(k for k, v in options.items() if v is not None))
+        vllm = _import_vllm()
+        try:
+            llm = vllm.LLM(model=target, **engine_kwargs)
+        except (TypeError, ValueError) as e:  # an engine argument vLLM does not take, or a bad value
+            raise ConfigError(f"vLLM rejected the engine arguments for {target!r}: {type(e).__name__}: {e}") from e
+        except Exception as e:  # out of GPU memory, no GPU, a model that cannot be loaded, ...
+            raise BackendError(f"vLLM could not load {target!r}: {type(e).__name__}: {e}", backend=f"vllm:{target}") from e
+        policy = cls(llm, name=f"vllm:{target}")
+        policy._vllm = vllm
+        return policy
+
+    # ------------------------------------------------------------------ the protocol
+
+    async def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
+        """One ``LLM.chat`` call for all ``requests``; one ``Generation`` each, in order."""
+        if not requests:
+            return []
+        llm = self._require_llm()
+        vllm = self._vllm if self._vllm is not None else _import_vllm()
+        self._vllm = vllm
+        conversations = [r.messages_as_dicts() for r in requests]
+        try:
+            params = [vllm.SamplingParams(**_sampling_kwargs(r)) for r in requests]
+        except (TypeError, ValueError) as e:
+            raise BackendError(f"vLLM rejected the sampling parameters: {e}", backend=self.name) from e
+        outputs = await asyncio.to_thread(self._chat, llm, conversations, params)
+        if len(outputs) != len(requests):
+            raise BackendError(
+                f"vLLM returned {len(outputs)} outputs for {len(requests)} conversations", backend=self.name
+            )
+        return [self._generation(r, out) for r, out in zip(requests, outputs, strict=True)]
+
+    async def context_window(self) -> int | None:
+        """``max_model_len`` of the loaded engine."""
+        llm = self._llm
+        if llm is None:
+            return None
+        # ``LLM.model_config`` exists from about 0.10; earlier releases only have it on the engine.
+        config = getattr(llm, "model_config", None) or getattr(getattr(llm, "llm_engine", None), "model_config", None)
+        window = getattr(config, "max_model_len", None)
+        return int(window) if isinstance(window, int) and window > 0 else None
+
+    def count_tokens(self, messages: Sequence[Message]) -> int | None:
+        """Prompt tokens of the conversation, rendered with the model's chat template as vLLM does."""
+        tokenizer = self._get_tokenizer()
+        if tokenizer is None:
+            return None
+        try:
+            text = tokenizer.apply_chat_template(
+                [m.as_dict() for m in messages], tokenize=False, add_generation_prompt=True
+            )
+            # LLM.chat encodes the rendered template without adding special tokens again.
+            return len(tokenizer.encode(text, add_special_tokens=False))
+        except Exception:  # a tokenizer without a usable template: let the engine estimate instead
+            return None
+
+    async def aclose(self) -> None:
+        """Drop the engine so that its GPU memory can be freed."""
+        with self._lock:
+            self._llm = None
+            self._tokenizer = None
+        gc.collect()
+
+    # ------------------------------------------------------------------ helpers
+
+    def _require_llm(self) -> Any:
+        if self._llm is None:
+            raise BackendError("the vllm policy backend was closed", backend=self.name)
+        return self._llm
+
+    def _chat(self, llm: Any, conversations: list[list[dict[str, str]]], params: list[Any]) -> list[Any]:
+        with self._lock:
+            try:
+                return list(llm.chat(conversations, sampling_params=params, use_tqdm=False))
+            except Exception as e:
+                raise BackendError(
+                    f"vLLM failed on a batch of {len(conversations)} conversations: {type(e).__name__}: {e}",
+                    backend=self.name,
+                ) from e
+
+    def _get_tokenizer(self) -> Any:
+        if self._tokenizer is None and self._llm is not None:
+            try:
+                self._tokenizer = self._llm.get_tokenizer()
+            except Exception:  # e.g. an engine built with skip_tokenizer_init
+                return None
+        return self._tokenizer
+
+    def _generation(self, request: GenerationRequest, output: Any) -> Generation:
+        completions = sorted(getattr(output, "outputs", None) or [], key=lambda c: getattr(c, "index", 0))
+        if not completions:
+            raise BackendError("vLLM returned a request output with no completions", backend=self.name)
+        texts = tuple(str(c.text) for c in completions)
+        prompt_ids = getattr(output, "prompt_token_ids", None)
+        logprobs = None
+        if request.logprobs is not None:
+            logprobs = tuple(self._token_logprobs(c, request.logprobs) for c in completions)
+        return Generation(
+            texts=texts,
+            prompt_tokens=len(prompt_ids) if prompt_ids is not None else None,
+            completion_tokens=sum(len(c.token_ids or ()) for c in completions),
+            finish_reasons=tuple(c.finish_reason for c in completions),
+            logprobs=logprobs,
+        )
+
+    def _token_logprobs(self, completion: Any, k: int) -> tuple[TokenLogprob, ...] | None:
+        """vLLM's per-position ``{token_id: Logprob}`` maps (a list, or ``FlatLogprobs`` from 0.11) → tpo's form.
+
+        Each map holds the top ``k`` tokens and the sampled one (which may rank below ``k``).
+        """
+        positions = completion.logprobs
+        if positions is None:
+            return None
+        out = []
+        for token_id, entries in zip(completion.token_ids, positions, strict=False):
+            if not entries:
+                continue
+            chosen = entries.get(token_id)
+            ranked = sorted(
+                entries.items(),
+                key=lambda kv: (kv[1].rank if kv[1].rank is not None else 1 << 30, -kv[1].logprob),
+            )
+            top = tuple((self._token_text(tid, lp), float(lp.logprob)) for tid, lp in ranked[:k])
+            if chosen is None:  # not expected from vLLM; keep the position with what we know
+                out.append(TokenLogprob(self._token_text(token_id, None), float("-inf"), top))
+            else:
+                out.append(TokenLogprob(self._token_text(token_id, chosen), float(chosen.logprob), top))
+        return tuple(out)
+
+    def _token_text(self, token_id: int, logprob: Any) -> str:
+        decoded = getattr(logprob, "decoded_token", None)
+        if decoded is not None:
+            return str(decoded)
+        tokenizer = self._get_tokenizer()
+        if tokenizer is None:
+            return str(token_id)
+        try:
+            return str(tokenizer.decode([token_id]))
+        except Exception:
+            return str(token_id)
+
+
+def _engine_kwargs(opts: Mapping[str, Any], *, explicit: set[str]) -> dict[str, Any]:
+    """The keyword arguments for ``vllm.LLM`` from validated options."""
+    extra = opts["engine_args"] or {}
+    if not isinstance(extra, Mapping):
+        raise ConfigError(
+            f"{_OWNER}: engine_args must be a mapping of vLLM engine arguments "
+            f"(e.g. engine_args='{{\"max_num_seqs\": 256}}'), not {type(extra).__name__}"
+        )
+    if "model" in extra:
+        raise ConfigError(f"{_OWNER}: give the model in the spec (vllm:MODEL), not in engine_args")
+    clash = sorted(k for k in extra if k in _OPTIONS and k in explicit)
+    if clash:
+        raise ConfigError(f"{_OWNER}: {', '.join(clash)} given both as an option and in engine_args; give it once")
+    _check_int("tensor_parallel_size", opts["tensor_parallel_size"], 1)
+    _check_int("max_model_len", opts["max_model_len"], 1)
+    _check_int("seed", opts["seed"], None)
+    gmu = opts["gpu_memory_utilization"]
+    if gmu is not None and (isinstance(gmu, bool) or not isinstance(gmu, (int, float)) or not 0 < gmu <= 1):
+        raise ConfigError(f"{_OWNER}: gpu_memory_utilization must be a fraction in (0, 1], not {gmu!r}")
+    for flag in ("enable_prefix_caching", "trust_remote_code"):
+        if opts[flag] is not None and not isinstance(opts[flag], bool):
+            raise ConfigError(f"{_OWNER}: {flag} must be true or false, not {opts[flag]!r}")
+    if opts["dtype"] is not None and not isinstance(opts["dtype"], str):
+        raise ConfigError(f"{_OWNER}: dtype must be a name such as auto, bfloat16 or float16, not {opts['dtype']!r}")
+    kwargs = {k: v for k, v in opts.items() if k != "engine_args" and v is not None}
+    # engine_args may switch prefix caching off; a named option was checked for a clash above.
+    kwargs.update(extra)
+    return kwargs
+
+
+def _check_int(name: str, value: Any, low: int | None) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
+        bound = f" of at least {low}" if low is not None else ""
+        raise ConfigError(f"{_OWNER}: {name} must be an integer{bound}, not {value!r}")
+
+
+def _sampling_kwargs(request: GenerationRequest) -> dict[str, Any]:
+    """The ``vllm.SamplingParams`` fields for one request (the same names from vLLM 0.8 through main)."""
+    s = request.sampling
+    kwargs: dict[str, Any] = {
+        "n": request.n,
+        "temperature": s.temperature,
+        "top_p": s.top_p,
+        "max_tokens": s.max_tokens,
+        "seed": s.seed,
+    }
+    if s.stop:
+        kwargs["stop"] = list(s.stop)
+    if request.logprobs is not None:
+        kwargs["logprobs"] = request.logprobs
+    return kwargs
