@@ -51,11 +51,18 @@ class ContextBudget:
         self._limit = window - _SAFETY_TOKENS - window // 100
 
     def count(self, messages: Sequence[Message]) -> int:
-        n = None
-        counter = getattr(self._backend, "count_tokens", None)
-        if counter is not None:
-            n = counter(messages)
+        """Prompt tokens of ``messages``: the backend's count when it can tell, else the estimate."""
+        n = self._backend_count(messages)
         return estimate_messages(messages) if n is None else n
+
+    def _backend_count(self, messages: Sequence[Message]) -> int | None:
+        counter: Callable[[Sequence[Message]], int | None] | None = getattr(self._backend, "count_tokens", None)
+        if counter is None:
+            return None
+        try:
+            return counter(messages)
+        except Exception:  # a tokenizer choking on odd text (a lone surrogate, say): the estimate still works
+            return None
 
     def fit(
         self,
@@ -72,8 +79,11 @@ class ContextBudget:
         reserve = min(max_tokens, self._limit // 2)
         prompt_budget = self._limit - reserve
         current = dict(values)
+        # Characters kept of each original value; every attempt shortens the original afresh,
+        # so a marker never ends up inside another marker.
+        kept = {k: len(values[k]) for k in shrinkable}
         truncated: set[str] = set()
-        for _ in range(12):
+        for attempt in range(1, 13):
             messages = build(current)
             used = self.count(messages)
             if used <= prompt_budget:
@@ -81,12 +91,14 @@ class ContextBudget:
             sizes = {k: self._text_tokens(current[k]) for k in shrinkable if current[k]}
             if not sizes:
                 break
-            # Cut 10% more than the excess, plus room for the markers, from the largest values.
-            target_total = max(0, sum(sizes.values()) - math.ceil((used - prompt_budget) * 1.1) - 24 * len(sizes))
+            # Cut the excess plus room for the markers and a slack that grows with every
+            # attempt (token counts of cut text are not additive), from the largest values.
+            slack = 24 * len(sizes) + attempt * max(8, prompt_budget // 50)
+            target_total = max(0, sum(sizes.values()) - (used - prompt_budget) - slack)
             for name, cap in _water_fill(sizes, target_total).items():
                 if cap < sizes[name]:
-                    text = current[name]
-                    current[name] = shorten_middle(text, int(len(text) * cap / sizes[name]))
+                    kept[name] = int(kept[name] * cap / sizes[name])
+                    current[name] = shorten_middle(values[name], kept[name])
                     truncated.add(name)
         raise ConfigError(
             f"a request does not fit the context window of {self.window} tokens even with its long parts "
@@ -95,12 +107,10 @@ class ContextBudget:
         )
 
     def _text_tokens(self, text: str) -> int:
-        counter = getattr(self._backend, "count_tokens", None)
-        if counter is not None:
-            n = counter((Message("user", text),))
-            base = counter((Message("user", ""),))
-            if n is not None and base is not None:
-                return max(1, n - base)
+        n = self._backend_count((Message("user", text),))
+        base = self._backend_count((Message("user", ""),))
+        if n is not None and base is not None:
+            return max(1, n - base)
         return max(1, estimate_tokens(text))
 
 

@@ -11,6 +11,12 @@ from .errors import BackendError, RunError, TPOError
 Req = TypeVar("Req")
 Res = TypeVar("Res")
 
+#: Loop iterations without a new request before a batch goes out. Chains released together
+#: take slightly different paths to their next request (one answer to score or several, or
+#: none); waiting a few empty rounds lets the stragglers join without waiting on real work.
+QUIET_ROUNDS = 3
+_JOIN = object()  # a place in a batch that asks for nothing: see ``submit_many([])``
+
 
 class Dispatcher(Generic[Req, Res]):
     """Submit one request, await its result.
@@ -44,48 +50,67 @@ class Dispatcher(Generic[Req, Res]):
     async def submit(self, item: Req) -> Res:
         if not self._batching:
             return (await self._checked_call([item]))[0]
-        fut: asyncio.Future[Res] = asyncio.get_running_loop().create_future()
-        self._pending.append((item, fut))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush())
-        return await fut
+        return await self._enqueue(item)
 
     async def submit_many(self, items: Sequence[Req]) -> list[Res]:
-        """Submit several requests of one prompt chain so that they can share a batch."""
+        """Submit several requests of one prompt chain so that they can share a batch.
+
+        On a batching dispatcher, a chain with nothing to submit still takes its place in the
+        batch being gathered and resumes when that batch is done, in step with the chains
+        that did submit: so they all reach their next request together.
+        """
         if not self._batching:
             if not items:
                 return []
-            return list(await self._checked_call(list(items))) if len(items) == 1 else list(
-                await asyncio.gather(*(self.submit(i) for i in items))
-            )
-        return list(await asyncio.gather(*(self.submit(i) for i in items)))
+            return [out[0] for out in await asyncio.gather(*(self._checked_call([i]) for i in items))]
+        if not items:
+            await self._enqueue(_JOIN)
+            return []
+        return list(await asyncio.gather(*(self._enqueue(i) for i in items)))
+
+    def _enqueue(self, item: object) -> asyncio.Future[Res]:
+        fut: asyncio.Future[Res] = asyncio.get_running_loop().create_future()
+        self._pending.append((item, fut))  # type: ignore[arg-type]  # _JOIN rides along as a non-request
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        return fut
 
     async def _flush(self) -> None:
         while self._pending:
             # Let every chain that is ready to run reach its next request first.
-            seen = -1
-            while seen != len(self._pending):
-                seen = len(self._pending)
+            quiet, seen = 0, len(self._pending)
+            while quiet < QUIET_ROUNDS:
                 await asyncio.sleep(0)
+                quiet = quiet + 1 if len(self._pending) == seen else 0
+                seen = len(self._pending)
             cut = len(self._pending) if self._max_batch is None else self._max_batch
             batch, self._pending = self._pending[:cut], self._pending[cut:]
-            live = [(item, fut) for item, fut in batch if not fut.cancelled()]
-            if not live:
-                continue
+            joins = [fut for item, fut in batch if item is _JOIN]
+            live = [(item, fut) for item, fut in batch if item is not _JOIN and not fut.cancelled()]
             try:
-                results = await self._checked_call([item for item, _ in live])
-            except asyncio.CancelledError:
-                for _, fut in live:
-                    fut.cancel()
-                raise
-            except Exception as e:  # delivered to every waiter of the batch
-                for _, fut in live:
+                if live:
+                    await self._deliver(live)
+            finally:
+                # Chains that only joined resume with the rest of the batch, not before.
+                for fut in joins:
                     if not fut.done():
-                        fut.set_exception(e)
-                continue
-            for (_, fut), res in zip(live, results):
+                        fut.set_result(None)  # type: ignore[arg-type]
+
+    async def _deliver(self, live: list[tuple[Req, asyncio.Future[Res]]]) -> None:
+        try:
+            results = await self._checked_call([item for item, _ in live])
+        except asyncio.CancelledError:
+            for _, fut in live:
+                fut.cancel()
+            raise
+        except Exception as e:  # delivered to every waiter of the batch
+            for _, fut in live:
                 if not fut.done():
-                    fut.set_result(res)
+                    fut.set_exception(e)
+            return
+        for (_, fut), res in zip(live, results, strict=True):
+            if not fut.done():
+                fut.set_result(res)
 
     async def _checked_call(self, items: Sequence[Req]) -> Sequence[Res]:
         self.calls += 1

@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Union
+from typing import Any
 
 from ._budget import DEFAULT_CONTEXT_WINDOW, ContextBudget
 from ._dispatch import Dispatcher
 from .config import TPOConfig
-from .errors import ConfigError, RewardError, RunError
+from .errors import BackendError, ConfigError, InputError, RewardError, RunError, TPOError
 from .prompts import extract_answer, render, render_conversation
 from .protocols import PolicyBackend, RewardModel
 from .result import StepRecord, TPOResult, Usage
@@ -28,7 +29,7 @@ from .types import Generation, GenerationRequest, Message, Prompt, PromptLike, S
 __all__ = ["Engine", "StepCallback", "derive_seed"]
 
 #: Called with a partial result after every finished step of every prompt (for progress and checkpoints).
-StepCallback = Callable[[TPOResult], Union[None, Awaitable[None]]]
+StepCallback = Callable[[TPOResult], Awaitable[None] | None]
 
 
 def derive_seed(run_seed: int, prompt_id: str, step: int, role: str) -> int:
@@ -50,7 +51,7 @@ class _Chain:
     prompt: Prompt
     store: CandidateStore = field(default_factory=CandidateStore)
     steps: list[StepRecord] = field(default_factory=list)
-    usage: Usage = Usage()
+    usage: Usage = field(default_factory=Usage)
     stopped_early: str | None = None
 
 
@@ -140,7 +141,9 @@ class Engine:
         gets its position (``"0"``, ``"1"``, ...) as id. ``resume`` maps prompt ids to
         partial results to continue from.
         """
-        if isinstance(prompts, Sequence) and not isinstance(prompts, str):
+        if isinstance(prompts, (str, Prompt)):
+            raise InputError("optimize_many takes a list or stream of prompts; for a single prompt use optimize")
+        if isinstance(prompts, Sequence):
             # A list is validated whole before any model work, so a typo fails fast.
             normalized: Iterable[Prompt] | AsyncIterable[Prompt] = _check_unique(
                 [Prompt.of(p, id=str(i)) for i, p in enumerate(prompts)]
@@ -148,11 +151,14 @@ class Engine:
         elif isinstance(prompts, AsyncIterable):
             normalized = _anumbered(prompts)
         else:
-            normalized = (Prompt.of(p, id=str(i)) for i, p in enumerate(prompts))
+            normalized = _unique_ids(Prompt.of(p, id=str(i)) for i, p in enumerate(prompts))
         await self._prepare()
         resume = resume or {}
         limit = self.config.max_concurrent_prompts
         running: set[asyncio.Task[TPOResult]] = set()
+        started: dict[asyncio.Task[TPOResult], int] = {}  # start order, for a stable order among ties
+        numbers = itertools.count()
+        ready: list[asyncio.Task[TPOResult]] = []
         source = normalized.__aiter__() if isinstance(normalized, AsyncIterable) else iter(normalized)
         exhausted = False
         try:
@@ -166,13 +172,22 @@ class Engine:
                     except (StopIteration, StopAsyncIteration):
                         exhausted = True
                         break
-                    running.add(asyncio.create_task(self._run_chain(p, resume.get(p.id), on_step)))
+                    task = asyncio.create_task(self._run_chain(p, resume.get(p.id), on_step))
+                    started[task] = next(numbers)
+                    running.add(task)
                 if not running:
                     return
                 done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
+                # Prompts that finish together come out in the order they went in.
+                ready = sorted(done, key=started.__getitem__)
+                while ready:
+                    task = ready.pop(0)
+                    del started[task]
                     yield task.result()
         finally:
+            for task in ready:  # finished, but left behind by an error or the caller stopping
+                if not task.cancelled():
+                    task.exception()
             for task in running:
                 task.cancel()
             if running:
@@ -194,8 +209,7 @@ class Engine:
             if id(backend) not in self._budgets:
                 window = self.config.context_window
                 if window is None:
-                    getter = getattr(backend, "context_window", None)
-                    window = await getter() if getter is not None else None
+                    window = await _ask_context_window(backend)
                 self._budgets[id(backend)] = ContextBudget(backend, window or DEFAULT_CONTEXT_WINDOW)
         self._scorer = Dispatcher(
             self.reward.score,
@@ -208,6 +222,11 @@ class Engine:
 
     async def _run_chain(self, prompt: Prompt, resume_from: TPOResult | None, on_step: StepCallback | None) -> TPOResult:
         chain = _Chain(prompt)
+        if resume_from is not None and [dict(m) for m in resume_from.messages] != [m.as_dict() for m in prompt.messages]:
+            raise InputError(
+                f"prompt {prompt.id!r}: the result to resume from belongs to a different conversation "
+                f"(prompt {resume_from.prompt_id!r})"
+            )
         if resume_from is not None and resume_from.status != "failed":
             chain.store = CandidateStore(resume_from.candidates)
             chain.steps = list(resume_from.steps)
@@ -217,18 +236,18 @@ class Engine:
         cfg = self.config
         started = time.perf_counter()
         error: str | None = None
-        try:
-            if not chain.steps:
-                await self._timed_step(chain, 0, self._sample_step)
-                await _notify(on_step, self._result(chain, "partial"))
-            while chain.stopped_early is None and self._should_continue(chain):
-                step = len(chain.steps)
-                if step > cfg.depth:
-                    break
-                await self._timed_step(chain, step, self._update_step)
-                await _notify(on_step, self._result(chain, "partial"))
-        except RunError as e:
-            error = f"{type(e).__name__}: {e}"
+        # Depth first: a chain that ran all its steps did not stop early, whatever its score.
+        while not chain.steps or (
+            len(chain.steps) <= cfg.depth and chain.stopped_early is None and self._should_continue(chain)
+        ):
+            try:
+                await self._timed_step(chain, len(chain.steps), self._update_step if chain.steps else self._sample_step)
+            except RunError as e:
+                error = f"{type(e).__name__}: {e}"
+                break
+            # Outside the try: a callback's own error (a checkpoint that cannot be written) stops the
+            # run instead of passing for this prompt's failure.
+            await _notify(on_step, self._result(chain, "partial"))
         earlier_s = resume_from.usage.wall_time_s if resume_from is not None and resume_from.status != "failed" else 0.0
         chain.usage = replace(chain.usage, wall_time_s=earlier_s + time.perf_counter() - started)
         if error is None and not chain.store.scored():
@@ -273,10 +292,10 @@ class Engine:
         cfg, prompt = self.config, chain.prompt
         budget = self._budgets[id(self.policy)]
         names = [f"m{i}" for i in range(len(prompt.messages))]
-        values = {n: m.content for n, m in zip(names, prompt.messages)}
+        values = {n: m.content for n, m in zip(names, prompt.messages, strict=True)}
 
         def build(v: Mapping[str, str]) -> tuple[Message, ...]:
-            return tuple(Message(m.role, v[n]) for n, m in zip(names, prompt.messages))
+            return tuple(Message(m.role, v[n]) for n, m in zip(names, prompt.messages, strict=True))
 
         messages, max_tokens, cut = budget.fit(build, values, names, cfg.max_tokens)
         tally.truncated.update("conversation" for _ in cut)
@@ -444,15 +463,14 @@ class Engine:
         requests = [
             ScoreRequest(chain.prompt.messages, texts[i][0], chain.prompt.metadata, chain.prompt.id) for i in order
         ]
-        if requests:
-            try:
-                scores = await scorer.submit_many(requests)
-            except RewardError as e:
-                scores = [Score.failed(str(e))] * len(requests)
-            tally.reward_calls += len(requests)
-        else:
-            scores = []
-        for i, score in zip(order, scores):
+        # Called even with nothing to score: on a batching reward model the chain then resumes
+        # together with the chains that did score, so their next requests share a batch.
+        try:
+            scores = await scorer.submit_many(requests)
+        except RewardError as e:
+            scores = [Score.failed(str(e))] * len(requests)
+        tally.reward_calls += len(requests)
+        for i, score in zip(order, scores, strict=True):
             value = score.value if score.error is None else None
             if value is not None and not _finite(value):
                 value, score = None, Score.failed(f"the reward model returned a non-finite score ({score.value!r})")
@@ -467,7 +485,7 @@ class Engine:
                     step=step,
                     parent_id=parent,
                     origin=origins[i],  # type: ignore[arg-type]
-                    score_error=score.error if value is None else None,
+                    score_error=(score.error or "the reward model returned no score") if value is None else None,
                     finish_reason=texts[i][1],
                 )
             )
@@ -502,6 +520,25 @@ class Engine:
             reward=_name(self.reward),
             tpo_version=_version(),
         )
+
+
+async def _ask_context_window(backend: PolicyBackend) -> int | None:
+    """The backend's context window, or None when it cannot tell (or tells nonsense)."""
+    getter = getattr(backend, "context_window", None)
+    if getter is None:
+        return None
+    try:
+        window = await getter()
+    except TPOError:
+        raise
+    except Exception as e:  # a backend that let a third-party error escape
+        raise BackendError(
+            f"policy backend {_name(backend)} failed to tell its context window: {type(e).__name__}: {e}",
+            backend=_name(backend),
+        ) from e
+    if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
+        return None
+    return window
 
 
 def _name(obj: object) -> str:
@@ -547,16 +584,32 @@ def _scored_among(store: CandidateStore, ids: Iterable[str]) -> list[Candidate]:
 def _check_unique(prompts: list[Prompt]) -> list[Prompt]:
     seen: set[str] = set()
     for p in prompts:
-        if p.id in seen:
-            raise ConfigError(f"two prompts have the id {p.id!r}; prompt ids must be unique within a run")
-        seen.add(p.id)
+        _check_new_id(p, seen)
     return prompts
 
 
+def _check_new_id(prompt: Prompt, seen: set[str]) -> None:
+    # Ids key seeds, resume checkpoints and output rows: a repeat would mix two prompts up.
+    if prompt.id in seen:
+        raise InputError(f"two prompts have the id {prompt.id!r}; prompt ids must be unique within a run")
+    seen.add(prompt.id)
+
+
+def _unique_ids(prompts: Iterable[Prompt]) -> Iterator[Prompt]:
+    """Pass prompts through, stopping at the first repeated id (a stream cannot be checked up front)."""
+    seen: set[str] = set()
+    for p in prompts:
+        _check_new_id(p, seen)
+        yield p
+
+
 async def _anumbered(prompts: AsyncIterable[PromptLike]) -> AsyncIterator[Prompt]:
+    seen: set[str] = set()
     i = 0
-    async for p in prompts:
-        yield Prompt.of(p, id=str(i))
+    async for item in prompts:
+        p = Prompt.of(item, id=str(i))
+        _check_new_id(p, seen)
+        yield p
         i += 1
 
 

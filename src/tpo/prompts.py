@@ -60,9 +60,10 @@ what was asked, completeness, clarity, tone and safety. Be specific and brief. D
 a new reply."""
 
 GRADIENT = """\
-Based on your assessment, give concrete instructions for improving the preferred reply so \
-that it meets those criteria better: what to add, remove, correct or restructure. Keep the \
-instructions short and actionable. Do not write the improved reply yourself."""
+Based on your assessment, give concrete instructions for improving the better reply (reply A, \
+or the one reply if you reviewed only one) so that it meets those criteria better: what to \
+add, remove, correct or restructure. Keep the instructions short and actionable. Do not write \
+the improved reply yourself."""
 
 UPDATE = """\
 Improve a reply to the conversation below by following the feedback.
@@ -142,7 +143,9 @@ class PromptSet:
     def __post_init__(self) -> None:
         for name, required in _REQUIRED.items():
             template = getattr(self, name)
-            if not isinstance(template, str) or not template.strip():
+            if not isinstance(template, str):
+                raise PromptTemplateError(f"prompt template {name!r} must be a string, not {type(template).__name__}")
+            if not template.strip():
                 raise PromptTemplateError(f"prompt template {name!r} is empty")
             used = placeholders(template)
             missing = required - used
@@ -158,7 +161,7 @@ class PromptSet:
                     + ", ".join(f"{{{{{u}}}}}" for u in sorted(unknown))
                     + f"; it may use {', '.join(sorted(_ALLOWED[name]))}"
                 )
-        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_\-]*", self.tag):
+        if not isinstance(self.tag, str) or not re.fullmatch(r"[A-Za-z][A-Za-z0-9_\-]*", self.tag):
             raise PromptTemplateError(f"answer tag {self.tag!r} must be a plain word (letters, digits, _ or -)")
 
     @classmethod

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
+from .errors import InputError
 from .store import Candidate
 
 __all__ = ["SCHEMA_VERSION", "StepRecord", "TPOResult", "Usage"]
@@ -182,15 +183,25 @@ class TPOResult:
         }
 
     def to_json(self, *, indent: int | None = None) -> str:
-        """``to_dict()`` as a JSON string (non-ASCII kept as is)."""
-        return json.dumps(self.to_dict(), ensure_ascii=False, indent=indent)
+        """``to_dict()`` as a JSON string (non-ASCII kept as is).
+
+        Text with a lone surrogate (which no UTF-8 file can hold) is written with ASCII
+        escapes instead, so the string can always be saved and reads back unchanged.
+        """
+        data = self.to_dict()
+        text = json.dumps(data, ensure_ascii=False, indent=indent)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return json.dumps(data, ensure_ascii=True, indent=indent)
+        return text
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TPOResult:
         """Rebuild a result from its JSON form (for resuming and analysis)."""
         version = d.get("schema_version")
         if version != SCHEMA_VERSION:
-            raise ValueError(f"result has schema_version {version!r}; this tpo reads {SCHEMA_VERSION}")
+            raise InputError(f"result has schema_version {version!r}; this tpo reads {SCHEMA_VERSION}")
         return cls(
             prompt_id=d["prompt_id"],
             messages=tuple(dict(m) for m in d["messages"]),

@@ -15,7 +15,7 @@ import inspect
 import itertools
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Union
+from typing import Any
 
 from ._budget import estimate_messages
 from .errors import ConfigError
@@ -23,7 +23,7 @@ from .types import Generation, GenerationRequest, Message, Score, ScoreRequest
 
 __all__ = ["FunctionReward", "ScriptedPolicy", "default_reply"]
 
-Reply = Union[str, Sequence[str]]
+Reply = str | Sequence[str]
 ReplyFn = Callable[[GenerationRequest], Reply]
 
 
@@ -31,7 +31,7 @@ def default_reply(request: GenerationRequest, counter: Iterable[int] | None = No
     """Plausible, distinct replies for any request: samples, critiques, feedback and tagged rewrites."""
     numbers = iter(counter) if counter is not None else itertools.count()
     out = []
-    for i in range(request.n):
+    for _ in range(request.n):
         k = next(numbers)
         if request.purpose == "sample":
             out.append(f"Answer {k} to prompt {request.prompt_id}.")
@@ -152,7 +152,7 @@ class FunctionReward:
         self._fn = fn
         self._batched = batched
         self.batching = batched if batching is None else batching
-        self.name = name or getattr(fn, "__name__", "function")
+        self.name: str = name or str(getattr(fn, "__name__", "function"))
         #: Every call to ``score``: one list of requests per call.
         self.calls: list[list[ScoreRequest]] = []
 

@@ -100,9 +100,12 @@ class Prompt:
 
     @classmethod
     def of(cls, value: PromptLike, *, id: str, metadata: Mapping[str, Any] | None = None) -> Prompt:
-        """Build a prompt from a string, a list of messages, or another ``Prompt`` (kept as is)."""
+        """Build a prompt from a string, a list of messages, or another ``Prompt``.
+
+        A ``Prompt`` keeps its id; ``metadata``, when given, is added to its own.
+        """
         if isinstance(value, Prompt):
-            return value
+            return value if not metadata else cls(value.id, value.messages, {**value.metadata, **metadata})
         return cls(id=id, messages=to_messages(value, where=f"prompt {id!r}"), metadata=dict(metadata or {}))
 
 

@@ -5,7 +5,11 @@ from __future__ import annotations
 import click
 
 from .. import __version__
+from .batch import batch_command
+from .eval import eval_command
+from .export import export_command
 from .plugins import backends_command
+from .report import report_command
 from .run import run_command
 
 
@@ -19,7 +23,11 @@ def cli() -> None:
 
 
 cli.add_command(run_command)
+cli.add_command(batch_command)
 cli.add_command(backends_command)
+cli.add_command(export_command)
+cli.add_command(eval_command)
+cli.add_command(report_command)
 
 
 def main() -> None:

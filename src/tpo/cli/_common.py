@@ -172,7 +172,7 @@ def build_models(params: Mapping[str, Any]) -> Models:
         if rubric is not None and names[0] != "judge":
             raise ConfigError("--prefer and --prefer-file set the judge's rubric; add --reward judge to use them")
         return Models(policy, critic, rewards[0])
-    from ..rewards.combine import WeightedReward  # noqa: PLC0415 - only for several rewards
+    from ..rewards.combine import WeightedReward  # only needed for several rewards
 
     parsed = None
     if weights:

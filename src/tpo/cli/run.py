@@ -29,11 +29,13 @@ DEMO_NOTE = (
 @click.argument("prompt", required=False)
 @click.option("--messages", "messages_file", type=click.File("r", encoding="utf-8"), default=None,
               help="Read the conversation from a JSON file of OpenAI-style messages ('-' for standard input).")
+@click.option("--metadata", "metadata", multiple=True, metavar="KEY=VALUE",
+              help="Metadata of the prompt, for rewards that read it (e.g. --metadata answer=42 for --reward math).")
 @click.option("--json", "as_json", is_flag=True, help="Print the full result as JSON (progress is not shown).")
 @model_options
 @method_options
 @with_errors
-def run_command(prompt: str | None, messages_file: Any, as_json: bool, **params: Any) -> None:
+def run_command(prompt: str | None, messages_file: Any, metadata: tuple[str, ...], as_json: bool, **params: Any) -> None:
     """Optimise the answer to PROMPT and print the best answer found.
 
     With no options this runs TPO (depth 2, width 5) on the bundled SmolLM2-135M model with
@@ -49,13 +51,19 @@ def run_command(prompt: str | None, messages_file: Any, as_json: bool, **params:
             conversation = json.load(messages_file)
         except ValueError as e:
             raise InputError(f"--messages {messages_file.name}: not valid JSON: {e}") from e
+    meta: dict[str, Any] = {}
+    for item in metadata:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InputError(f"--metadata {item!r} is not KEY=VALUE")
+        meta[key] = value
     config = build_config(params)
     console = Console(stderr=True, highlight=False)
     if params["policy_spec"] == DEFAULT_POLICY and not as_json:
         console.print(f"[dim]{DEMO_NOTE}[/dim]\n")
     with console.status("Loading models…", spinner="dots") if not as_json else nullcontext():
         models = build_models(params)
-    result = asyncio.run(_run(conversation, models, config, None if as_json else console))
+    result = asyncio.run(_run(conversation, meta, models, config, None if as_json else console))
     if as_json:
         click.echo(result.to_json(indent=2))
     else:
@@ -64,9 +72,10 @@ def run_command(prompt: str | None, messages_file: Any, as_json: bool, **params:
         sys.exit(1)
 
 
-async def _run(conversation: Any, models: Any, config: Any, console: Console | None) -> TPOResult:
+async def _run(conversation: Any, metadata: dict[str, Any], models: Any, config: Any, console: Console | None) -> TPOResult:
     engine = Engine(models.policy, models.reward, critic=models.critic, config=config)
     shown = 0
+    status = console.status(_doing(config, 0), spinner="dots") if console is not None else nullcontext()
 
     def on_step(partial: TPOResult) -> None:
         nonlocal shown
@@ -75,14 +84,28 @@ async def _run(conversation: Any, models: Any, config: Any, console: Console | N
         for record in partial.steps[shown:]:
             _render_step(partial, record, console)
         shown = len(partial.steps)
+        if hasattr(status, "update"):
+            status.update(_doing(config, shown))
 
     try:
         if console is not None:
             console.print(f"[bold]{config.mode}[/bold] width {config.width}, depth {config.depth}, seed {config.seed} · "
-                          f"policy {engine.policy.name} · reward {getattr(engine.reward, 'name', '?')}")
-        return await engine.optimize(conversation, on_step=on_step)
+                          f"policy {engine.policy.name} · reward {getattr(engine.reward, 'name', '?')}\n")
+        with status:
+            return await engine.optimize(conversation, metadata=metadata, on_step=on_step)
     finally:
         await models.aclose()
+
+
+def _doing(config: Any, step: int) -> str:
+    """What the run is busy with before step ``step`` is recorded, for the progress spinner."""
+    if step == 0:
+        return f"Sampling {config.width} answer(s) and scoring them…"
+    if config.mode == "revision":
+        work = "critique of the best answer"
+    else:
+        work = "critique of the best answer against the worst"
+    return f"Step {step} of {config.depth}: {work}, feedback, {config.width} rewrite(s), scoring…"
 
 
 def _render_step(result: TPOResult, record: Any, console: Console) -> None:
@@ -90,15 +113,25 @@ def _render_step(result: TPOResult, record: Any, console: Console) -> None:
     title = "sample" if record.step == 0 else f"step {record.step}: {record.kind}"
     if record.fallback_to_revision:
         title += " (chosen = rejected: fell back to revision)"
-    table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False, expand=False)
-    table.add_column("id", style="dim")
-    table.add_column("score", justify="right")
-    table.add_column("answer", overflow="ellipsis", no_wrap=True, max_width=70)
+    console.print(f"[bold]{title}[/bold]")
+    table = Table(show_edge=False, pad_edge=False, expand=True)
+    table.add_column("id", style="dim", no_wrap=True, min_width=8)
+    table.add_column("score", justify="right", no_wrap=True, min_width=6)
+    table.add_column("answer", overflow="ellipsis", no_wrap=True, ratio=1)
+    if record.chosen_id is not None:
+        against = ""
+        if record.rejected_id is not None and record.rejected_id in by_id:
+            against = f" against the worst, {record.rejected_id[:8]} ({_score(by_id[record.rejected_id].score)})"
+        chosen = by_id.get(record.chosen_id)
+        console.print(f"[dim]  rewrote the best answer, {record.chosen_id[:8]} "
+                      f"({_score(chosen.score if chosen else None)}){against}[/dim]")
     for cid in record.candidate_ids:
         c = by_id.get(cid)
         if c is None:
             continue
-        score = f"{c.score:.3f}" if c.score is not None else "[red]failed[/red]"
+        score = _score(c.score) if c.score is not None else "[red]failed[/red]"
+        if c.id == result.best_id:
+            score = f"[bold green]{score}[/bold green]"
         table.add_row(cid[:8], score, c.text.replace("\n", " "))
     console.print(table)
     notes = []
@@ -111,6 +144,10 @@ def _render_step(result: TPOResult, record: Any, console: Console) -> None:
         console.print(f"  [yellow]· {note}[/yellow]")
     best = f"{record.best_score:.3f}" if record.best_score is not None else "none"
     console.print(f"  best so far: {best} · {record.usage.wall_time_s:.1f}s\n")
+
+
+def _score(value: float | None) -> str:
+    return f"{value:.3f}" if value is not None else "none"
 
 
 def _render_final(result: TPOResult, console: Console) -> None:

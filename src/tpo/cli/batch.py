@@ -1,0 +1,274 @@
+"""``tpo batch``: optimise every prompt of a dataset into a JSONL file, resumable after any interruption."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
+
+from ..datasets import FORMATS, read_prompts
+from ..result import TPOResult
+from ..runner import BatchObserver, BatchRun, BatchState, BatchSummary
+from ._common import DEFAULT_REWARD, build_config, build_models, method_options, model_options, with_errors
+from ._config_file import config_file_option
+
+#: Seconds between the progress lines of ``--log plain``.
+PLAIN_LOG_INTERVAL_S = 30.0
+
+
+@click.command("batch")
+@click.argument("input_path", metavar="INPUT")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The JSONL file of results (its checkpoints go in OUTPUT.tpo/ beside it).")
+@click.option("--prompt-field", default="prompt", show_default=True,
+              help="The field holding the prompt: text or a list of OpenAI-style messages.")
+@click.option("--id-field", default=None, help="The field holding a unique prompt id (default: a hash of the row).")
+@click.option("--split", default=None, help="The split of a Hugging Face dataset.")
+@click.option("--input-format", type=click.Choice(FORMATS), default=None,
+              help="The input's format (default: from the file extension; a folder is a Hugging Face dataset).")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Run only the first N prompts (after --shuffle).")
+@click.option("--shuffle", is_flag=True, help="Shuffle the prompts (reproducibly) before --limit.")
+@click.option("--shuffle-seed", type=int, default=None, help="Seed of --shuffle (default: --seed).")
+@click.option("--skip-invalid", is_flag=True, help="Skip invalid rows and report them, instead of stopping.")
+@click.option("--restart", is_flag=True, help="Discard the output and checkpoints of an earlier run and start over.")
+@click.option("--retry-failed/--no-retry-failed", default=True, show_default=True,
+              help="On resuming, run the prompts that failed again (from their last finished step).")
+@click.option("--concurrency", type=click.IntRange(min=1), default=None,
+              help="Prompts in progress at once (default 256).")
+@click.option("--log", "log_mode", type=click.Choice(["auto", "rich", "plain", "quiet"]), default="auto", show_default=True,
+              help="Progress display: rich (interactive), plain (one line per prompt), quiet; auto picks rich on a terminal.")
+@config_file_option
+@model_options
+@method_options
+@with_errors
+def batch_command(input_path: str, output: Path, **params: Any) -> None:
+    """Optimise every prompt of INPUT and append one JSON line per prompt to OUTPUT.
+
+    INPUT is a JSONL, JSON (a list), CSV, TSV or Parquet file, a folder holding a Hugging Face
+    dataset, or a Hub dataset name. Every row is checked before any model work. Each prompt
+    is checkpointed after every step: run the same command again after an interruption
+    (even kill -9) and it continues where it stopped. The exit status is 1 when any prompt
+    failed. The line format is described in docs/batch.md.
+    """
+    config = build_config(params)
+    if params["concurrency"] is not None:
+        config = config.with_options(max_concurrent_prompts=params["concurrency"])
+    console = Console(stderr=True, highlight=False)
+    observer = _observer(params["log_mode"], console)
+    dataset = read_prompts(
+        input_path, prompt_field=params["prompt_field"], id_field=params["id_field"], split=params["split"],
+        input_format=params["input_format"], limit=params["limit"], shuffle=params["shuffle"],
+        seed=config.seed if params["shuffle_seed"] is None else params["shuffle_seed"],
+        skip_invalid=params["skip_invalid"],
+    )
+    if dataset.problem_count:
+        listed = "\n  ".join(str(p) for p in dataset.problems[:5])
+        more = f"\n  … and {dataset.problem_count - 5} more" if dataset.problem_count > 5 else ""
+        observer.on_note(f"skipped {dataset.problem_count} invalid row(s):\n  {listed}{more}")
+    run = BatchRun(dataset, output, config=config, models=_models_fingerprint(params),
+                   settings=_settings(input_path, output, params), retry_failed=params["retry_failed"], observer=observer)
+    for line in run.open(restart=params["restart"]):
+        observer.on_note(f"removed {line}")
+    try:
+        if run.unfinished == 0:
+            summary = run.summary()
+        else:
+            with console.status("Loading models…", spinner="dots") if observer.interactive else nullcontext():
+                models = build_models(params)
+            summary = asyncio.run(_run(run, models))
+    except KeyboardInterrupt:
+        observer.close()
+        done = run.summary()
+        click.echo(f"Interrupted: {done.done} of {done.total} prompts are finished in {output}. "
+                   "Run the same command again to continue.", err=True)
+        sys.exit(130)
+    finally:
+        run.close()
+        observer.close()
+    _print_summary(summary)
+    if summary.failed:
+        sys.exit(1)
+
+
+async def _run(run: BatchRun, models: Any) -> BatchSummary:
+    try:
+        return await run.arun(models.policy, models.reward, critic=models.critic)
+    finally:
+        await models.aclose()
+
+
+def _models_fingerprint(params: dict[str, Any]) -> dict[str, Any]:
+    """The model choices that change results. The server URL and the key's variable do not: a moved server is the same model."""
+    rubric = params.get("prefer")
+    if params.get("prefer_file") is not None:
+        rubric = Path(params["prefer_file"]).read_text(encoding="utf-8")
+    return {
+        "policy": params["policy_spec"],
+        "policy_options": dict(params.get("policy_options") or {}),
+        "critic": params.get("critic_spec"),
+        "reward": list(params.get("reward_specs") or ()) or [DEFAULT_REWARD],
+        "reward_options": dict(params.get("reward_options") or {}),
+        "reward_weights": params.get("reward_weights"),
+        "rubric_sha256": hashlib.sha256(rubric.encode()).hexdigest() if rubric is not None else None,
+    }
+
+
+def _settings(input_path: str, output: Path, params: dict[str, Any]) -> dict[str, Any]:
+    """Every option as resolved (command line over --config over defaults), for config.json."""
+    out: dict[str, Any] = {"input": input_path, "output": str(output)}
+    for key, value in params.items():
+        out[key] = str(value) if isinstance(value, Path) else value
+    return out
+
+
+# ---------------------------------------------------------------------------- progress
+
+
+def _observer(mode: str, console: Console) -> _Display:
+    if mode == "auto":
+        mode = "rich" if console.is_terminal else "plain"
+    if mode == "rich":
+        return _RichDisplay(console)
+    return _PlainDisplay(console, quiet=mode == "quiet")
+
+
+class _Display(BatchObserver):
+    interactive = False
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+
+    def on_note(self, message: str) -> None:
+        self.console.print(f"[yellow]note:[/yellow] {message}", markup=True, highlight=False)
+
+    def close(self) -> None:
+        """Stop any live display (before printing the summary, or on an interruption)."""
+
+
+def _describe_start(state: BatchState) -> str:
+    if state.finished_before:
+        return f"resuming: {state.finished_before} of {state.total} prompts already finished"
+    return f"starting: {state.total} prompts"
+
+
+def _line(state: BatchState) -> str:
+    parts = []
+    at = state.at_step()
+    if at:
+        parts.append("at step " + " ".join(f"{step}:{n}" for step, n in at.items()))
+    parts.append(f"{state.tokens_per_s():,.0f} tok/s")
+    if state.failed:
+        parts.append(f"{state.failed} failed")
+    eta = state.eta_s()
+    parts.append(f"ETA {_duration(eta)}" if eta is not None else "ETA …")
+    return " · ".join(parts)
+
+
+def _duration(seconds: float) -> str:
+    s = round(seconds)
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    if s >= 60:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s}s"
+
+
+def _outcome(result: TPOResult) -> str:
+    if result.status != "complete":
+        return f"FAILED {result.prompt_id}: {result.error}"
+    score = f"{result.score:.4g}" if result.score is not None else "none"
+    return f"done {result.prompt_id}: score {score}, {len(result.steps)} steps, {result.usage.wall_time_s:.1f}s"
+
+
+class _RichDisplay(_Display):
+    """A live progress bar with the prompts per step, tokens per second, failures and ETA."""
+
+    interactive = True
+
+    def __init__(self, console: Console) -> None:
+        super().__init__(console)
+        self._progress = Progress(
+            SpinnerColumn(), TextColumn("prompts"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+            console=console, transient=False,
+        )
+        self._task: Any = None
+
+    def on_start(self, state: BatchState) -> None:
+        self.console.print(_describe_start(state))
+        self._task = self._progress.add_task("prompts", total=state.total, completed=state.done, info=_line(state))
+        self._progress.start()
+
+    def on_step(self, partial: TPOResult, state: BatchState) -> None:
+        self._progress.update(self._task, info=_line(state))
+
+    def on_result(self, result: TPOResult, state: BatchState) -> None:
+        if result.status != "complete":
+            self._progress.console.print(f"[red]{_outcome(result)}[/red]", markup=True, highlight=False)
+        self._progress.update(self._task, completed=state.done, info=_line(state))
+
+    def close(self) -> None:
+        self._progress.stop()
+
+
+class _PlainDisplay(_Display):
+    """One line per finished prompt and a progress line every ``PLAIN_LOG_INTERVAL_S``, for logs; ``quiet`` keeps failures only."""
+
+    def __init__(self, console: Console, *, quiet: bool) -> None:
+        super().__init__(console)
+        self.quiet = quiet
+        self._last = time.monotonic()
+
+    def _echo(self, text: str) -> None:
+        click.echo(text, err=True)
+
+    def on_note(self, message: str) -> None:
+        self._echo(f"note: {message}")
+
+    def on_start(self, state: BatchState) -> None:
+        self._last = time.monotonic()
+        if not self.quiet:
+            self._echo(_describe_start(state))
+
+    def _maybe_progress(self, state: BatchState) -> None:
+        now = time.monotonic()
+        if not self.quiet and now - self._last >= PLAIN_LOG_INTERVAL_S:
+            self._last = now
+            self._echo(f"progress: {state.done}/{state.total} prompts · {_line(state)}")
+
+    def on_step(self, partial: TPOResult, state: BatchState) -> None:
+        self._maybe_progress(state)
+
+    def on_result(self, result: TPOResult, state: BatchState) -> None:
+        if not self.quiet or result.status != "complete":
+            self._echo(f"[{state.done}/{state.total}] {_outcome(result)}")
+        self._maybe_progress(state)
+
+
+def _print_summary(summary: BatchSummary) -> None:
+    head = f"{summary.complete} of {summary.total} prompts complete"
+    if summary.failed:
+        shown = ", ".join(summary.failed_ids[:10]) + (", …" if len(summary.failed_ids) > 10 else "")
+        head += f", {summary.failed} failed ({shown})"
+    if summary.invalid_rows:
+        head += f"; {summary.invalid_rows} invalid input row(s) skipped"
+    click.echo(f"{head}. Results: {summary.output}", err=True)
+    u = summary.usage
+    if summary.finished_before < summary.done:
+        click.echo(
+            f"This session: {summary.done - summary.finished_before} prompts in {_duration(summary.elapsed_s)}, "
+            f"{u.policy_calls} policy calls, {u.prompt_tokens + u.completion_tokens:,} tokens, {u.reward_calls} answers scored.",
+            err=True,
+        )
+    if summary.failed:
+        click.echo("Failed prompts are in the output with their error; run the same command again to retry them.", err=True)
+
+
+__all__ = ["batch_command"]

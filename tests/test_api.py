@@ -1,0 +1,281 @@
+"""The public Python API: its surface, optimize and optimize_many, async twins, and configuration errors."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+
+import tpo
+from conftest import hash_score, pure_reply
+from tpo import ConfigError, GenerationRequest, InputError, Prompt, TPOConfig, UserError
+from tpo.testing import FunctionReward, ScriptedPolicy
+
+
+def test_public_surface_is_pinned() -> None:
+    assert sorted(tpo.__all__) == sorted([
+        "DEFAULT_PROMPTS", "BackendError", "Candidate", "CandidateStore", "ConfigError", "Engine", "Generation",
+        "GenerationRequest", "InputError", "Message", "MissingDependencyError", "PolicyBackend", "Prompt",
+        "PromptSet", "PromptTemplateError", "RewardError", "RewardModel", "RunError", "SamplingParams", "Score",
+        "ScoreRequest", "StepRecord", "TPOConfig", "TPOError", "TPOResult", "TokenLogprob", "Usage", "UserError",
+        "__version__", "answer_id", "aoptimize", "aoptimize_many", "derive_seed", "extract_answer", "optimize",
+        "optimize_many",
+    ])
+    assert len(tpo.__all__) == len(set(tpo.__all__))
+    for name in tpo.__all__:
+        assert hasattr(tpo, name), name
+
+
+def test_importing_tpo_pulls_in_no_heavy_package() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, tpo, tpo.testing\n"
+        "heavy = {'torch', 'transformers', 'vllm', 'llama_cpp', 'openai', 'httpx', 'datasets', 'numpy'}\n"
+        "print(sorted(heavy & set(sys.modules)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "[]"
+
+
+def test_errors_separate_user_mistakes_from_runtime_failures() -> None:
+    for user in (tpo.ConfigError, tpo.InputError, tpo.PromptTemplateError, tpo.MissingDependencyError):
+        assert issubclass(user, tpo.UserError) and not issubclass(user, tpo.RunError)
+    for run in (tpo.BackendError, tpo.RewardError):
+        assert issubclass(run, tpo.RunError) and not issubclass(run, tpo.UserError)
+    assert issubclass(tpo.UserError, tpo.TPOError) and issubclass(tpo.RunError, tpo.TPOError)
+
+
+# --------------------------------------------------------------------------- configuration errors
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"width": 0}, "width must be at least 1, not 0"),
+        ({"depth": -1}, "depth must be at least 0, not -1"),
+        ({"mode": "dpo"}, "mode must be one of tpo, revision, bon, not 'dpo'"),
+        ({"top_p": 0}, r"top_p must be in \(0.0, 1.0\], not 0"),
+        ({"top_p": 1.5}, r"top_p must be in \(0.0, 1.0\], not 1.5"),
+        ({"temperature": -0.1}, r"temperature must be in \[0.0, 5.0\]"),
+        ({"width": 2.5}, "width must be an integer, not 2.5"),
+        ({"width": True}, "width must be an integer, not True"),
+        ({"max_tokens": 0}, "max_tokens must be at least 1"),
+        ({"rejected_from": "worst"}, "rejected_from must be 'all' or 'latest'"),
+        ({"final_from": "best"}, "final_from must be 'all' or 'last_step'"),
+        ({"early_stop_patience": 0}, "early_stop_patience must be at least 1"),
+        ({"early_stop_score": float("nan")}, "early_stop_score must be a number"),
+        ({"seed": "7"}, "seed must be an integer"),
+        ({"context_window": 10}, "context_window must be at least 256"),
+        ({"prompts": "my.toml"}, r"prompts must be a tpo.PromptSet \(use PromptSet.load\(path\) for a file\)"),
+        ({"widht": 3}, "unknown option\\(s\\) widht; known: .*width"),
+    ],
+)
+def test_bad_options_are_config_errors_before_any_model_work(options: dict, message: str) -> None:
+    policy = ScriptedPolicy()
+    with pytest.raises(ConfigError, match=message):
+        tpo.optimize("q", policy=policy, reward=FunctionReward(hash_score), **options)
+    with pytest.raises(ConfigError, match=message):
+        tpo.optimize_many(["q"], policy=policy, reward=FunctionReward(hash_score), **options)
+    assert policy.calls == []
+
+
+def test_config_is_frozen_and_round_trips() -> None:
+    config = TPOConfig(width=3, mode="revision", early_stop_score=0.5)
+    with pytest.raises(AttributeError):
+        config.width = 4  # type: ignore[misc]
+    assert TPOConfig.from_dict(config.to_dict()) == config
+    assert config.with_options(depth=4).depth == 4
+    with pytest.raises(ConfigError, match="unknown option"):
+        TPOConfig.from_dict({**config.to_dict(), "nonsense": 1})
+
+
+def test_options_and_config_combine() -> None:
+    policy = ScriptedPolicy()
+    result = tpo.optimize("q", policy=policy, reward=FunctionReward(hash_score), config=TPOConfig(width=3, depth=0),
+                          seed=11)
+    assert (result.config["width"], result.config["depth"], result.seed) == (3, 0, 11)
+
+
+def test_engine_rejects_objects_that_are_not_backends() -> None:
+    with pytest.raises(ConfigError, match="policy must have an async generate"):
+        tpo.Engine(object(), FunctionReward(hash_score))  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="reward must have an async score"):
+        tpo.Engine(ScriptedPolicy(), object())  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="critic must have an async generate"):
+        tpo.Engine(ScriptedPolicy(), FunctionReward(hash_score), critic=object())  # type: ignore[arg-type]
+
+
+def test_the_test_doubles_satisfy_the_protocols() -> None:
+    assert isinstance(ScriptedPolicy(), tpo.PolicyBackend)
+    assert isinstance(FunctionReward(hash_score), tpo.RewardModel)
+
+
+# --------------------------------------------------------------------------- input errors
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ("   ", "prompt '2': the prompt is empty"),
+        ([], "prompt '2': the conversation has no messages"),
+        ([{"role": "bot", "content": "hi"}], "prompt '2': message 0 has role 'bot'"),
+        ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
+         "prompt '2': the conversation must end with a user message"),
+        ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}, {"role": "user", "content": "c"}],
+         "prompt '2': message 1 is a system message"),
+        ([{"role": "user", "content": None}], "prompt '2': message 0 has no text content"),
+        (42, "prompt '2': expected a string or a list of messages, got int"),
+    ],
+)
+def test_a_list_of_prompts_is_validated_whole_before_any_model_work(bad: object, message: str) -> None:
+    policy = ScriptedPolicy()
+    with pytest.raises(InputError, match=message):
+        list(tpo.optimize_many(["fine", "also fine", bad, "fine"], policy=policy, reward=FunctionReward(hash_score)))
+    assert policy.calls == []
+
+
+def test_duplicate_prompt_ids_are_an_error() -> None:
+    policy = ScriptedPolicy()
+    prompts = [Prompt.of("a", id="x"), Prompt.of("b", id="y"), Prompt.of("c", id="x")]
+    with pytest.raises(InputError, match="two prompts have the id 'x'"):
+        list(tpo.optimize_many(prompts, policy=policy, reward=FunctionReward(hash_score)))
+    # A plain string takes its position as id, which may collide with an explicit one.
+    with pytest.raises(InputError, match="two prompts have the id '1'"):
+        list(tpo.optimize_many(["a", "b", Prompt.of("c", id="1")], policy=policy, reward=FunctionReward(hash_score)))
+    assert policy.calls == []
+
+
+def test_duplicate_ids_in_a_stream_stop_the_stream() -> None:
+    prompts = (p for p in [Prompt.of("a", id="x"), Prompt.of("c", id="x")])
+    with pytest.raises(InputError, match="two prompts have the id 'x'"):
+        list(tpo.optimize_many(prompts, policy=ScriptedPolicy(), reward=FunctionReward(hash_score), depth=0))
+
+
+def test_optimize_many_refuses_a_single_prompt() -> None:
+    with pytest.raises(InputError, match="for a single prompt use optimize"):
+        list(tpo.optimize_many("one prompt", policy=ScriptedPolicy(), reward=FunctionReward(hash_score)))
+
+
+def test_optimize_rejects_a_bad_prompt(policy: ScriptedPolicy) -> None:
+    with pytest.raises(InputError, match="the prompt is empty"):
+        tpo.optimize("", policy=policy, reward=FunctionReward(hash_score))
+    assert policy.calls == []
+
+
+# --------------------------------------------------------------------------- optimize_many
+
+
+def test_optimize_many_streams_results_as_prompts_finish() -> None:
+    def latency(request: GenerationRequest) -> float:
+        return 0.15 if request.prompt_id == "0" else 0.0
+
+    policy = ScriptedPolicy(pure_reply, latency_s=latency)
+    started = time.perf_counter()
+    arrivals: list[tuple[str, float]] = []
+    for result in tpo.optimize_many(["slow", "fast", "faster"], policy=policy, reward=FunctionReward(hash_score),
+                                    width=2, depth=1):
+        arrivals.append((result.prompt_id, time.perf_counter() - started))
+    assert [pid for pid, _ in arrivals][-1] == "0"
+    assert {pid for pid, _ in arrivals[:2]} == {"1", "2"}
+    # The fast results were handed over while the slow prompt was still working (4 calls of 0.15 s).
+    assert arrivals[0][1] < arrivals[-1][1] / 2
+
+
+def test_optimize_many_accepts_any_iterable_and_keeps_ids_and_metadata() -> None:
+    prompts = iter([Prompt.of("a", id="alpha", metadata={"k": 1}), "b", [{"role": "user", "content": "c"}]])
+    results = {r.prompt_id: r for r in tpo.optimize_many(prompts, policy=ScriptedPolicy(pure_reply),
+                                                         reward=FunctionReward(hash_score), width=2, depth=1)}
+    assert set(results) == {"alpha", "1", "2"}
+    assert results["alpha"].metadata == {"k": 1}
+    assert all(r.status == "complete" for r in results.values())
+
+
+def test_leaving_optimize_many_early_stops_the_work() -> None:
+    policy = ScriptedPolicy(pure_reply, latency_s=lambda r: 0.0 if r.prompt_id == "0" else 0.05)
+    stream = tpo.optimize_many([f"q{i}" for i in range(20)], policy=policy, reward=FunctionReward(hash_score),
+                               width=2, depth=3)
+    first = next(stream)
+    stream.close()
+    assert first.prompt_id == "0"
+    calls = len(policy.calls)
+    time.sleep(0.1)
+    assert len(policy.calls) == calls  # nothing keeps running behind the caller's back
+    assert calls < 20 * 10
+
+
+# --------------------------------------------------------------------------- sync and async
+
+
+def test_async_twins_work_inside_an_event_loop() -> None:
+    async def main() -> tuple[tpo.TPOResult, list[tpo.TPOResult]]:
+        one = await tpo.aoptimize("q", policy=ScriptedPolicy(pure_reply), reward=FunctionReward(hash_score), width=2,
+                                  depth=1)
+        many = [r async for r in tpo.aoptimize_many(["a", "b", "c"], policy=ScriptedPolicy(pure_reply),
+                                                     reward=FunctionReward(hash_score), width=2, depth=1)]
+        return one, many
+
+    one, many = asyncio.run(main())
+    assert one.status == "complete" and len(one.candidates) == 4
+    assert sorted(r.prompt_id for r in many) == ["0", "1", "2"]
+    # The async result equals the sync one.
+    sync = tpo.optimize("q", policy=ScriptedPolicy(pure_reply), reward=FunctionReward(hash_score), width=2, depth=1)
+    assert one.to_dict()["candidates"] == sync.to_dict()["candidates"]
+
+
+def test_aoptimize_many_takes_an_async_stream() -> None:
+    async def prompts() -> AsyncIterator[str]:
+        for i in range(3):
+            await asyncio.sleep(0)
+            yield f"q{i}"
+
+    async def main() -> list[str]:
+        return [r.prompt_id async for r in tpo.aoptimize_many(prompts(), policy=ScriptedPolicy(pure_reply),
+                                                               reward=FunctionReward(hash_score), width=2, depth=0)]
+
+    assert sorted(asyncio.run(main())) == ["0", "1", "2"]
+
+
+def test_sync_versions_refuse_to_run_inside_an_event_loop() -> None:
+    async def main() -> None:
+        with pytest.raises(UserError, match=r"use 'await tpo.aoptimize\(...\)'"):
+            tpo.optimize("q", policy=ScriptedPolicy(), reward=FunctionReward(hash_score))
+        # Raised at the call, before anything is iterated.
+        with pytest.raises(UserError, match=r"use 'await tpo.aoptimize_many\(...\)'"):
+            tpo.optimize_many(["q"], policy=ScriptedPolicy(), reward=FunctionReward(hash_score))
+
+    asyncio.run(main())
+
+
+def test_one_engine_serves_several_event_loops() -> None:
+    engine = tpo.Engine(ScriptedPolicy(pure_reply), FunctionReward(hash_score), config=TPOConfig(width=2, depth=1))
+    first = asyncio.run(engine.optimize("q"))
+    second = asyncio.run(engine.optimize("q"))
+    assert first.to_dict()["candidates"] == second.to_dict()["candidates"]
+    assert engine.usage.policy_calls == 8
+
+
+def test_prompts_that_finish_together_come_out_in_input_order() -> None:
+    prompts = [Prompt.of(f"q{i}", id=f"p{9 - i}") for i in range(10)]
+    for batching in (False, True):
+        results = tpo.optimize_many(prompts, policy=ScriptedPolicy(pure_reply, batching=batching),
+                                    reward=FunctionReward(hash_score), width=2, depth=1)
+        assert [r.prompt_id for r in results] == [f"p{9 - i}" for i in range(10)]
+
+
+def test_an_error_in_the_callers_code_stops_the_run_cleanly(caplog: pytest.LogCaptureFixture) -> None:
+    import gc
+
+    def on_step(result: tpo.TPOResult) -> None:
+        raise ValueError(f"callback broke on {result.prompt_id}")
+
+    policy = ScriptedPolicy(pure_reply)
+    with pytest.raises(ValueError, match="callback broke on 0"):
+        list(tpo.optimize_many([f"q{i}" for i in range(5)], policy=policy, reward=FunctionReward(hash_score),
+                               width=2, depth=2, on_step=on_step))
+    gc.collect()
+    assert "never retrieved" not in caplog.text
+    assert len(policy.requests) == 5  # every prompt sampled once, then the run stopped

@@ -1,0 +1,207 @@
+"""`tpo batch` from the command line, with scripted models in place of the real ones."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner, Result
+
+import tpo.cli.batch as batch_cli
+from conftest import hash_score, pure_reply
+from tpo import BackendError, GenerationRequest
+from tpo.cli import cli
+from tpo.cli._common import Models
+from tpo.runner import sidecar_dir
+from tpo.testing import FunctionReward, ScriptedPolicy
+
+
+class Models_:
+    """What the patched ``build_models`` hands out, and what it was asked for."""
+
+    def __init__(self) -> None:
+        self.fail_ids: set[str] = set()
+        self.interrupt_after: int | None = None
+        self.built: list[dict[str, Any]] = []
+        self.calls = 0
+
+    def reply(self, request: GenerationRequest) -> list[str]:
+        self.calls += 1
+        if self.interrupt_after is not None and self.calls > self.interrupt_after:
+            raise KeyboardInterrupt
+        if request.prompt_id in self.fail_ids:
+            raise BackendError("connection refused")
+        return pure_reply(request)
+
+    def build(self, params: dict[str, Any]) -> Models:
+        self.built.append(params)
+        return Models(ScriptedPolicy(self.reply), None, FunctionReward(hash_score, name="hash"))
+
+
+@pytest.fixture
+def models(monkeypatch: pytest.MonkeyPatch) -> Models_:
+    fake = Models_()
+    monkeypatch.setattr(batch_cli, "build_models", fake.build)
+    return fake
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps({"qid": f"q{i}", "prompt": f"Question {i}?", "answer": str(i)}) + "\n"
+                            for i in range(5)))
+    return path
+
+
+def invoke(*args: Any) -> Result:
+    return CliRunner().invoke(cli, ["batch", *map(str, args)], catch_exceptions=False)
+
+
+def lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def saved_config(out: Path) -> dict[str, Any]:
+    return json.loads((sidecar_dir(out) / "config.json").read_text())  # type: ignore[no-any-return]
+
+
+def test_a_run_writes_the_output_and_a_summary(tmp_path: Path, data: Path, models: Models_) -> None:
+    out = tmp_path / "out.jsonl"
+    result = invoke(data, "-o", out, "--id-field", "qid", "-n", 2, "-d", 1, "--policy", "openai:m",
+                    "--policy-option", "n_ctx=512")
+    assert result.exit_code == 0, result.output
+    got = lines(out)
+    assert sorted(d["prompt_id"] for d in got) == [f"q{i}" for i in range(5)]
+    assert all(d["status"] == "complete" and d["metadata"] == {"answer": d["prompt_id"][1:]} for d in got)
+    assert all(len(d["steps"]) == 2 and len(d["candidates"]) >= 2 for d in got)
+    assert "5 of 5 prompts complete" in result.stderr
+    assert result.stderr.count("] done q") == 5  # the plain log: stderr is not a terminal here
+    assert models.built[0]["policy_spec"] == "openai:m"
+    config = saved_config(out)
+    assert config["method"]["width"] == 2 and config["models"]["policy_options"] == {"n_ctx": 512}
+    assert config["options"]["id_field"] == "qid" and config["tpo_version"]
+
+
+def test_failures_stay_local_and_set_the_exit_status(tmp_path: Path, data: Path, models: Models_) -> None:
+    out = tmp_path / "out.jsonl"
+    models.fail_ids = {"q1", "q3"}
+    result = invoke(data, "-o", out, "--id-field", "qid", "-n", 2, "-d", 1)
+    assert result.exit_code == 1
+    assert "3 of 5 prompts complete, 2 failed (q1, q3)" in result.stderr
+    assert "FAILED q1: BackendError" in result.stderr
+    by_id = {d["prompt_id"]: d for d in lines(out)}
+    assert by_id["q1"]["status"] == "failed" and "connection refused" in by_id["q1"]["error"]
+    # Running again retries them; with the backend back, all complete.
+    models.fail_ids = set()
+    again = invoke(data, "-o", out, "--id-field", "qid", "-n", 2, "-d", 1)
+    assert again.exit_code == 0, again.output
+    assert "retrying 2 prompt(s)" in again.stderr
+    assert sorted(d["status"] for d in lines(out)) == ["complete"] * 5
+
+
+def test_a_finished_run_does_not_load_models_again(tmp_path: Path, data: Path, models: Models_) -> None:
+    out = tmp_path / "out.jsonl"
+    assert invoke(data, "-o", out, "-n", 2, "-d", 0).exit_code == 0
+    result = invoke(data, "-o", out, "-n", 2, "-d", 0)
+    assert result.exit_code == 0 and len(models.built) == 1
+    assert "5 of 5 prompts complete" in result.stderr and "This session" not in result.stderr
+
+
+def test_invalid_input_stops_before_any_model_work(tmp_path: Path, models: Models_) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b'{"prompt": "fine"}\n{"prompt": ""}\n{oops\n\xff\xfe\n')
+    out = tmp_path / "out.jsonl"
+    result = invoke(path, "-o", out)
+    assert result.exit_code == 2
+    for expected in ("in.jsonl line 2: the prompt field 'prompt' is empty", "in.jsonl line 3: not valid JSON",
+                     "in.jsonl line 4: not valid UTF-8 text", "3 of 4 rows are invalid; nothing was run"):
+        assert expected in result.stderr
+    assert models.built == [] and not out.exists() and not sidecar_dir(out).exists()
+    lenient = invoke(path, "-o", out, "--skip-invalid", "-n", 1, "-d", 0)
+    assert lenient.exit_code == 0, lenient.output
+    assert "skipped 3 invalid row(s)" in lenient.stderr and len(lines(out)) == 1
+    assert "1 of 1 prompts complete; 3 invalid input row(s) skipped" in lenient.stderr
+
+
+def test_a_changed_configuration_is_refused_until_restart(tmp_path: Path, data: Path, models: Models_) -> None:
+    out = tmp_path / "out.jsonl"
+    assert invoke(data, "-o", out, "-n", 2, "-d", 1).exit_code == 0
+    refused = invoke(data, "-o", out, "-n", 3, "-d", 1, "--reward", "hf:rm")
+    assert refused.exit_code == 2
+    assert "method.width: 2 → 3" in refused.stderr and "models.reward" in refused.stderr
+    assert "--restart" in refused.stderr and len(models.built) == 1
+    restarted = invoke(data, "-o", out, "-n", 3, "-d", 1, "--reward", "hf:rm", "--restart")
+    assert restarted.exit_code == 0, restarted.output
+    assert f"removed {out} (5 finished prompts)" in restarted.stderr
+    assert len(lines(out)) == 5 and saved_config(out)["method"]["width"] == 3
+
+
+def test_config_file_yaml_with_command_line_override(tmp_path: Path, data: Path, models: Models_) -> None:
+    out = tmp_path / "out.jsonl"
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        "width: 3\ndepth: 1\nid-field: qid\nlimit: 2\nreward: [hf:rm-a, judge]\nreward_weights: '0.7,0.3'\n"
+        "policy-option: {n_ctx: 1024, flash: true}\nno-retry-failed: true\nlog: quiet\n"
+    )
+    result = invoke(data, "-o", out, "--config", config, "--width", 2)
+    assert result.exit_code == 0, result.output
+    saved = saved_config(out)
+    assert saved["method"]["width"] == 2 and saved["method"]["depth"] == 1  # command line over file
+    assert saved["input"]["limit"] == 2 and saved["input"]["id_field"] == "qid"
+    assert saved["models"]["reward"] == ["hf:rm-a", "judge"] and saved["models"]["reward_weights"] == "0.7,0.3"
+    assert saved["models"]["policy_options"] == {"n_ctx": 1024, "flash": True}
+    assert saved["retry_failed"] is False and saved["options"]["config_file"] == str(config)
+    assert len(lines(out)) == 2 and "] done" not in result.stderr  # quiet
+
+
+def test_config_file_toml_and_its_errors(tmp_path: Path, data: Path, models: Models_) -> None:
+    out = tmp_path / "out.jsonl"
+    config = tmp_path / "run.toml"
+    config.write_text(f'width = 1\ndepth = 0\nshuffle = true\nshuffle_seed = 4\nlimit = 3\noutput = "{out}"\n')
+    result = CliRunner().invoke(cli, ["batch", str(data), "--config", str(config)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert saved_config(out)["input"]["shuffle_seed"] == 4 and len(lines(out)) == 3
+    bad = tmp_path / "bad.toml"
+    bad.write_text("widht = 3\n")
+    result = invoke(data, "-o", out, "--config", bad)
+    assert result.exit_code == 2 and "unknown option 'widht'" in result.stderr
+    bad.write_text("width = [\n")
+    result = invoke(data, "-o", out, "--config", bad)
+    assert result.exit_code == 2 and "is not valid TOML" in result.stderr
+    other = tmp_path / "run.ini"
+    other.write_text("[x]\n")
+    result = invoke(data, "-o", out, "--config", other)
+    assert result.exit_code == 2 and "expected a .yaml, .yml or .toml file" in result.stderr
+
+
+def test_interrupting_says_how_to_continue_and_the_next_run_does(tmp_path: Path, data: Path, models: Models_) -> None:
+    out = tmp_path / "out.jsonl"
+    models.interrupt_after = 6
+    result = invoke(data, "-o", out, "-n", 2, "-d", 1, "--concurrency", 1)
+    assert result.exit_code == 130
+    assert "Interrupted:" in result.stderr and "Run the same command again to continue" in result.stderr
+    before = len(lines(out))
+    assert 0 < before < 5
+    models.interrupt_after = None
+    models.calls = 0
+    again = invoke(data, "-o", out, "-n", 2, "-d", 1, "--concurrency", 1)
+    assert again.exit_code == 0, again.output
+    assert f"resuming: {before} of 5 prompts already finished" in again.stderr
+    assert len(lines(out)) == 5 and len({d["prompt_id"] for d in lines(out)}) == 5
+    # Only what was not checkpointed is computed: fewer calls than a whole run (5 prompts x 4 calls).
+    assert models.calls < 5 * 4 - before * 4 + 4
+
+
+def test_help_names_the_line_format() -> None:
+    result = CliRunner().invoke(cli, ["batch", "--help"])
+    assert result.exit_code == 0 and "docs/batch.md" in result.output and "--skip-invalid" in result.output
+
+
+def test_rich_progress_display_runs(tmp_path: Path, data: Path, models: Models_) -> None:
+    models.fail_ids = {"q2"}
+    result = invoke(data, "-o", tmp_path / "out.jsonl", "--id-field", "qid", "-n", 2, "-d", 1, "--log", "rich")
+    assert result.exit_code == 1
+    assert "starting: 5 prompts" in result.stderr and "FAILED q2" in result.stderr
+    assert "4 of 5 prompts complete, 1 failed (q2)" in result.stderr
