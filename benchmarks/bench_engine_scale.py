@@ -20,10 +20,9 @@ import time
 from collections.abc import Iterator, Sequence
 
 import tpo
+from _results import write_section
 from tpo.testing import default_reply
 from tpo.types import Generation, GenerationRequest, Score, ScoreRequest
-
-from _results import write_section
 
 TARGET_MS_PER_PROMPT_STEP = 2.0
 

@@ -32,10 +32,9 @@ from pathlib import Path
 from typing import Any
 
 import tpo
+from _results import write_section
 from tpo.registry import policy_from_spec
 from tpo.testing import FunctionReward
-
-from _results import write_section
 
 HERE = Path(__file__).resolve().parent
 
@@ -47,13 +46,13 @@ def free_port() -> int:
 
 
 def _get(url: str) -> dict[str, Any]:
-    with urllib.request.urlopen(url, timeout=10) as r:  # noqa: S310 - loopback only
+    with urllib.request.urlopen(url, timeout=10) as r:  # loopback only
         return json.loads(r.read())
 
 
 def _post(url: str) -> None:
     req = urllib.request.Request(url, data=b"{}", method="POST", headers={"content-type": "application/json"})
-    with urllib.request.urlopen(req, timeout=10):  # noqa: S310 - loopback only
+    with urllib.request.urlopen(req, timeout=10):  # loopback only
         pass
 
 

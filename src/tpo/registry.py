@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, MissingDependencyError
 from .protocols import PolicyBackend, RewardModel
 
 __all__ = [
@@ -84,7 +84,13 @@ def load_plugin(group: str, name: str) -> Any:
         kind = "policy backend" if group == BACKENDS_GROUP else "reward"
         known = ", ".join(sorted(eps)) or "none"
         raise ConfigError(f"unknown {kind} {name!r}; installed: {known}")
-    return eps[name].load()
+    try:
+        return eps[name].load()
+    except ImportError as e:
+        # A plugin whose own module cannot be imported (a broken install, a missing dependency).
+        if isinstance(e, MissingDependencyError):
+            raise
+        raise ConfigError(f"the plugin {name!r} ({eps[name].value}) in {group} cannot be loaded: {e}") from e
 
 
 def policy_from_spec(spec: str, **options: Any) -> PolicyBackend:

@@ -88,6 +88,8 @@ def method_options(f: F) -> F:
         click.option("--top-p", type=float, default=0.95, show_default=True),
         click.option("--max-tokens", type=click.IntRange(min=1), default=2048, show_default=True,
                      help="New tokens per answer (capped to fit the model's context window)."),
+        click.option("--critic-temperature", type=float, default=None,
+                     help="Sampling temperature of the critique and feedback calls (default: --temperature)."),
         click.option("--critic-max-tokens", type=click.IntRange(min=1), default=None,
                      help="New tokens for critiques and feedback (default: --max-tokens)."),
         click.option("--rejected-from", type=click.Choice(["all", "latest"]), default="all", show_default=True,
@@ -107,7 +109,7 @@ def method_options(f: F) -> F:
     return f
 
 
-_METHOD_KEYS = ("mode", "width", "depth", "seed", "temperature", "top_p", "max_tokens", "critic_max_tokens",
+_METHOD_KEYS = ("mode", "width", "depth", "seed", "temperature", "top_p", "max_tokens", "critic_temperature", "critic_max_tokens",
                 "rejected_from", "final_from", "early_stop_score", "early_stop_patience", "context_window")
 
 
@@ -166,11 +168,11 @@ def build_models(params: Mapping[str, Any]) -> Models:
         rewards.append(reward_from_spec(spec, policy=policy, **opts))
     weights = params.get("reward_weights")
     normalize = params.get("reward_normalize") or "none"
+    if rubric is not None and "judge" not in names:
+        raise ConfigError("--prefer and --prefer-file set the judge's rubric; add --reward judge to use them")
     if len(rewards) == 1:
         if weights or normalize != "none":
             raise ConfigError("--reward-weights and --reward-normalize need more than one --reward")
-        if rubric is not None and names[0] != "judge":
-            raise ConfigError("--prefer and --prefer-file set the judge's rubric; add --reward judge to use them")
         return Models(policy, critic, rewards[0])
     from ..rewards.combine import WeightedReward  # only needed for several rewards
 
