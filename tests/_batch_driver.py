@@ -1,9 +1,10 @@
-"""A batch run over a scripted, slow policy in a process of its own, for tests/test_kill_resume.py to kill and resume.
+"""A batch run through the Python API (``run_batch``), for tests/test_kill_resume.py to kill and resume.
 
 Usage: ``python tests/_batch_driver.py INPUT OUTPUT CALL_LOG [LATENCY_S]``. Every policy call
 is appended to CALL_LOG as ``pid<TAB>prompt id<TAB>step<TAB>purpose`` when its reply is
 made. Replies and scores depend only on the request, so an interrupted and resumed run must
-give exactly the results of an uninterrupted one.
+give exactly the results of an uninterrupted one. Its checkpoints are compacted every few
+kilobytes (a real run waits for 64 MiB), so kills also land in the middle of compactions.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import IO
 
 from tpo import GenerationRequest, Message, TPOConfig
+from tpo.datasets import read_prompts
 from tpo.runner import BatchSummary, run_batch
 from tpo.testing import FunctionReward, ScriptedPolicy
 
@@ -53,8 +55,8 @@ def run(input_path: Path, output: Path, call_log: IO[str] | None = None, latency
         return reply(request)
 
     return run_batch(
-        input_path, output, policy=ScriptedPolicy(logged, latency_s=latency_s), reward=FunctionReward(score),
-        config=CONFIG, id_field="id", compact_min_bytes=COMPACT_MIN_BYTES,
+        read_prompts(input_path, id_field="id"), output, policy=ScriptedPolicy(logged, latency_s=latency_s),
+        reward=FunctionReward(score), config=CONFIG, compact_min_bytes=COMPACT_MIN_BYTES,
     )
 
 

@@ -1,16 +1,22 @@
-"""Shared helpers for the engine tests: replies and rewards that depend only on their input."""
+"""Shared helpers for the tests: replies and rewards that depend only on their input, and the real-request guard.
+
+Real model requests are forbidden in every test (``tpo.testing.forbid_real_requests``), so a
+test that meant to use a double cannot reach a real model by mistake. Tests marked
+``real_model`` or ``slow`` may make them, and so may a fast test that asks for the
+``allow_real_requests`` fixture (a tiny model built in the test, a server on loopback).
+"""
 
 from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pytest
 
 from tpo import GenerationRequest, Message
-from tpo.testing import FunctionReward, ScriptedPolicy
+from tpo.testing import FunctionReward, ScriptedPolicy, forbid_real_requests
 
 TAG = "improved_reply"
 
@@ -52,6 +58,24 @@ def strip_timings(data: Any) -> Any:
     if isinstance(data, list):
         return [strip_timings(v) for v in data]
     return data
+
+
+@pytest.fixture(autouse=True)
+def _guard_real_requests(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Forbid real model requests unless the test is marked ``real_model`` or ``slow``, or allows them."""
+    node = request.node
+    allowed = (
+        node.get_closest_marker("real_model") is not None
+        or node.get_closest_marker("slow") is not None
+        or "allow_real_requests" in request.fixturenames
+    )
+    with forbid_real_requests(not allowed):
+        yield
+
+
+@pytest.fixture
+def allow_real_requests() -> None:
+    """Ask for this in a fast test that uses a real backend on purpose (a tiny model, a loopback server)."""
 
 
 @pytest.fixture

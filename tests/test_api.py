@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import pytest
 
 import tpo
 from conftest import hash_score, pure_reply
-from tpo import ConfigError, GenerationRequest, InputError, Prompt, TPOConfig, UserError
+from tpo import (
+    ConfigError,
+    Generation,
+    GenerationRequest,
+    InputError,
+    Prompt,
+    ScoreRequest,
+    TPOConfig,
+    UserError,
+    _guard,
+)
+from tpo.protocols import ClosesPerLoop, CountsTokens, KnowsContextWindow
 from tpo.testing import FunctionReward, ScriptedPolicy
 
 
@@ -111,7 +123,21 @@ def test_engine_rejects_objects_that_are_not_backends() -> None:
 
 def test_the_test_doubles_satisfy_the_protocols() -> None:
     assert isinstance(ScriptedPolicy(), tpo.PolicyBackend)
+    assert isinstance(ScriptedPolicy(), KnowsContextWindow) and isinstance(ScriptedPolicy(), CountsTokens)
     assert isinstance(FunctionReward(hash_score), tpo.RewardModel)
+
+
+def test_a_backend_with_only_generate_is_a_policy_backend() -> None:
+    class Minimal:
+        name, batching, supports_n, supports_logprobs = "minimal", False, True, False
+
+        async def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
+            return [Generation(tuple(pure_reply(r))) for r in requests]
+
+    assert isinstance(Minimal(), tpo.PolicyBackend)
+    assert not isinstance(Minimal(), KnowsContextWindow) and not isinstance(Minimal(), CountsTokens)
+    result = tpo.optimize("q", policy=Minimal(), reward=FunctionReward(hash_score), width=2, depth=1)
+    assert result.status == "complete", result.error
 
 
 # --------------------------------------------------------------------------- input errors
@@ -194,17 +220,52 @@ def test_optimize_many_accepts_any_iterable_and_keeps_ids_and_metadata() -> None
     assert all(r.status == "complete" for r in results.values())
 
 
+class _LoopRecordingPolicy(ScriptedPolicy):
+    """A scripted policy that notes the event loops it runs on and the requests cancelled in flight."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.loops: list[asyncio.AbstractEventLoop] = []
+        self.cancelled = 0
+
+    async def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
+        loop = asyncio.get_running_loop()
+        if loop not in self.loops:
+            self.loops.append(loop)
+        try:
+            return await super().generate(requests)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+
+
 def test_leaving_optimize_many_early_stops_the_work() -> None:
-    policy = ScriptedPolicy(pure_reply, latency_s=lambda r: 0.0 if r.prompt_id == "0" else 0.05)
+    policy = _LoopRecordingPolicy(pure_reply, latency_s=lambda r: 0.0 if r.prompt_id == "0" else 0.05)
     stream = tpo.optimize_many([f"q{i}" for i in range(20)], policy=policy, reward=FunctionReward(hash_score),
                                width=2, depth=3)
     first = next(stream)
-    stream.close()
     assert first.prompt_id == "0"
-    calls = len(policy.calls)
-    time.sleep(0.1)
-    assert len(policy.calls) == calls  # nothing keeps running behind the caller's back
-    assert calls < 20 * 10
+    (loop,) = policy.loops
+    assert asyncio.all_tasks(loop)  # the other prompts are in flight while the caller holds a result
+    stream.close()
+    # Their requests were cancelled, not abandoned, and no task of the run is left pending.
+    assert policy.cancelled > 0
+    assert loop.is_closed() and asyncio.all_tasks(loop) == set()
+    assert len(policy.calls) < 20 * 10
+
+
+def test_leaving_aoptimize_many_early_cancels_every_prompt_still_running() -> None:
+    policy = _LoopRecordingPolicy(pure_reply, latency_s=lambda r: 0.0 if r.prompt_id == "0" else 0.05)
+
+    async def main() -> set[asyncio.Task[object]]:
+        stream = tpo.aoptimize_many([f"q{i}" for i in range(20)], policy=policy, reward=FunctionReward(hash_score),
+                                    width=2, depth=3)
+        assert (await stream.__anext__()).prompt_id == "0"
+        await stream.aclose()
+        return {t for t in asyncio.all_tasks() if t is not asyncio.current_task()}
+
+    assert asyncio.run(main()) == set()  # checked inside the loop, before asyncio.run could tidy up
+    assert policy.cancelled > 0
 
 
 # --------------------------------------------------------------------------- sync and async
@@ -279,3 +340,158 @@ def test_an_error_in_the_callers_code_stops_the_run_cleanly(caplog: pytest.LogCa
     gc.collect()
     assert "never retrieved" not in caplog.text
     assert len(policy.requests) == 5  # every prompt sampled once, then the run stopped
+
+
+# --------------------------------------------------------------------------- what the sync functions close
+
+
+class _PooledPolicy(_LoopRecordingPolicy):
+    """A policy with HTTP connections per event loop, which it reopens on reuse."""
+
+    closes_per_loop = True
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(pure_reply, **kwargs)
+        self.closed_on: list[asyncio.AbstractEventLoop] = []
+
+    async def aclose(self) -> None:
+        self.closed_on.append(asyncio.get_running_loop())
+
+
+class _PooledReward(FunctionReward):
+    closes_per_loop = True
+
+    def __init__(self) -> None:
+        super().__init__(hash_score)
+        self.closed_on: list[asyncio.AbstractEventLoop] = []
+
+    async def aclose(self) -> None:
+        self.closed_on.append(asyncio.get_running_loop())
+
+
+class _InProcessPolicy(ScriptedPolicy):
+    """A policy whose ``aclose`` frees its model: the sync functions must leave it loaded."""
+
+    def __init__(self) -> None:
+        super().__init__(pure_reply)
+        self.freed = False
+
+    async def aclose(self) -> None:
+        self.freed = True
+
+
+def test_optimize_closes_per_loop_connections_at_the_end_and_leaves_models_loaded() -> None:
+    policy, reward = _PooledPolicy(), _PooledReward()
+    assert isinstance(policy, ClosesPerLoop)
+    tpo.optimize("q", policy=policy, reward=reward, width=2, depth=1)
+    # Once (the policy is also the critic), on the loop the work ran on, while it was still open.
+    assert policy.closed_on == policy.loops and len(policy.loops) == 1
+    assert reward.closed_on == policy.loops
+    # The next call opens new connections on its own loop, and closes those too.
+    result = tpo.optimize("q", policy=policy, reward=reward, width=2, depth=1)
+    assert result.status == "complete"
+    assert policy.closed_on == policy.loops and len(policy.loops) == 2
+    # A backend without closes_per_loop is never closed: its aclose() may free a model.
+    in_process = _InProcessPolicy()
+    tpo.optimize("q", policy=in_process, critic=policy, reward=reward, width=2, depth=1)
+    assert not in_process.freed
+    assert len(policy.closed_on) == 3
+
+
+def test_optimize_many_closes_connections_when_exhausted_or_closed() -> None:
+    policy, reward = _PooledPolicy(), _PooledReward()
+    stream = tpo.optimize_many(["a", "b"], policy=policy, reward=reward, width=2, depth=1)
+    next(stream)
+    assert policy.closed_on == []  # still in use
+    assert len(list(stream)) == 1
+    assert policy.closed_on == policy.loops and reward.closed_on == policy.loops
+    stream = tpo.optimize_many(["a", "b"], policy=policy, reward=reward, width=2, depth=1)
+    next(stream)
+    stream.close()
+    assert policy.closed_on == policy.loops and len(policy.loops) == 2
+
+
+def test_the_async_functions_close_nothing() -> None:
+    policy, reward = _PooledPolicy(), _PooledReward()
+
+    async def main() -> None:
+        await tpo.aoptimize("q", policy=policy, reward=reward, width=2, depth=1)
+        async for _ in tpo.aoptimize_many(["a"], policy=policy, reward=reward, width=2, depth=1):
+            pass
+
+    asyncio.run(main())
+    assert policy.closed_on == [] and reward.closed_on == []
+
+
+def test_a_failure_to_close_is_a_warning_and_the_result_is_kept() -> None:
+    class BadClose(_PooledPolicy):
+        async def aclose(self) -> None:
+            raise OSError("socket already gone")
+
+    with pytest.warns(RuntimeWarning, match="closing scripted failed: OSError: socket already gone"):
+        result = tpo.optimize("q", policy=BadClose(), reward=FunctionReward(hash_score), width=2, depth=1)
+    assert result.status == "complete"
+
+
+def test_sync_calls_shut_down_their_worker_threads() -> None:
+    threads: set[threading.Thread] = set()
+
+    class Threaded(ScriptedPolicy):
+        async def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
+            await asyncio.to_thread(lambda: threads.add(threading.current_thread()))
+            return await super().generate(requests)
+
+    list(tpo.optimize_many(["a", "b"], policy=Threaded(pure_reply), reward=FunctionReward(hash_score), width=2,
+                           depth=1))
+    assert threads and not any(t.is_alive() for t in threads)
+    threads.clear()
+    tpo.optimize("q", policy=Threaded(pure_reply), reward=FunctionReward(hash_score), width=2, depth=1)
+    assert threads and not any(t.is_alive() for t in threads)
+
+
+# --------------------------------------------------------------------------- no real model in a test by mistake
+
+
+def test_real_requests_are_forbidden_in_tests_unless_allowed() -> None:
+    assert not tpo.testing.real_requests_allowed()  # the autouse fixture in conftest.py
+    with pytest.raises(ConfigError, match="llamacpp:tiny: real model requests are forbidden"):
+        _guard.check_real_request_allowed("llamacpp:tiny")
+    with tpo.testing.forbid_real_requests(False):
+        assert tpo.testing.real_requests_allowed()
+        _guard.check_real_request_allowed("llamacpp:tiny")
+    assert not tpo.testing.real_requests_allowed()  # the context manager restored the setting
+    tpo.testing.forbid_real_requests(False)  # a plain call sets it (the fixture restores it after the test)
+    assert tpo.testing.real_requests_allowed()
+    tpo.testing.forbid_real_requests()
+    assert not tpo.testing.real_requests_allowed()
+
+
+def test_the_allow_real_requests_fixture_allows_them(allow_real_requests: None) -> None:
+    assert tpo.testing.real_requests_allowed()
+
+
+@pytest.mark.usefixtures("allow_real_requests")
+def test_allow_real_requests_also_works_as_a_mark_for_a_whole_module() -> None:
+    # As ``pytestmark = pytest.mark.usefixtures("allow_real_requests")`` in a module of tiny-model tests.
+    assert tpo.testing.real_requests_allowed()
+
+
+@pytest.mark.parametrize("batching", [False, True])
+def test_a_forbidden_real_request_stops_the_run_loudly(batching: bool) -> None:
+    class GuardedPolicy(ScriptedPolicy):
+        async def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
+            _guard.check_real_request_allowed(self.name)
+            return await super().generate(requests)
+
+    class GuardedReward(FunctionReward):
+        async def score(self, requests: Sequence[ScoreRequest]) -> list[tpo.Score]:
+            _guard.check_real_request_allowed(self.name)
+            return await super().score(requests)
+
+    # Not a failed prompt that a test might take for the behaviour under test: an error.
+    with pytest.raises(ConfigError, match="real: real model requests are forbidden"):
+        list(tpo.optimize_many(["a", "b"], policy=GuardedPolicy(pure_reply, batching=batching, name="real"),
+                               reward=FunctionReward(hash_score), width=2, depth=1))
+    with pytest.raises(ConfigError, match="judge: real model requests are forbidden"):
+        list(tpo.optimize_many(["a", "b"], policy=ScriptedPolicy(pure_reply),
+                               reward=GuardedReward(hash_score, batching=batching, name="judge"), width=2, depth=1))

@@ -28,6 +28,7 @@ class TokenCounter:
 
 
 def _assert_every_request_fits(policy: ScriptedPolicy, count: Callable[[Sequence[Message]], int], window: int) -> None:
+    assert policy.violations == []  # the double saw no request beyond its window, nor any other breach
     assert policy.requests
     for r in policy.requests:
         used = count(r.messages)
@@ -72,6 +73,7 @@ def test_the_reward_model_sees_the_whole_prompt() -> None:
     policy = ScriptedPolicy(pure_reply, window=WINDOW, tokens=TokenCounter())
     prompt = _long_prompt(50_000)
     tpo.optimize(prompt, policy=policy, reward=reward, width=2, depth=1)
+    assert policy.violations == []
     assert all(r.messages[0].content == prompt for r in reward.requests)
 
 
@@ -156,6 +158,7 @@ def test_short_requests_are_left_alone() -> None:
     policy = ScriptedPolicy(pure_reply, window=WINDOW)
     result = tpo.optimize("a short question", policy=policy, reward=FunctionReward(hash_score), width=2, depth=1,
                           max_tokens=1000)
+    assert policy.violations == []
     assert all(s.truncated == () for s in result.steps)
     assert all(r.sampling.max_tokens == 1000 for r in policy.requests)
     assert all(MARKER not in m.content for r in policy.requests for m in r.messages)
@@ -169,10 +172,51 @@ def test_no_window_known_assumes_a_conservative_default() -> None:
     assert result.steps[0].truncated == ("conversation",)
 
 
-def test_a_window_too_small_for_the_templates_is_a_clear_config_error() -> None:
-    policy = ScriptedPolicy(pure_reply, window=300)
+def test_a_window_too_small_for_the_templates_is_a_clear_config_error_before_any_model_work() -> None:
+    policy, reward = ScriptedPolicy(pure_reply, window=300), FunctionReward(hash_score)
+    with pytest.raises(tpo.ConfigError, match="the loss_tpo prompt template does not fit the context window of 300 "
+                                              "tokens of the critic scripted"):
+        tpo.optimize("q", policy=policy, reward=reward, width=2, depth=1, max_tokens=100)
     with pytest.raises(tpo.ConfigError, match="does not fit the context window of 300 tokens"):
-        tpo.optimize("q", policy=policy, reward=FunctionReward(hash_score), width=2, depth=1, max_tokens=100)
+        list(tpo.optimize_many(["a", "b"], policy=policy, reward=reward, width=2, depth=1, max_tokens=100))
+    assert policy.calls == [] and reward.calls == []  # found before sampling, not half-way through every prompt
+
+
+def test_a_critic_too_small_for_the_templates_fails_up_front_whatever_the_policy() -> None:
+    policy, critic = ScriptedPolicy(pure_reply, window=32_768), ScriptedPolicy(pure_reply, window=300, name="small")
+    with pytest.raises(tpo.ConfigError, match="of the critic small"):
+        tpo.optimize("q", policy=policy, critic=critic, reward=FunctionReward(hash_score), width=2, depth=1,
+                     max_tokens=100)
+    assert policy.calls == [] and critic.calls == []
+
+
+def test_a_long_user_template_is_named_in_the_error() -> None:
+    long_update = tpo.DEFAULT_PROMPTS.update + "\n\nStyle guide:\n" + "Be precise and kind. " * 400
+    prompts = tpo.PromptSet(update=long_update)
+    policy = ScriptedPolicy(pure_reply, window=2048)
+    with pytest.raises(tpo.ConfigError, match="the update prompt template does not fit"):
+        tpo.optimize("q", policy=policy, reward=FunctionReward(hash_score), width=2, depth=1, prompts=prompts)
+    assert policy.calls == []
+
+
+@pytest.mark.parametrize("options", [{"mode": "bon"}, {"depth": 0}], ids=["bon", "depth-0"])
+def test_best_of_n_sends_no_template_so_a_small_window_is_fine(options: dict) -> None:
+    policy = ScriptedPolicy(pure_reply, window=300)
+    result = tpo.optimize("q", policy=policy, reward=FunctionReward(hash_score), width=2, max_tokens=100, **options)
+    assert result.status == "complete", result.error
+    assert policy.violations == []
+
+
+def test_revision_mode_only_checks_the_templates_it_uses() -> None:
+    # A huge comparison template that revision never sends.
+    prompts = tpo.PromptSet(loss_tpo=tpo.DEFAULT_PROMPTS.loss_tpo + " Be thorough." * 2000)
+    policy = ScriptedPolicy(pure_reply, window=WINDOW)
+    result = tpo.optimize("q", policy=policy, reward=FunctionReward(hash_score), width=2, depth=1, mode="revision",
+                          prompts=prompts)
+    assert result.status == "complete", result.error
+    with pytest.raises(tpo.ConfigError, match="the loss_tpo prompt template"):
+        tpo.optimize("q", policy=policy, reward=FunctionReward(hash_score), width=2, depth=1, mode="tpo",
+                     prompts=prompts)
 
 
 # --------------------------------------------------------------------------- the pieces
@@ -269,5 +313,24 @@ def test_the_scripted_policy_refuses_requests_beyond_its_window() -> None:
     fits = GenerationRequest((Message("user", "x" * 300),), sampling=tpo.SamplingParams(max_tokens=500))
     too_big = GenerationRequest((Message("user", "x" * 1500),), sampling=tpo.SamplingParams(max_tokens=500))
     asyncio.run(policy.generate([fits]))
+    assert policy.violations == []
     with pytest.raises(AssertionError, match="exceeds the window of 1000"):
         asyncio.run(policy.generate([too_big]))
+    assert len(policy.violations) == 1 and "exceeds the window of 1000" in policy.violations[0]
+
+
+def test_a_breach_of_the_window_shows_in_violations_not_only_as_a_failed_prompt() -> None:
+    # The engine is told a larger window than the backend has: the breach reaches the double, which
+    # records it; the engine can only report the raised AssertionError as a failed prompt.
+    policy = ScriptedPolicy(pure_reply, window=1024)
+    result = tpo.optimize(_long_prompt(20_000), policy=policy, reward=FunctionReward(hash_score), width=2, depth=0,
+                          context_window=8192)
+    assert result.status == "failed" and "AssertionError" in (result.error or "")
+    assert len(policy.violations) == 1 and "exceeds the window of 1024" in policy.violations[0]
+
+
+def test_a_script_that_runs_out_is_a_violation() -> None:
+    policy = ScriptedPolicy(["only one answer"])
+    result = tpo.optimize("q", policy=policy, reward=FunctionReward(hash_score), width=2, depth=0)
+    assert result.status == "failed"
+    assert policy.violations == ["ScriptedPolicy ran out of scripted replies at a 'sample' request"]

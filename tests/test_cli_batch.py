@@ -205,3 +205,63 @@ def test_rich_progress_display_runs(tmp_path: Path, data: Path, models: Models_)
     assert result.exit_code == 1
     assert "starting: 5 prompts" in result.stderr and "FAILED q2" in result.stderr
     assert "4 of 5 prompts complete, 1 failed (q2)" in result.stderr
+
+
+# ---------------------------------------------------------------------------- the fingerprint
+
+
+@pytest.mark.parametrize("first, second, expected", [
+    (["--max-tokens", "100"], ["--max-tokens", "200"], "method.max_tokens: 100 → 200"),
+    (["--critic-max-tokens", "50"], ["--critic-max-tokens", "60"], "method.critic_max_tokens: 50 → 60"),
+    (["--policy-option", "tokenizer=a"], ["--policy-option", "tokenizer=b"], "models.policy_options.tokenizer: 'a' → 'b'"),
+    (["--reward-option", "max_tokens=10"], ["--reward-option", "max_tokens=20"], "models.reward_options.max_tokens: 10 → 20"),
+    (["--critic", "openai:c", "--critic-option", "temperature=0.1"],
+     ["--critic", "openai:c", "--critic-option", "temperature=0.9"], "models.critic_options.temperature: 0.1 → 0.9"),
+    (["--reward", "hf:a", "--reward", "hf:b"], ["--reward", "hf:a", "--reward", "hf:b", "--reward-normalize", "zscore"],
+     "models.reward_normalize: 'none' → 'zscore'"),
+])
+def test_every_option_that_changes_results_is_fingerprinted(
+    tmp_path: Path, data: Path, models: Models_, first: list[str], second: list[str], expected: str
+) -> None:
+    out = tmp_path / "out.jsonl"
+    assert invoke(data, "-o", out, "-n", 1, "-d", 0, *first).exit_code == 0
+    refused = invoke(data, "-o", out, "-n", 1, "-d", 0, *second)
+    assert refused.exit_code == 2, refused.output
+    assert expected in refused.stderr
+    assert "***" not in (sidecar_dir(out) / "fingerprint.json").read_text()
+
+
+def test_options_that_change_no_result_may_change_between_sessions(tmp_path: Path, data: Path, models: Models_) -> None:
+    out = tmp_path / "out.jsonl"
+    assert invoke(data, "-o", out, "-n", 1, "-d", 0, "--limit", 2).exit_code == 0
+    again = invoke(data, "-o", out, "-n", 1, "-d", 0, "--limit", 2, "--concurrency", 3, "--log", "quiet",
+                   "--base-url", "http://other:9000/v1", "--api-key-env", "OTHER_KEY", "--no-retry-failed",
+                   "--skip-invalid")
+    assert again.exit_code == 0, again.output
+
+
+def test_secrets_are_masked_by_whole_name_only(tmp_path: Path, data: Path, models: Models_) -> None:
+    out = tmp_path / "out.jsonl"
+    result = invoke(data, "-o", out, "-n", 1, "-d", 0, "--max-tokens", 77, "--policy-option", "api_key=sk-secret",
+                    "--policy-option", "tokenizer=tok/one", "--reward-option", "hf_token=hf_secret",
+                    "--base-url", "https://user:pa55@host/v1")
+    assert result.exit_code == 0, result.output
+    for name in ("config.json", "fingerprint.json"):
+        text = (sidecar_dir(out) / name).read_text()
+        assert "sk-secret" not in text and "hf_secret" not in text and "pa55" not in text
+    saved = saved_config(out)
+    assert saved["models"]["policy_options"] == {"api_key": "***", "tokenizer": "tok/one"}
+    assert saved["models"]["reward_options"] == {"hf_token": "***"}
+    assert saved["method"]["max_tokens"] == 77 and saved["options"]["max_tokens"] == 77
+    assert saved["options"]["base_url"] == "https://user:***@host/v1"
+
+
+def test_a_new_option_is_fingerprinted_unless_declared_not_to_matter() -> None:
+    params = {"policy_spec": "p", "reward_specs": (), "width": 3, "prompt_field": "q", "concurrency": 4,
+              "some_new_option": "x"}
+    fp = batch_cli._models_fingerprint(params)
+    assert fp["some_new_option"] == "x" and fp["policy"] == "p" and fp["reward"] == ["judge"]
+    assert "width" not in fp and "prompt_field" not in fp and "concurrency" not in fp
+    # Every option of the command is either fingerprinted here, fingerprinted elsewhere, or declared harmless.
+    names = {p.name for p in batch_cli.batch_command.params if p.name not in ("input_path", "output")}
+    assert set(batch_cli.NOT_FINGERPRINTED) <= names

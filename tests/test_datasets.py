@@ -80,6 +80,41 @@ def test_parquet(tmp_path: Path) -> None:
     assert summary(read_prompts(path)) == EXPECTED
 
 
+def test_csv_rows_are_read_again_from_the_file_not_kept_in_memory(tmp_path: Path) -> None:
+    path = tmp_path / "in.csv"
+    # A byte-order mark, Windows line ends, a quoted cell spanning lines, and a blank line.
+    path.write_bytes(
+        b"\xef\xbb\xbfprompt,answer\r\n\"Line one\r\nline two\",1\r\n\r\nPlain question?,2\r\nLast one,3\r\n"
+    )
+    ds = read_prompts(path, shuffle=True, seed=3)
+    expected = {"Line one\r\nline two": {"answer": "1"}, "Plain question?": {"answer": "2"}, "Last one": {"answer": "3"}}
+    assert dict(summary(ds)) == expected and ds.rows_read == 3
+    # Rows are found again by their offset in the file: an edit after the check is noticed, not hidden by a copy.
+    path.write_bytes(path.read_bytes().replace(b"Last one", b"Lost one"))
+    with pytest.raises(InputError, match=r"in.csv line 6: the row changed since the input was checked"):
+        list(ds)
+
+
+def test_parquet_is_read_one_row_group_at_a_time(tmp_path: Path) -> None:
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    rows = [{"prompt": f"Question {i}?", "n": i} for i in range(10)]
+    path = tmp_path / "in.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=3)
+    ds = read_prompts(path, shuffle=True, seed=1, limit=6)
+    held = []
+    got = []
+    for prompt in ds:
+        got.append((prompt.messages[-1].content, prompt.metadata["n"]))
+        held.append(len(ds._reader._cached[1]))  # type: ignore[attr-defined]
+    assert len(got) == 6 and all(text == f"Question {n}?" for text, n in got)
+    assert [n for _, n in got] != sorted(n for _, n in got)  # shuffled across row groups
+    assert max(held) <= 3  # one row group in memory, never the table
+    with pytest.raises(InputError, match=r"in.parquet row 4: the prompt field 'prompt' is empty"):
+        pq.write_table(pa.Table.from_pylist([*rows[:3], {"prompt": "", "n": 3}]), path, row_group_size=2)
+        read_prompts(path)
+
+
 def test_huggingface_dataset_saved_to_disk(tmp_path: Path) -> None:
     datasets = pytest.importorskip("datasets")
     datasets.Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "single"))

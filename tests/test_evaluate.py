@@ -348,6 +348,36 @@ def test_math_accuracy_checks_final_answers_with_math_verify(tmp_path: Path) -> 
     assert asyncio.run(inside_a_loop()) == m
 
 
+def test_math_accuracy_counts_a_failed_check_of_an_answer_as_wrong(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tpo.rewards.verifier import MathReward
+    from tpo.types import Score
+
+    answers = {
+        "m1": "score=1: the answer is $\\boxed{42}$.",
+        "m2": "score=1: the answer is $\\boxed{7}$.",
+        "m3": "score=1: an answer whose check runs out of time.",
+        "m4": "score=1: an answer whose check raises.",
+        "m5": "score=1: the reference of this one is words, not math.",
+    }
+    refs = {"m1": "42", "m2": "7", "m3": "3", "m4": "4", "m5": "a banana"}
+    prompts = [tpo.Prompt.of("Q", id=pid, metadata={"answer": refs[pid]}) for pid in answers]
+    run = load_run(write_run(tmp_path / "m.jsonl", prompts, lambda r: [answers[r.prompt_id]], mode="bon", width=1))
+    real_check = MathReward._check
+
+    def slow_or_broken(self: MathReward, request: Any, alarms: bool) -> Score:
+        if "out of time" in request.answer:
+            return Score.failed(f"checking the answer to prompt {request.prompt_id!r} took longer than 5 s")
+        if "raises" in request.answer:
+            raise RecursionError("maximum recursion depth exceeded while comparing")
+        return real_check(self, request, alarms)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(MathReward, "_check", slow_or_broken)
+    m = math_accuracy(run.results, reference_field="answer")
+    # m3 and m4 have usable references: their answers could not be confirmed, so they are wrong, not dropped.
+    assert (m.checked, m.correct, m.check_failures, m.no_answer, m.missing_reference) == (4, 2, 2, 0, 1)
+    assert m.accuracy == pytest.approx(0.5) and m.interval == wilson_interval(2, 4)
+
+
 # --------------------------------------------------------------------------- the command
 
 

@@ -1,8 +1,13 @@
-"""A real batch process, killed with SIGKILL at random moments and resumed, loses nothing and repeats no finished step."""
+"""A real batch process, killed with SIGKILL at random moments and resumed, loses nothing and repeats no finished step.
+
+The main test kills a real ``tpo batch`` process: the command line as a user runs it, with a
+policy plugin (``tests/plugin_fixture``) found through its entry point and a ``python:``
+reward. A second test kills a process running ``run_batch`` (``tests/_batch_driver.py``)
+whose checkpoint compaction runs every few kilobytes, so that kills land in compactions too.
+"""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import random
@@ -11,22 +16,21 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 HERE = Path(__file__).parent
+FIXTURE = HERE / "plugin_fixture"
 DRIVER = HERE / "_batch_driver.py"
+TPO = Path(sys.executable).parent / "tpo"
 PROMPTS = 100
+WIDTH, DEPTH = 3, 2
+CALLS_PER_PROMPT = 1 + 3 * DEPTH  # sample, then loss, gradient and update per step
 
-
-def _driver() -> Any:
-    spec = importlib.util.spec_from_file_location("_batch_driver", DRIVER)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+Start = Callable[[Path, Path | None], "subprocess.Popen[bytes]"]
 
 
 def _strip_timings(data: Any) -> Any:
@@ -44,36 +48,52 @@ def _complete_lines(path: Path) -> int:
         return 0
 
 
-def _start(input_path: Path, output: Path, log: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "PYTHONPATH": str(HERE.parent / "src")}
-    return subprocess.Popen(
-        [sys.executable, str(DRIVER), str(input_path), str(output), str(log), "0.02"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(120)
-def test_kill_9_at_random_moments_then_resume_matches_an_uninterrupted_run(tmp_path: Path) -> None:
-    input_path = tmp_path / "prompts.jsonl"
-    with input_path.open("w") as f:
+def _write_input(path: Path) -> None:
+    with path.open("w") as f:
         for i in range(PROMPTS):
             f.write(json.dumps({"id": f"p{i:03d}", "prompt": f"Question number {i}?", "reference": str(i)}) + "\n")
-    driver = _driver()
-    reference_out = tmp_path / "reference.jsonl"
-    assert driver.run(input_path, reference_out).ok
-    reference = {d["prompt_id"]: d for d in map(json.loads, reference_out.read_text().splitlines())}
 
-    output, log = tmp_path / "out.jsonl", tmp_path / "calls.tsv"
-    rng = random.Random(20250501)
-    # Kill when a few more results were written, and at random times (start-up included).
-    schedule: list[tuple[str, float]] = [("more", 5), ("time", rng.uniform(0.2, 1.5)), ("more", 20),
-                                         ("time", rng.uniform(1.0, 2.5)), ("more", 1), ("time", rng.uniform(0.5, 2.0)),
-                                         ("more", 15)]
+
+def _cli(input_path: Path) -> Start:
+    """Start ``tpo batch`` with the scripted plugin policy; the same command every time, as a user resumes."""
+
+    def start(output: Path, log: Path | None) -> subprocess.Popen[bytes]:
+        env = {k: v for k, v in os.environ.items() if k != "TPO_TEST_CALL_LOG"}
+        env["PYTHONPATH"] = str(FIXTURE)  # where importlib.metadata finds the plugin's dist-info
+        if log is not None:
+            env["TPO_TEST_CALL_LOG"] = str(log)
+        command = [
+            str(TPO), "batch", str(input_path), "-o", str(output), "--id-field", "id",
+            "--policy", "scripted", "--policy-option", "latency_s=0.02",
+            "--reward", f"python:{FIXTURE / 'reward.py'}:score",
+            "--width", str(WIDTH), "--depth", str(DEPTH), "--seed", "11", "--concurrency", "8", "--log", "plain",
+        ]
+        return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    return start
+
+
+def _driver(input_path: Path) -> Start:
+    def start(output: Path, log: Path | None) -> subprocess.Popen[bytes]:
+        env = {**os.environ, "PYTHONPATH": str(HERE.parent / "src")}
+        log_arg = str(log) if log is not None else os.devnull
+        return subprocess.Popen([sys.executable, str(DRIVER), str(input_path), str(output), log_arg, "0.02"],
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    return start
+
+
+def _finish(proc: subprocess.Popen[bytes], timeout_s: float = 90) -> None:
+    _, err = proc.communicate(timeout=timeout_s)
+    assert proc.returncode == 0, err.decode()
+
+
+def _kill_and_resume(start: Start, output: Path, log: Path, schedule: list[tuple[str, float]]) -> list[tuple[str, float, int]]:
+    """Start the run, SIGKILL it when the schedule says, and again; finally let it finish. Returns the kills made."""
     kills = []
     for kind, when in schedule:
         before = _complete_lines(output)
-        proc = _start(input_path, output, log)
+        proc = start(output, log)
         started = time.monotonic()
         while proc.poll() is None:
             if kind == "more" and _complete_lines(output) >= before + when:
@@ -86,39 +106,42 @@ def test_kill_9_at_random_moments_then_resume_matches_an_uninterrupted_run(tmp_p
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
             kills.append((kind, when, _complete_lines(output)))
-        proc.wait()
-        assert proc.returncode in (0, -signal.SIGKILL), proc.stderr.read().decode() if proc.stderr else ""
-        if proc.stderr:
-            proc.stderr.close()
-    final = _start(input_path, output, log)
-    _, err = final.communicate(timeout=60)
-    assert final.returncode == 0, err.decode()
+        _, err = proc.communicate()
+        assert proc.returncode in (0, -signal.SIGKILL), err.decode()
+    _finish(start(output, log))
+    return kills
+
+
+def _check(output: Path, reference: Path, log: Path, kills: list[tuple[str, float, int]]) -> None:
     assert len(kills) >= 4, kills
     assert any(0 < lines < PROMPTS for _, _, lines in kills), kills
+    expected = {d["prompt_id"]: d for d in map(json.loads, reference.read_text().splitlines())}
+    assert len(expected) == PROMPTS
 
     # Every prompt exactly once, with the trace of the uninterrupted run.
     raw = output.read_bytes()
     assert raw.endswith(b"\n")
     lines = [json.loads(line) for line in raw.decode().split("\n")[:-1]]
     ids = [d["prompt_id"] for d in lines]
-    assert len(ids) == PROMPTS and len(set(ids)) == PROMPTS and set(ids) == set(reference)
+    assert len(ids) == PROMPTS and len(set(ids)) == PROMPTS and set(ids) == set(expected)
     for d in lines:
         assert d["status"] == "complete"
         assert d["metadata"] == {"reference": str(int(d["prompt_id"][1:]))}
-        assert _strip_timings(d) == _strip_timings(reference[d["prompt_id"]]), d["prompt_id"]
-    assert (tmp_path / "out.jsonl.tpo" / "checkpoints.jsonl").stat().st_size == 0
+        assert _strip_timings(d) == _strip_timings(expected[d["prompt_id"]]), d["prompt_id"]
+    assert (output.parent / (output.name + ".tpo") / "checkpoints.jsonl").stat().st_size == 0
 
     # No finished step computed twice: a call is repeated only in a later process, and only for
     # the step its prompt was working on when the earlier process was killed.
-    calls = [line.split("\t") for line in log.read_text().splitlines() if line.count("\t") == 3]
+    calls = [line.split("\t") for line in log.read_text().splitlines()]
+    assert all(len(c) == 4 for c in calls)  # one write per line: no kill tore one
     segments = list(dict.fromkeys(pid for pid, *_ in calls))
     assert 3 <= len(segments) <= len(kills) + 1  # a process killed during start-up made no call
     seen: dict[tuple[str, int, str], list[int]] = defaultdict(list)
     last_step: dict[tuple[int, str], int] = {}
-    for pid, prompt, step, purpose in calls:
+    for pid, prompt, step_text, purpose in calls:
         seg = segments.index(pid)
-        seen[(prompt, int(step), purpose)].append(seg)
-        last_step[(seg, prompt)] = max(last_step.get((seg, prompt), -1), int(step))
+        seen[(prompt, int(step_text), purpose)].append(seg)
+        last_step[(seg, prompt)] = max(last_step.get((seg, prompt), -1), int(step_text))
     repeated = 0
     for (prompt, step, purpose), segs in seen.items():
         assert len(segs) == len(set(segs)), f"{prompt} step {step} {purpose} called twice in one process"
@@ -127,11 +150,46 @@ def test_kill_9_at_random_moments_then_resume_matches_an_uninterrupted_run(tmp_p
             assert step == last_step[(seg, prompt)], (
                 f"{prompt} step {step} ({purpose}) was finished in process {seg} and computed again later"
             )
-    expected_calls = PROMPTS * (1 + 3 * driver.CONFIG.depth)
-    assert len(seen) == expected_calls
-    assert len(calls) == expected_calls + repeated
+    assert len(seen) == PROMPTS * CALLS_PER_PROMPT
+    assert len(calls) == PROMPTS * CALLS_PER_PROMPT + repeated
     # Resuming did happen mid-prompt: some prompt ran its steps in more than one process.
     spread = defaultdict(set)
     for (prompt, _, _), segs in seen.items():
         spread[prompt].update(segs)
     assert any(len(s) > 1 for s in spread.values())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_kill_9_of_a_real_tpo_batch_process_then_resume_matches_an_uninterrupted_run(tmp_path: Path) -> None:
+    input_path = tmp_path / "prompts.jsonl"
+    _write_input(input_path)
+    start = _cli(input_path)
+    reference = tmp_path / "reference.jsonl"
+    _finish(start(reference, None))
+
+    output, log = tmp_path / "out.jsonl", tmp_path / "calls.tsv"
+    rng = random.Random(20250501)
+    # Kill when a few more results were written, and at random times (start-up included).
+    schedule: list[tuple[str, float]] = [("more", 5), ("time", rng.uniform(0.2, 1.5)), ("more", 20),
+                                         ("time", rng.uniform(1.0, 2.5)), ("more", 1), ("time", rng.uniform(0.5, 2.0)),
+                                         ("more", 15)]
+    kills = _kill_and_resume(start, output, log, schedule)
+    _check(output, reference, log, kills)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_kill_9_during_checkpoint_compactions_of_run_batch(tmp_path: Path) -> None:
+    input_path = tmp_path / "prompts.jsonl"
+    _write_input(input_path)
+    start = _driver(input_path)
+    reference = tmp_path / "reference.jsonl"
+    _finish(start(reference, None))
+
+    output, log = tmp_path / "out.jsonl", tmp_path / "calls.tsv"
+    rng = random.Random(7)
+    schedule: list[tuple[str, float]] = [("time", rng.uniform(0.5, 1.5)), ("more", 10), ("time", rng.uniform(0.5, 1.5)),
+                                         ("more", 25), ("time", rng.uniform(0.3, 1.0))]
+    kills = _kill_and_resume(start, output, log, schedule)
+    _check(output, reference, log, kills)

@@ -14,7 +14,8 @@ import pytest
 
 import tpo
 from conftest import TAG, hash_score, number_in, pure_reply
-from tpo import BackendError, GenerationRequest, TPOResult
+from tpo import BackendError, GenerationRequest, Score, TPOResult
+from tpo.result import dumps_json
 from tpo.testing import FunctionReward, ScriptedPolicy, default_reply
 
 DOC = Path(__file__).parent.parent / "docs" / "result-schema.md"
@@ -70,6 +71,15 @@ def _results() -> dict[str, TPOResult]:
         return pure_reply(request)
 
     out["backend_failed"] = tpo.optimize("q", policy=ScriptedPolicy(down), reward=FunctionReward(hash_score))
+
+    def judged(messages: object, answer: str) -> Score:
+        n = number_in(answer)
+        if n == 1:
+            return Score.failed("no rating in the reply", {"reply": "Hard to say.", "attempts": 2})
+        return Score(float(n), details={"rating": n, "components": [{"name": "len", "score": 0.5}], "odd": object()})
+
+    out["score_details"] = tpo.optimize("q", policy=ScriptedPolicy(), reward=FunctionReward(judged), width=3,
+                                        depth=1)
     out["nothing_scored"] = tpo.optimize("q", policy=ScriptedPolicy(), reward=FunctionReward(lambda m, a: {}))
     return out
 
@@ -96,6 +106,8 @@ def test_the_results_cover_every_shape() -> None:
     assert RESULTS["early_stop"].stopped_early
     assert RESULTS["nothing_scored"].answer is None and RESULTS["nothing_scored"].status == "failed"
     assert RESULTS["backend_failed"].answer is not None and RESULTS["backend_failed"].status == "failed"
+    details = [c.score_details for c in RESULTS["score_details"].candidates]
+    assert details[0] is not None and details[0]["rating"] == 0 and details[1] == {"reply": "Hard to say.", "attempts": 2}
 
 
 def test_the_schema_lists_exactly_the_fields_the_code_writes(schema: dict[str, Any]) -> None:
@@ -118,6 +130,7 @@ def test_the_schema_lists_exactly_the_fields_the_code_writes(schema: dict[str, A
         (["candidates", 0, "id"], "not-a-hash"),
         (["candidates", 0, "score"], "high"),
         (["candidates", 0, "score_error"], "failed although it has a score"),
+        (["candidates", 0, "score_details"], "a string, not an object"),
         (["steps", 1, "kind"], "dpo"),
         (["steps", 1, "extraction"], {"sloppy": 1}),
         (["usage", "policy_calls"], -1),
@@ -150,6 +163,19 @@ def test_a_lone_surrogate_is_escaped_so_the_json_can_be_saved(tmp_path: Path) ->
     text = result.to_json()
     (tmp_path / "r.json").write_text(text, encoding="utf-8")
     assert TPOResult.from_dict(json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))) == result
+
+
+def test_dumps_json_keeps_text_readable_unless_it_cannot_be_saved(tmp_path: Path) -> None:
+    assert dumps_json({"a": "Grüße 😀"}) == '{"a": "Grüße 😀"}'
+    assert dumps_json({"a": [1, 2]}, indent=2) == '{\n  "a": [\n    1,\n    2\n  ]\n}'
+    assert dumps_json({"a": [1, 2]}, compact=True) == '{"a":[1,2]}'
+    odd = {"a": "Grüße \ud800"}
+    text = dumps_json(odd)
+    assert text.isascii() and json.loads(text) == odd
+    (tmp_path / "odd.json").write_text(text, encoding="utf-8")
+    assert json.loads((tmp_path / "odd.json").read_text(encoding="utf-8")) == odd
+    with pytest.raises(ValueError):
+        dumps_json({"x": float("nan")}, allow_nan=False)
 
 
 # --------------------------------------------------------------------------- the documentation

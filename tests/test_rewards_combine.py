@@ -202,6 +202,19 @@ def test_references_are_bounded() -> None:
     assert [s.value for s in run(combined, req("5", "a"), req("20", "a"), req("5", "c"))] == pytest.approx([0.0, 1.0, 0.5])
 
 
+def test_normalising_declares_per_prompt_state_so_resuming_can_start_such_prompts_over() -> None:
+    assert WeightedReward([number(), length()]).per_prompt_state is False
+    for mode in ("zscore", "minmax"):
+        combined = WeightedReward([number(), length()], normalize=mode)
+        assert combined.per_prompt_state is True
+        # Why it matters: a fresh object (a new process) scores the same answer on another prompt-local scale.
+        run(combined, req("0", "p"), req("10", "p"))
+        later = run(combined, req("5", "p"))[0].value
+        fresh = WeightedReward([number(), length()], normalize=mode)
+        run(fresh, req("50", "p"), req("80", "p"))
+        assert run(fresh, req("5", "p"))[0].value != pytest.approx(later)
+
+
 def test_normalised_scores_through_the_engine_rank_by_one_fixed_map() -> None:
     # Sample answers "Answer k ..." number 0..3; rewrites continue the count. Component scores:
     # the number, and the negated length. Every candidate's combined score must be the step-0 map.

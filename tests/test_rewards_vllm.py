@@ -3,34 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import math
 import sys
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 
 import tpo
+from stubs import load_stub
 from tpo import ConfigError, Message, MissingDependencyError, RewardError, Score, ScoreRequest
 from tpo.registry import reward_from_spec
 from tpo.rewards.vllm_pooling import VLLMReward
 from tpo.testing import ScriptedPolicy
 
-
-def _load_stub() -> ModuleType:
-    name = "tpo_tests_vllm_reward_stub"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / "stubs" / "vllm_reward_stub.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-stub = _load_stub()
+stub = load_stub("tpo_tests_vllm_reward_stub", "vllm_reward_stub.py")
 
 CONVERSATION = (Message("system", "You are helpful."), Message("user", "Name a prime number."))
 
@@ -47,7 +33,7 @@ def expected_ids(fake: Any, messages: tuple[Message, ...], answer: str) -> list[
     """The token ids vLLM should get: the template's text, encoded without adding anything."""
     tok = stub.FakeTokenizer(**fake.tokenizer_kwargs)
     text = tok.apply_chat_template([*(m.as_dict() for m in messages), {"role": "assistant", "content": answer}], tokenize=False)
-    return tok.encode(text, add_special_tokens=False)
+    return list(tok.encode(text, add_special_tokens=False))
 
 
 def bonus(answer: str) -> float:
@@ -226,6 +212,13 @@ def test_missing_vllm_names_the_package(monkeypatch: pytest.MonkeyPatch) -> None
         ("rm", {"max_model_len": 1024, "engine_args": {"max_model_len": 512}}, "given both as an option and in engine_args"),
         ("rm", {"engine_args": {"model": "x"}}, "not in engine_args"),
         ("rm", {"gpu_memory_utilization": 1.5}, "gpu_memory_utilization must be a fraction"),
+        # The same checks of the engine options as the vllm policy backend's (they share them).
+        ("rm", {"tensor_parallel_size": "two"}, "tensor_parallel_size must be an integer"),
+        ("rm", {"seed": "7"}, "seed must be an integer"),
+        ("rm", {"dtype": 16}, "dtype must be a name"),
+        ("rm", {"trust_remote_code": "yes"}, "trust_remote_code must be true or false"),
+        ("rm", {"engine_args": "enforce_eager=true"}, "engine_args must be a mapping"),
+        ("rm", {"enable_prefix_caching": False}, "does not take the option"),
     ],
 )
 def test_bad_configuration(monkeypatch: pytest.MonkeyPatch, target: str, options: dict[str, Any], message: str) -> None:
@@ -239,6 +232,41 @@ def test_a_model_that_cannot_load_is_a_reward_error(monkeypatch: pytest.MonkeyPa
     fake.fail_next.append(OSError("no such model"))
     with pytest.raises(RewardError, match="vLLM could not load 'rm': OSError: no such model"):
         VLLMReward.from_spec("rm")
+
+
+@pytest.mark.parametrize(
+    "error",
+    [ModuleNotFoundError("No module named 'torch'", name="torch"), ImportError("libcudart.so.12: cannot open shared object")],
+)
+def test_a_broken_vllm_install_is_a_reward_error(monkeypatch: pytest.MonkeyPatch, error: ImportError) -> None:
+    stub.break_import(monkeypatch, error)
+    with pytest.raises(RewardError, match="vLLM is installed but could not be imported") as info:
+        VLLMReward.from_spec("rm")
+    assert info.value.__cause__ is error
+
+
+def test_forbidden_real_requests_stop_the_load_before_vllm_is_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    stub.allow_real_requests(monkeypatch, False)
+    fake = stub.install(monkeypatch)  # the stand-in is a double: installing it allows loads again
+    VLLMReward.from_spec("rm")
+    assert len(fake.engines) == 1
+    stub.allow_real_requests(monkeypatch, False)
+    with pytest.raises(ConfigError, match=r"vllm:other-rm: real model requests are forbidden"):
+        VLLMReward.from_spec("other-rm")
+    assert len(fake.engines) == 1
+
+
+def test_an_engine_without_a_tokenizer_is_a_reward_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = stub.install(monkeypatch)
+    reward = VLLMReward.from_spec("rm")
+
+    def no_tokenizer() -> Any:
+        raise ValueError("the tokenizer was not initialised (skip_tokenizer_init=True)")
+
+    fake.engines[0].get_tokenizer = no_tokenizer
+    with pytest.raises(RewardError, match="the vLLM engine has no tokenizer"):
+        run(reward, req("a"))
+    assert fake.calls == []
 
 
 def test_closed_reward_refuses_to_score(monkeypatch: pytest.MonkeyPatch) -> None:

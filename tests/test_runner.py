@@ -68,10 +68,15 @@ class Notes(BatchObserver):
         self.summary = summary
 
 
+_READ_OPTIONS = ("prompt_field", "id_field", "limit", "shuffle", "seed", "skip_invalid")
+
+
 def batch(data: Any, out: Path, policy: ScriptedPolicy | None = None, **kwargs: Any) -> BatchSummary:
     kwargs.setdefault("config", CONFIG)
-    kwargs.setdefault("id_field", "id")
-    return run_batch(data, out, policy=policy or Policy(), reward=kwargs.pop("reward", reward()), **kwargs)
+    read = {k: kwargs.pop(k) for k in _READ_OPTIONS if k in kwargs}
+    read.setdefault("id_field", "id")
+    dataset = read_prompts(data, **read)
+    return run_batch(dataset, out, policy=policy or Policy(), reward=kwargs.pop("reward", reward()), **kwargs)
 
 
 def read_output(out: Path) -> list[dict[str, Any]]:
@@ -215,7 +220,9 @@ def test_a_write_torn_by_a_kill_is_cut_off_on_resume(
         if Path(f.name).name == target:
             writes += 1
             if writes == at_write:
-                f.write(data[: len(data) // 2])  # the process dies half-way through the line
+                # The process dies half-way through the last line of the write (a group may hold several).
+                last = data.rstrip(b"\n").rfind(b"\n") + 1
+                f.write(data[: last + (len(data) - last) // 2])
                 f.flush()
                 dead = True
                 raise Crash()
@@ -266,7 +273,7 @@ def test_a_corrupt_line_inside_the_output_is_reported_not_guessed(tmp_path: Path
     batch(rows(3), out)
     lines = out.read_bytes().split(b"\n")
     out.write_bytes(lines[0] + b"\nnot json\n" + b"\n".join(lines[1:]))
-    with pytest.raises(InputError, match=r"out.jsonl line 2 is not a result line"):
+    with pytest.raises(InputError, match=r"out.jsonl:2: not valid JSON .*Fix or remove that line, or add --restart"):
         batch(rows(3), out)
 
 
@@ -284,7 +291,8 @@ def test_compaction_keeps_the_checkpoints_as_small_as_the_work_in_flight(tmp_pat
 
     min_bytes = 4000
     batch(rows(40), out, observer=Watch(), compact_min_bytes=min_bytes)
-    bound = 2 * CONFIG.max_concurrent_prompts * longest + min_bytes
+    # The live checkpoints, as many dead ones (or min_bytes) before a compaction, and one group being written.
+    bound = 3 * CONFIG.max_concurrent_prompts * longest + min_bytes
     assert max(sizes) <= bound
     assert sum(1 for _ in range(len(sizes))) == 40 * (CONFIG.depth + 1)
     # Without compaction the file would have held every checkpoint of every prompt.
@@ -441,10 +449,178 @@ def test_skipped_rows_are_reported(tmp_path: Path) -> None:
 
 
 def test_shuffle_and_limit_pick_a_reproducible_subset(tmp_path: Path) -> None:
-    one = batch(rows(20), tmp_path / "a.jsonl", shuffle=True, limit=4)
-    two = batch(rows(20), tmp_path / "b.jsonl", shuffle=True, limit=4)
+    one = batch(rows(20), tmp_path / "a.jsonl", shuffle=True, seed=7, limit=4)
+    two = batch(rows(20), tmp_path / "b.jsonl", shuffle=True, seed=7, limit=4)
     ids_a = sorted(d["prompt_id"] for d in read_output(tmp_path / "a.jsonl"))
     ids_b = sorted(d["prompt_id"] for d in read_output(tmp_path / "b.jsonl"))
     assert one.total == two.total == 4 and ids_a == ids_b != [f"q{i:02d}" for i in range(4)]
     fingerprint = json.loads((sidecar_dir(tmp_path / "a.jsonl") / "fingerprint.json").read_text())
-    assert fingerprint["input"]["shuffle_seed"] == CONFIG.seed  # defaults to the run seed
+    assert fingerprint["input"]["shuffle_seed"] == 7 and fingerprint["input"]["limit"] == 4
+
+
+def test_a_whole_last_line_missing_only_its_newline_is_kept(tmp_path: Path, reference: dict[str, dict[str, Any]]) -> None:
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(Crash):
+        batch(rows(10), out, Policy(crash_after=40))
+    raw = out.read_bytes()
+    assert raw.count(b"\n") >= 2
+    out.write_bytes(raw[:-1])  # killed just before the newline: the result itself is whole
+    kept = {d["prompt_id"] for d in map(json.loads, raw.decode().splitlines())}
+    policy = Policy()
+    observer = Notes()
+    summary = batch(rows(10), out, policy, observer=observer)
+    assert summary.ok and summary.finished_before == len(kept)
+    assert not any(pid in kept for pid, _, _ in policy.log)  # not computed again
+    assert not any(n.startswith("repaired") for n in observer.notes)
+    assert {d["prompt_id"]: strip_timings(d) for d in read_output(out)} == reference
+
+
+def test_a_repeated_id_in_the_output_counts_its_last_line_as_tpo_eval_does(tmp_path: Path) -> None:
+    from tpo.evaluate import read_results
+
+    out = tmp_path / "out.jsonl"
+    assert batch(rows(3), out).ok
+    lines = out.read_bytes().splitlines(keepends=True)
+    first = json.loads(lines[0])
+    failed = {**first, "status": "failed", "error": "RewardError: down"}
+    out.write_bytes(b"".join(lines) + (json.dumps(failed) + "\n").encode())
+    results, warnings = read_results(out)
+    assert {r.prompt_id: r.status for r in results}[first["prompt_id"]] == "failed"
+    assert any("appears again" in w for w in warnings)
+    # The runner reads the same file the same way: the later (failed) line counts, so the prompt is retried.
+    observer = Notes()
+    policy = Policy()
+    summary = batch(rows(3), out, policy, observer=observer)
+    assert summary.ok and {pid for pid, _, _ in policy.log} <= {first["prompt_id"]}
+    assert any("appears again" in n and "the later line counts" in n for n in observer.notes)
+    assert any("retrying 1 prompt(s)" in n for n in observer.notes)
+    final = read_output(out)
+    assert sorted(d["prompt_id"] for d in final) == [f"q{i:02d}" for i in range(3)]  # every copy replaced by one line
+
+
+# ---------------------------------------------------------------------------- durability without blocking the loop
+
+
+def test_checkpoints_are_fsynced_in_groups_off_the_event_loop_before_the_chain_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reference: dict[str, dict[str, Any]]
+) -> None:
+    import threading
+
+    out = tmp_path / "out.jsonl"
+    real_append = runner_module._append
+    writes: list[tuple[str, bool, int]] = []  # (file, on the main thread, lines)
+    durable: set[tuple[str, int]] = set()  # (prompt, steps) whose checkpoint is on disk
+
+    def watched_append(f: Any, data: bytes) -> None:
+        real_append(f, data)
+        name = Path(f.name).name
+        writes.append((name, threading.current_thread() is threading.main_thread(), data.count(b"\n")))
+        if name == "checkpoints.jsonl":
+            for line in data.splitlines():
+                d = json.loads(line)
+                durable.add((d["prompt_id"], len(d["steps"])))
+
+    early: list[tuple[str, int, str]] = []
+
+    class Checked(Policy):
+        def _reply(self, request: GenerationRequest) -> list[str]:
+            # Step s of a prompt starts only once its s finished steps are durable.
+            if request.step > 0 and (request.prompt_id, request.step) not in durable:
+                early.append((request.prompt_id, request.step, request.purpose))
+            return super()._reply(request)
+
+    monkeypatch.setattr(runner_module, "_append", watched_append)
+    config = CONFIG.with_options(max_concurrent_prompts=10)
+    assert batch(rows(10), out, Checked(), config=config).ok
+    assert early == []
+    appends = [w for w in writes if w[0] in ("checkpoints.jsonl", "out.jsonl")]
+    assert appends and not any(on_main for _, on_main, _ in appends)  # no fsync on the event loop's thread
+    checkpoint_lines = sum(n for name, _, n in appends if name == "checkpoints.jsonl")
+    checkpoint_groups = sum(1 for name, _, _ in appends if name == "checkpoints.jsonl")
+    assert checkpoint_lines == 10 * (CONFIG.depth + 1)
+    # Ten prompts finish each step together: their checkpoints share fsyncs.
+    assert checkpoint_groups <= checkpoint_lines // 2
+    for d in read_output(out):  # the same results (the recorded config differs in max_concurrent_prompts)
+        assert {k: v for k, v in strip_timings(d).items() if k != "config"} == {
+            k: v for k, v in reference[d["prompt_id"]].items() if k != "config"}
+
+
+# ---------------------------------------------------------------------------- rewards with per-prompt state
+
+
+def normalizing_reward() -> Any:
+    from tpo.rewards.combine import WeightedReward
+
+    length = FunctionReward(lambda messages, answer: float(len(answer)), name="length")
+    return WeightedReward([reward(), length], weights=[0.7, 0.3], normalize="zscore")
+
+
+def test_a_normalising_reward_restarts_partially_done_prompts_instead_of_mixing_scales(tmp_path: Path) -> None:
+    assert normalizing_reward().per_prompt_state is True
+    uninterrupted = tmp_path / "reference.jsonl"
+    assert batch(rows(8), uninterrupted, reward=normalizing_reward()).ok
+    reference = {d["prompt_id"]: strip_timings(d) for d in read_output(uninterrupted)}
+
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(Crash):
+        batch(rows(8), out, Policy(crash_after=25), reward=normalizing_reward())
+    finished = {d["prompt_id"] for d in read_output(out)}
+    partial = {pid for pid, steps in checkpoint_steps(out).items() if pid not in finished and steps > 0}
+    assert finished and partial  # the crash left both kinds
+
+    observer = Notes()
+    policy = Policy()
+    summary = batch(rows(8), out, policy, reward=normalizing_reward(), observer=observer)
+    assert summary.ok and summary.restarted == len(partial) and summary.finished_before == len(finished)
+    assert any(f"{len(partial)} prompt(s) with finished steps start over" in n for n in observer.notes)
+    # Every partly done prompt ran again from its samples; finished prompts were left alone.
+    assert {pid for pid, step, purpose in policy.log if step == 0} >= partial
+    assert not any(pid in finished for pid, _, _ in policy.log)
+    # So every score is on the scale of its prompt's own first samples, as in an uninterrupted run.
+    got = {d["prompt_id"]: strip_timings(d) for d in read_output(out)}
+    for pid, d in got.items():
+        want = reference[pid]
+        assert {k: v for k, v in d.items() if k != "usage"} == {k: v for k, v in want.items() if k != "usage"}, pid
+
+
+def test_without_per_prompt_state_partial_prompts_resume_mid_way(tmp_path: Path) -> None:
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(Crash):
+        batch(rows(8), out, Policy(crash_after=25))
+    policy = Policy()
+    summary = batch(rows(8), out, policy)
+    assert summary.ok and summary.restarted == 0
+    assert any(step > 0 for _, step, _ in policy.log)
+    resumed = {pid for pid, _, _ in policy.log} - {pid for pid, step, _ in policy.log if step == 0}
+    assert resumed  # some prompts went on from a later step
+
+
+# ---------------------------------------------------------------------------- the API
+
+
+def test_run_batch_inside_a_running_event_loop_is_a_user_error(tmp_path: Path) -> None:
+    import asyncio
+
+    from tpo import UserError
+
+    async def inside() -> None:
+        batch(rows(1), tmp_path / "out.jsonl")
+
+    with pytest.raises(UserError, match=r"run_batch\(\) was called inside a running event loop; use 'await .*arun_batch"):
+        asyncio.run(inside())
+    run = BatchRun(read_prompts(rows(1), id_field="id"), tmp_path / "o.jsonl", config=CONFIG, models={})
+
+    async def run_inside() -> None:
+        run.run(Policy(), reward())
+
+    with pytest.raises(UserError, match=r"BatchRun.run\(\) was called inside a running event loop"):
+        asyncio.run(run_inside())
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_a_path_is_read_with_the_default_options(tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"Question {i}?"}) + "\n" for i in range(3)))
+    summary = run_batch(path, tmp_path / "out.jsonl", policy=Policy(), reward=reward(), config=CONFIG)
+    assert summary.ok and summary.total == 3
+    assert all(len(d["prompt_id"]) == 16 for d in read_output(tmp_path / "out.jsonl"))  # derived ids

@@ -116,3 +116,24 @@ def test_final_from_last_step_ignores_unscored_rewrites() -> None:
     assert last.candidate(answer_id("Improved answer 5 (step 1) to prompt 0.")).score is None
     assert last.answer == "Improved answer 4 (step 1) to prompt 0." and last.score == 4.0
     assert run("all").answer == "Answer 1 to prompt 0."
+
+
+def test_a_candidate_writes_every_field_and_reads_back_older_rows() -> None:
+    from dataclasses import fields
+
+    c = _c("text", 1.5, step=2, parent_id=answer_id("p"), origin="tagged", finish_reason="length",
+           score_details={"rating": 8, "why": ("clear", "short")})
+    data = c.to_dict()
+    assert list(data) == [f.name for f in fields(Candidate)]  # the JSON form cannot drift from the class
+    assert data["score_details"] == {"rating": 8, "why": ["clear", "short"]}
+    data["score_details"]["rating"] = 1  # the dict is a copy
+    assert c.score_details == {"rating": 8, "why": ["clear", "short"]}
+    assert Candidate.from_dict(c.to_dict()) == c
+    # A row written before a field existed reads back with that field's default.
+    old = {k: v for k, v in c.to_dict().items() if k not in ("score_details", "finish_reason")}
+    assert Candidate.from_dict(old) == _c("text", 1.5, step=2, parent_id=answer_id("p"), origin="tagged")
+    with pytest.raises(KeyError):
+        Candidate.from_dict({"id": c.id, "step": 0})  # no text
+    # Still hashable, details or not: a mapping takes no part in the hash.
+    assert len({c, _c("text", 1.5, step=2, parent_id=answer_id("p"), origin="tagged", finish_reason="length",
+                      score_details={"rating": 8, "why": ["clear", "short"]})}) == 1

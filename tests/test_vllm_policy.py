@@ -3,37 +3,23 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 
 import tpo
+from stubs import load_stub
 from tpo.backends.vllm_local import VLLMPolicy
 from tpo.errors import BackendError, ConfigError, MissingDependencyError
 from tpo.registry import policy_from_spec
 from tpo.testing import FunctionReward
 from tpo.types import GenerationRequest, Message, SamplingParams
 
-
-def load_vllm_stub() -> ModuleType:
-    name = "tpo_tests_vllm_stub"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / "stubs" / "vllm_stub.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-vllm_stub = load_vllm_stub()
+vllm_stub = load_stub("tpo_tests_vllm_stub", "vllm_stub.py")
 
 
 @pytest.fixture
@@ -107,6 +93,9 @@ def test_prefix_caching_can_be_switched_off_explicitly(fake: Any, options: dict[
         ({"max_model_len": 4096, "engine_args": {"max_model_len": 2048}}, "both as an option and in engine_args"),
         ({"engine_args": {"max_num_seqz": 3}}, "max_num_seqz"),  # vLLM's own TypeError, as a ConfigError
         ({"enable_prefix_caching": "yes"}, "enable_prefix_caching"),
+        ({"seed": "7"}, "seed must be an integer"),
+        ({"dtype": 16}, "dtype must be a name"),
+        ({"trust_remote_code": "yes"}, "trust_remote_code must be true or false"),
     ],
 )
 def test_bad_options_are_config_errors(fake: Any, options: dict[str, Any], message: str) -> None:
@@ -138,6 +127,29 @@ def test_missing_vllm_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
         VLLMPolicy.from_spec("org/m")
     assert "'vllm'" in str(info.value) and "pip install 'tpo[vllm]'" in str(info.value)
     assert info.value.extra == "vllm"
+
+
+@pytest.mark.parametrize(
+    "error",
+    [ModuleNotFoundError("No module named 'torch'", name="torch"), ImportError("libcudart.so.12: cannot open shared object")],
+)
+def test_a_broken_vllm_install_is_a_backend_error(monkeypatch: pytest.MonkeyPatch, error: ImportError) -> None:
+    vllm_stub.break_import(monkeypatch, error)
+    with pytest.raises(BackendError, match="vLLM is installed but could not be imported") as info:
+        VLLMPolicy.from_spec("org/m")
+    assert info.value.backend == "vllm"
+    assert info.value.__cause__ is error
+
+
+def test_forbidden_real_requests_stop_the_load_before_vllm_is_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    vllm_stub.allow_real_requests(monkeypatch, False)
+    fake = vllm_stub.install(monkeypatch)  # the stand-in is a double: installing it allows loads again
+    VLLMPolicy.from_spec("org/m")
+    assert len(fake.engines) == 1
+    vllm_stub.allow_real_requests(monkeypatch, False)
+    with pytest.raises(ConfigError, match=r"vllm:org/other: real model requests are forbidden"):
+        VLLMPolicy.from_spec("org/other")
+    assert len(fake.engines) == 1
 
 
 def test_importing_the_backend_does_not_import_vllm() -> None:
@@ -222,7 +234,7 @@ def test_logprobs_are_mapped_with_decoded_tokens(monkeypatch: pytest.MonkeyPatch
     assert all(t.logprob == -0.25 for t in tokens)
     # The top alternatives in rank order: the sampled token (rank 1), then rank 2.
     assert tokens[0].top == (("seven", -0.25), ("alt2", -2.25))
-    assert tokens[3].top[1] == ("alt2", pytest.approx(-2.55))
+    assert tokens[3].top[1][0] == "alt2" and tokens[3].top[1][1] == pytest.approx(-2.55)
 
 
 def test_logprobs_fall_back_to_the_tokenizer_when_vllm_did_not_detokenize(fake: Any) -> None:
@@ -246,6 +258,19 @@ def test_count_tokens_renders_the_chat_template(fake: Any) -> None:
     messages = (Message("system", "be kind"), Message("user", "how are you today"))
     # The stand-in's template: a role marker and an end marker per message, the words, and the generation prompt.
     assert policy.count_tokens(messages) == (2 + 2) + (2 + 4) + 1
+
+
+def test_an_engine_without_a_tokenizer_counts_nothing_but_still_generates(fake: Any) -> None:
+    policy = VLLMPolicy.from_spec("m")
+    llm = fake.engines[0]
+
+    def no_tokenizer() -> Any:
+        raise ValueError("the tokenizer was not initialised (skip_tokenizer_init=True)")
+
+    llm.get_tokenizer = no_tokenizer
+    assert policy.count_tokens((Message("user", "hi"),)) is None
+    [gen] = asyncio.run(policy.generate([_request("hi")]))
+    assert gen.texts == ("sample 0 seed None says hi",)
 
 
 def test_a_vllm_failure_is_a_backend_error_and_the_backend_recovers(fake: Any) -> None:
@@ -286,7 +311,12 @@ def test_calls_never_overlap(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_generate_runs_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
     threads: list[int] = []
-    vllm_stub.install(monkeypatch, reply=lambda conv, p, i: threads.append(threading.get_ident()) or "ok")
+
+    def reply(conv: Any, params: Any, i: int) -> str:
+        threads.append(threading.get_ident())
+        return "ok"
+
+    vllm_stub.install(monkeypatch, reply=reply)
     policy = VLLMPolicy.from_spec("m")
     asyncio.run(policy.generate([_request("a")]))
     assert threads and threads[0] != threading.get_ident()
@@ -307,7 +337,7 @@ def test_closed_backend_refuses_work(fake: Any) -> None:
 def test_optimize_many_sends_each_step_of_every_prompt_in_one_call(fake: Any, depth: int) -> None:
     policy = VLLMPolicy.from_spec("m", max_model_len=8192)
     reward = FunctionReward(lambda messages, answer: float(len(answer)))
-    prompts = ["Explain tides.", "Name three primes.", [{"role": "system", "content": "Be brief."},
+    prompts: list[Any] = ["Explain tides.", "Name three primes.", [{"role": "system", "content": "Be brief."},
                                                         {"role": "user", "content": "Why is the sky blue?"}]]
     results = list(tpo.optimize_many(prompts, policy=policy, reward=reward, width=3, depth=depth, max_tokens=64))
 

@@ -102,9 +102,34 @@ class ContextBudget:
                     truncated.add(name)
         raise ConfigError(
             f"a request does not fit the context window of {self.window} tokens even with its long parts "
-            f"shortened; the prompt templates alone take about {self.count(build({k: '' for k in values}))} tokens. "
+            f"shortened; with those parts empty it still takes about {self.count(build({k: '' for k in values}))} "
+            f"tokens, and {reserve} are kept for the reply. "
             "Use a model with a larger window, a lower max_tokens, or shorter templates."
         )
+
+    def check_fits(
+        self,
+        build: Callable[[Mapping[str, str]], tuple[Message, ...]],
+        empty_values: Mapping[str, str],
+        max_tokens: int,
+        *,
+        what: str,
+        owner: str,
+    ) -> None:
+        """Raise ``ConfigError`` when a request built from ``empty_values`` leaves no room in the window.
+
+        The test ``fit`` applies, so a template that passes here can always be fitted by
+        shortening its values. ``what`` names the template and ``owner`` the backend, for the message.
+        """
+        reserve = min(max_tokens, self._limit // 2)
+        used = self.count(build(empty_values))
+        if used > self._limit - reserve:
+            raise ConfigError(
+                f"{what} does not fit the context window of {self.window} tokens of {owner}: with every value "
+                f"empty it takes about {used} tokens, and {reserve} are kept for the reply "
+                f"(about {self._limit - reserve} are available). Use a model with a larger window, "
+                "a lower max_tokens or critic_max_tokens, or a shorter template."
+            )
 
     def _text_tokens(self, text: str) -> int:
         n = self._backend_count((Message("user", text),))

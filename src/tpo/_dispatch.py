@@ -23,8 +23,9 @@ class Dispatcher(Generic[Req, Res]):
 
     With ``batching`` the dispatcher waits until every runnable prompt chain has had its turn
     (the event loop goes quiet), then sends everything pending in one call, one call at a
-    time; requests that arrive meanwhile form the next batch. Without it, each request is
-    its own call, made at once, so a slow request never holds up another.
+    time; requests that arrive meanwhile form the next batch. ``max_batch`` caps the size of
+    one call: the rest waits for the next. Without ``batching``, each request is its own
+    call, made at once, so a slow request never holds up another.
     """
 
     def __init__(
@@ -48,12 +49,24 @@ class Dispatcher(Generic[Req, Res]):
         self.largest_batch = 0
 
     async def submit(self, item: Req) -> Res:
+        """Send one request and return its result.
+
+        On a batching dispatcher the request joins the batch being gathered; otherwise it is
+        a call of its own, made at once. A failure of the call raises: a ``TPOError`` as it
+        is, anything else wrapped in the dispatcher's ``RunError`` subclass.
+        """
         if not self._batching:
             return (await self._checked_call([item]))[0]
         return await self._enqueue(item)
 
-    async def submit_many(self, items: Sequence[Req]) -> list[Res]:
+    async def submit_many(self, items: Sequence[Req]) -> list[Res | RunError]:
         """Submit several requests of one prompt chain so that they can share a batch.
+
+        Failures are per item: a request whose call failed with a ``RunError`` (or with a
+        third-party error, which is wrapped in one) gets that error in its place in the
+        returned list, and the other requests keep their results. On a batching dispatcher
+        the requests of one failed batch call all get its error. Any other ``TPOError`` (a
+        ``UserError``) and cancellation propagate.
 
         On a batching dispatcher, a chain with nothing to submit still takes its place in the
         batch being gathered and resumes when that batch is done, in step with the chains
@@ -62,11 +75,12 @@ class Dispatcher(Generic[Req, Res]):
         if not self._batching:
             if not items:
                 return []
-            return [out[0] for out in await asyncio.gather(*(self._checked_call([i]) for i in items))]
+            outcomes = await asyncio.gather(*(self._checked_call([i]) for i in items), return_exceptions=True)
+            return _per_item([o if isinstance(o, BaseException) else o[0] for o in outcomes])
         if not items:
             await self._enqueue(_JOIN)
             return []
-        return list(await asyncio.gather(*(self._enqueue(i) for i in items)))
+        return _per_item(await asyncio.gather(*(self._enqueue(i) for i in items), return_exceptions=True))
 
     def _enqueue(self, item: object) -> asyncio.Future[Res]:
         fut: asyncio.Future[Res] = asyncio.get_running_loop().create_future()
@@ -113,6 +127,7 @@ class Dispatcher(Generic[Req, Res]):
                 fut.set_result(res)
 
     async def _checked_call(self, items: Sequence[Req]) -> Sequence[Res]:
+        """Call the backend once; check the number of results and wrap third-party errors."""
         self.calls += 1
         self.largest_batch = max(self.largest_batch, len(items))
         try:
@@ -125,3 +140,10 @@ class Dispatcher(Generic[Req, Res]):
             raise self._error(f"{self._label} returned {len(results)} results for {len(items)} requests")
         return results
 
+
+def _per_item(outcomes: Sequence[Res | BaseException]) -> list[Res | RunError]:
+    """Keep run errors in their item's place; raise anything else (cancellation, a user error, a bug)."""
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException) and not isinstance(outcome, RunError):
+            raise outcome
+    return list(outcomes)  # type: ignore[arg-type]  # only results and RunErrors are left

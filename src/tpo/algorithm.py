@@ -12,8 +12,19 @@ import asyncio
 import hashlib
 import itertools
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 from ._budget import DEFAULT_CONTEXT_WINDOW, ContextBudget
@@ -100,6 +111,8 @@ class Engine:
                 raise ConfigError(f"{what} must have an async {method}() method; got {type(obj).__name__}")
         if critic is not None and not callable(getattr(critic, "generate", None)):
             raise ConfigError(f"critic must have an async generate() method; got {type(critic).__name__}")
+        for label, capped in (("policy", policy), ("critic", critic), ("reward", reward)):
+            _max_batch_size(capped, label)  # checked now: a bad value is the backend's mistake, not a run failure
         self.policy = policy
         self.critic = critic if critic is not None else policy
         self.reward = reward
@@ -109,7 +122,9 @@ class Engine:
         self._dispatchers: dict[int, Dispatcher[GenerationRequest, Generation]] = {}
         self._scorer: Dispatcher[ScoreRequest, Score] | None = None
         self._budgets: dict[int, ContextBudget] = {}
+        #: The event loop the dispatchers above belong to; set only once they are all built.
         self._started_loop: asyncio.AbstractEventLoop | None = None
+        self._preparing: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
 
     # ------------------------------------------------------------------ public
 
@@ -122,8 +137,16 @@ class Engine:
         resume_from: TPOResult | None = None,
         on_step: StepCallback | None = None,
     ) -> TPOResult:
-        """Optimise one prompt and return its result."""
+        """Optimise one prompt and return its result.
+
+        A failure while running (a backend or reward model that keeps failing, a conversation
+        that cannot be made to fit the context window) gives a result with status
+        ``"failed"``; mistakes that can be seen before any model work (bad options, prompt
+        templates too long for the critic's window, ``resume_from`` of another
+        conversation) raise a ``UserError``.
+        """
         p = Prompt.of(prompt, id=id, metadata=metadata)
+        _check_resume(p, resume_from)
         await self._prepare()
         return await self._run_chain(p, resume_from, on_step)
 
@@ -133,13 +156,19 @@ class Engine:
         *,
         resume: Mapping[str, TPOResult] | None = None,
         on_step: StepCallback | None = None,
-    ) -> AsyncIterator[TPOResult]:
+    ) -> AsyncGenerator[TPOResult, None]:
         """Optimise many prompts concurrently; yield each result as soon as its prompt finishes.
 
         Prompts are read lazily, at most ``config.max_concurrent_prompts`` at a time, so the
         input and output can be streams of any length. A prompt that is not a ``Prompt``
         gets its position (``"0"``, ``"1"``, ...) as id. ``resume`` maps prompt ids to
         partial results to continue from.
+
+        A problem of one prompt (its backend calls keep failing, its conversation cannot be
+        made to fit, its ``resume`` entry belongs to another conversation) gives that prompt
+        a ``"failed"`` result and the others go on. Mistakes that concern the whole run
+        (bad options, templates too long for the critic's window, a malformed prompt in a
+        list, repeated ids) raise a ``UserError``, before any model work where they can.
         """
         if isinstance(prompts, (str, Prompt)):
             raise InputError("optimize_many takes a list or stream of prompts; for a single prompt use optimize")
@@ -196,59 +225,105 @@ class Engine:
     # ------------------------------------------------------------------ set-up
 
     async def _prepare(self) -> None:
+        """Build the dispatchers of the running event loop and the context budgets, once per loop."""
         loop = asyncio.get_running_loop()
         if self._started_loop is loop:
             return
-        # Dispatchers hold futures of one event loop; a new loop (a new sync call) gets new ones.
-        self._started_loop = loop
-        self._dispatchers = {}
-        for backend in {id(self.policy): self.policy, id(self.critic): self.critic}.values():
-            self._dispatchers[id(backend)] = Dispatcher(
-                backend.generate, batching=bool(getattr(backend, "batching", False)), label=f"policy backend {_name(backend)}"
+        # Calls that start together on a fresh engine wait for one preparation instead of
+        # running on a half-built one; a preparation that failed is tried again by the next call.
+        if self._preparing is None or self._preparing[0] is not loop:
+            self._preparing = (loop, asyncio.Lock())
+        async with self._preparing[1]:
+            if self._started_loop is loop:
+                return
+            backends = {id(self.policy): self.policy, id(self.critic): self.critic}
+            budgets = dict(self._budgets)
+            for key, backend in backends.items():
+                if key not in budgets:
+                    window = self.config.context_window
+                    if window is None:
+                        window = await _ask_context_window(backend)
+                    budgets[key] = ContextBudget(backend, window or DEFAULT_CONTEXT_WINDOW)
+            self._check_templates(budgets[id(self.critic)])
+            # Dispatchers hold futures of one event loop; a new loop (a new sync call) gets new ones.
+            dispatchers: dict[int, Dispatcher[GenerationRequest, Generation]] = {
+                key: Dispatcher(
+                    backend.generate,
+                    batching=bool(getattr(backend, "batching", False)),
+                    label=f"policy backend {_name(backend)}",
+                    max_batch=_max_batch_size(backend, "policy"),
+                )
+                for key, backend in backends.items()
+            }
+            scorer: Dispatcher[ScoreRequest, Score] = Dispatcher(
+                self.reward.score,
+                batching=bool(getattr(self.reward, "batching", False)),
+                label=f"reward model {_name(self.reward)}",
+                error=RewardError,
+                max_batch=_max_batch_size(self.reward, "reward"),
             )
-            if id(backend) not in self._budgets:
-                window = self.config.context_window
-                if window is None:
-                    window = await _ask_context_window(backend)
-                self._budgets[id(backend)] = ContextBudget(backend, window or DEFAULT_CONTEXT_WINDOW)
-        self._scorer = Dispatcher(
-            self.reward.score,
-            batching=bool(getattr(self.reward, "batching", False)),
-            label=f"reward model {_name(self.reward)}",
-            error=RewardError,
-        )
+            self._budgets, self._dispatchers, self._scorer = budgets, dispatchers, scorer
+            self._started_loop = loop  # last: only a whole preparation counts
+
+    def _check_templates(self, budget: ContextBudget) -> None:
+        """Raise ``ConfigError`` now if a template the run will use cannot fit the critic's window even empty.
+
+        Found later, the same problem would fail every prompt half-way through its work.
+        """
+        cfg = self.config
+        if cfg.depth == 0:  # best-of-N (and depth 0) never sends a template
+            return
+        prompts = cfg.prompts
+        empty = {"conversation": "", "chosen": "", "rejected": "", "critique": "", "feedback": "", "tag": prompts.tag}
+        critic_tokens = cfg.critic_max_tokens or cfg.max_tokens
+        owner = f"the critic {_name(self.critic)}"
+        # TPO falls back to the revision template when chosen and rejected are the same answer.
+        losses = [("loss_tpo", prompts.loss_tpo)] if cfg.mode == "tpo" else []
+        losses.append(("loss_revision", prompts.loss_revision))
+        for name, loss in losses:
+            budget.check_fits(partial(_loss_messages, loss), empty, critic_tokens, what=f"the {name} prompt template",
+                              owner=owner)
+            budget.check_fits(partial(_gradient_messages, loss, prompts.gradient), empty, critic_tokens,
+                              what=f"the gradient prompt template (after {name})", owner=owner)
+        budget.check_fits(partial(_update_messages, prompts.update), empty, cfg.max_tokens,
+                          what="the update prompt template", owner=owner)
 
     # ------------------------------------------------------------------ one prompt
 
     async def _run_chain(self, prompt: Prompt, resume_from: TPOResult | None, on_step: StepCallback | None) -> TPOResult:
         chain = _Chain(prompt)
-        if resume_from is not None and [dict(m) for m in resume_from.messages] != [m.as_dict() for m in prompt.messages]:
-            raise InputError(
-                f"prompt {prompt.id!r}: the result to resume from belongs to a different conversation "
-                f"(prompt {resume_from.prompt_id!r})"
-            )
+        started = time.perf_counter()
+        error: str | None = None
+        try:
+            _check_resume(prompt, resume_from)
+        except InputError as e:  # this prompt's problem: it fails, the other prompts of the run go on
+            error, resume_from = _describe(e), None
+        earlier_s = 0.0
         if resume_from is not None and resume_from.status != "failed":
             chain.store = CandidateStore(resume_from.candidates)
             chain.steps = list(resume_from.steps)
             chain.usage = resume_from.usage
+            earlier_s = resume_from.usage.wall_time_s
             if resume_from.status == "complete":
                 return resume_from
         cfg = self.config
-        started = time.perf_counter()
-        error: str | None = None
         # Depth first: a chain that ran all its steps did not stop early, whatever its score.
-        while not chain.steps or (
-            len(chain.steps) <= cfg.depth and chain.stopped_early is None and self._should_continue(chain)
+        while error is None and (
+            not chain.steps
+            or (len(chain.steps) <= cfg.depth and chain.stopped_early is None and self._should_continue(chain))
         ):
             try:
                 await self._timed_step(chain, len(chain.steps), self._update_step if chain.steps else self._sample_step)
-            except RunError as e:
-                error = f"{type(e).__name__}: {e}"
+            except (RunError, InputError) as e:
+                # A backend that keeps failing, or a conversation that cannot be made to fit: this
+                # prompt fails and the others go on. Other errors (a bug, a misconfigured run) propagate.
+                error = _describe(e)
                 break
             # Outside the try: a callback's own error (a checkpoint that cannot be written) stops the
-            # run instead of passing for this prompt's failure.
-            await _notify(on_step, self._result(chain, "partial"))
-        earlier_s = resume_from.usage.wall_time_s if resume_from is not None and resume_from.status != "failed" else 0.0
+            # run instead of passing for this prompt's failure. The partial result (with the whole
+            # configuration in it) is only built for a callback that will read it.
+            if on_step is not None:
+                await _notify(on_step, self._result(chain, "partial"))
         chain.usage = replace(chain.usage, wall_time_s=earlier_s + time.perf_counter() - started)
         if error is None and not chain.store.scored():
             error = "no answer could be scored: " + "; ".join(
@@ -297,7 +372,7 @@ class Engine:
         def build(v: Mapping[str, str]) -> tuple[Message, ...]:
             return tuple(Message(m.role, v[n]) for n, m in zip(names, prompt.messages, strict=True))
 
-        messages, max_tokens, cut = budget.fit(build, values, names, cfg.max_tokens)
+        messages, max_tokens, cut = _fit(budget, prompt.id, build, values, names, cfg.max_tokens)
         tally.truncated.update("conversation" for _ in cut)
         gen = await self._generate(
             self.policy, tally, messages, n=cfg.width, max_tokens=max_tokens, temperature=cfg.temperature,
@@ -337,11 +412,9 @@ class Engine:
         critic_temp = cfg.critic_temperature if cfg.critic_temperature is not None else cfg.temperature
 
         loss_values = {"conversation": conversation, "chosen": chosen.text, "rejected": rejected.text if rejected else ""}
-
-        def build_loss(v: Mapping[str, str]) -> tuple[Message, ...]:
-            return (Message("user", render(loss_template, v)),)
-
-        messages, max_tokens, cut = budget.fit(build_loss, loss_values, list(loss_values), critic_tokens)
+        pid = chain.prompt.id
+        build_loss = partial(_loss_messages, loss_template)
+        messages, max_tokens, cut = _fit(budget, pid, build_loss, loss_values, list(loss_values), critic_tokens)
         tally.truncated.update(cut)
         loss_gen = await self._generate(self.critic, tally, messages, n=1, max_tokens=max_tokens, temperature=critic_temp,
                                         purpose="loss", chain=chain, step=step)
@@ -351,15 +424,8 @@ class Engine:
             failures.append("the critique was empty")
 
         grad_values = {**loss_values, "critique": critique}
-
-        def build_grad(v: Mapping[str, str]) -> tuple[Message, ...]:
-            return (
-                Message("user", render(loss_template, v)),
-                Message("assistant", v["critique"]),
-                Message("user", render(prompts.gradient, v)),
-            )
-
-        messages, max_tokens, cut = budget.fit(build_grad, grad_values, list(grad_values), critic_tokens)
+        build_grad = partial(_gradient_messages, loss_template, prompts.gradient)
+        messages, max_tokens, cut = _fit(budget, pid, build_grad, grad_values, list(grad_values), critic_tokens)
         tally.truncated.update(cut)
         grad_gen = await self._generate(self.critic, tally, messages, n=1, max_tokens=max_tokens, temperature=critic_temp,
                                         purpose="gradient", chain=chain, step=step)
@@ -368,11 +434,9 @@ class Engine:
             failures.append("the feedback was empty")
 
         upd_values = {"conversation": conversation, "chosen": chosen.text, "critique": critique, "feedback": feedback, "tag": prompts.tag}
-
-        def build_update(v: Mapping[str, str]) -> tuple[Message, ...]:
-            return (Message("user", render(prompts.update, v)),)
-
-        messages, max_tokens, cut = budget.fit(build_update, upd_values, ["conversation", "chosen", "critique", "feedback"], cfg.max_tokens)
+        build_update = partial(_update_messages, prompts.update)
+        messages, max_tokens, cut = _fit(budget, pid, build_update, upd_values, ["conversation", "chosen", "critique", "feedback"],
+                                         cfg.max_tokens)
         tally.truncated.update(cut)
         upd_gen = await self._generate(self.critic, tally, messages, n=cfg.width, max_tokens=max_tokens,
                                        temperature=cfg.temperature, purpose="update", chain=chain, step=step)
@@ -465,15 +529,16 @@ class Engine:
         ]
         # Called even with nothing to score: on a batching reward model the chain then resumes
         # together with the chains that did score, so their next requests share a batch.
-        try:
-            scores = await scorer.submit_many(requests)
-        except RewardError as e:
-            scores = [Score.failed(str(e))] * len(requests)
+        # A call that failed fails only the answers it was scoring.
+        outcomes = await scorer.submit_many(requests)
         tally.reward_calls += len(requests)
-        for i, score in zip(order, scores, strict=True):
+        for i, outcome in zip(order, outcomes, strict=True):
+            score = Score.failed(str(outcome)) if isinstance(outcome, RunError) else outcome
             value = score.value if score.error is None else None
             if value is not None and not _finite(value):
-                value, score = None, Score.failed(f"the reward model returned a non-finite score ({score.value!r})")
+                value, score = None, Score.failed(
+                    f"the reward model returned a non-finite score ({score.value!r})", score.details
+                )
             if value is None:
                 tally.reward_failures += 1
                 failures.append(f"answer {ids[i]} could not be scored: {score.error or 'no score'}")
@@ -487,6 +552,7 @@ class Engine:
                     origin=origins[i],  # type: ignore[arg-type]
                     score_error=(score.error or "the reward model returned no score") if value is None else None,
                     finish_reason=texts[i][1],
+                    score_details=score.details,
                 )
             )
         return ids
@@ -543,6 +609,61 @@ async def _ask_context_window(backend: PolicyBackend) -> int | None:
 
 def _name(obj: object) -> str:
     return str(getattr(obj, "name", type(obj).__name__))
+
+
+def _describe(error: Exception) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
+def _max_batch_size(obj: object, what: str) -> int | None:
+    """The optional ``max_batch_size`` capability of a backend or reward model, checked."""
+    cap = getattr(obj, "max_batch_size", None)
+    if cap is None:
+        return None
+    if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
+        raise ConfigError(f"{what} {_name(obj)}: max_batch_size must be a positive integer or None, not {cap!r}")
+    return cap
+
+
+def _check_resume(prompt: Prompt, resume_from: TPOResult | None) -> None:
+    if resume_from is not None and [dict(m) for m in resume_from.messages] != [m.as_dict() for m in prompt.messages]:
+        raise InputError(
+            f"prompt {prompt.id!r}: the result to resume from belongs to a different conversation "
+            f"(prompt {resume_from.prompt_id!r})"
+        )
+
+
+def _loss_messages(template: str, values: Mapping[str, str]) -> tuple[Message, ...]:
+    return (Message("user", render(template, values)),)
+
+
+def _gradient_messages(loss_template: str, gradient_template: str, values: Mapping[str, str]) -> tuple[Message, ...]:
+    """The loss conversation continued: the loss request, the critique as the reply, then the ask."""
+    return (
+        Message("user", render(loss_template, values)),
+        Message("assistant", values["critique"]),
+        Message("user", render(gradient_template, values)),
+    )
+
+
+def _update_messages(template: str, values: Mapping[str, str]) -> tuple[Message, ...]:
+    return (Message("user", render(template, values)),)
+
+
+def _fit(
+    budget: ContextBudget,
+    prompt_id: str,
+    build: Callable[[Mapping[str, str]], tuple[Message, ...]],
+    values: Mapping[str, str],
+    shrinkable: Sequence[str],
+    max_tokens: int,
+) -> tuple[tuple[Message, ...], int, tuple[str, ...]]:
+    try:
+        return budget.fit(build, values, shrinkable, max_tokens)
+    except ConfigError as e:
+        # The templates were checked against the window before the run, so what cannot be made
+        # to fit is this prompt's own text (a conversation of very many turns, say).
+        raise InputError(f"prompt {prompt_id!r}: {e}") from e
 
 
 def _first(gen: Generation) -> str:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import warnings
 from collections.abc import AsyncGenerator, AsyncIterable, Generator, Iterable, Mapping
 from typing import Any
 
@@ -13,7 +15,7 @@ from .protocols import PolicyBackend, RewardModel
 from .result import TPOResult
 from .types import PromptLike
 
-__all__ = ["aoptimize", "aoptimize_many", "optimize", "optimize_many"]
+__all__ = ["aclose_per_loop", "aoptimize", "aoptimize_many", "optimize", "optimize_many"]
 
 
 def _config(config: TPOConfig | None, options: Mapping[str, Any]) -> TPOConfig:
@@ -33,7 +35,7 @@ async def aoptimize(
     resume: TPOResult | None = None,
     **options: Any,
 ) -> TPOResult:
-    """Async twin of ``optimize``."""
+    """Async twin of ``optimize``. It closes nothing: the backends are the caller's to close."""
     engine = Engine(policy, reward, critic=critic, config=_config(config, options))
     return await engine.optimize(prompt, metadata=metadata, resume_from=resume, on_step=on_step)
 
@@ -57,12 +59,23 @@ def optimize(
     (``width=5, depth=2, mode="tpo", seed=0, ...``), given directly or as ``config``.
     ``critic`` writes critiques, feedback and rewrites (default: ``policy``). ``resume`` is
     a partial result of this prompt (from ``on_step``) to continue from its next step.
+
+    The call runs a private event loop. The sync functions close the backends' connections
+    at the end; the models stay loaded: ``aclose()`` is called on the policy, critic and
+    reward that declare ``closes_per_loop = True`` (HTTP clients, which reopen on reuse),
+    so the same objects can be passed to the next call.
     """
     _no_running_loop("optimize", "aoptimize")
-    return asyncio.run(
-        aoptimize(prompt, policy=policy, reward=reward, critic=critic, config=config, on_step=on_step,
-                  metadata=metadata, resume=resume, **options)
-    )
+
+    async def run_and_close() -> TPOResult:
+        try:
+            return await aoptimize(prompt, policy=policy, reward=reward, critic=critic, config=config,
+                                   on_step=on_step, metadata=metadata, resume=resume, **options)
+        finally:
+            await aclose_per_loop(policy, critic, reward)
+
+    # asyncio.run then shuts down the loop's async generators and worker threads, and closes it.
+    return asyncio.run(run_and_close())
 
 
 async def aoptimize_many(
@@ -77,10 +90,16 @@ async def aoptimize_many(
     resume: Mapping[str, TPOResult] | None = None,
     **options: Any,
 ) -> AsyncGenerator[TPOResult, None]:
-    """Async twin of ``optimize_many``: an async iterator of results in the order prompts finish."""
+    """Async twin of ``optimize_many``: an async iterator of results in the order prompts finish.
+
+    It closes nothing: the backends are the caller's to close.
+    """
     engine = Engine(policy, reward, critic=critic, config=_config(config, options))
-    async for result in engine.optimize_many(prompts, resume=resume, on_step=on_step):
-        yield result
+    # Closed with this generator: ``async for`` alone would leave the engine's prompts running
+    # until the garbage collector finalised its generator.
+    async with contextlib.aclosing(engine.optimize_many(prompts, resume=resume, on_step=on_step)) as results:
+        async for result in results:
+            yield result
 
 
 def optimize_many(
@@ -104,15 +123,42 @@ def optimize_many(
 
     ``prompts`` is positional-only, so the ``prompts=`` option (a ``PromptSet``) can be given too.
     Closing the returned generator early (``.close()``) cancels the prompts still running.
+
+    The generator runs a private event loop. The sync functions close the backends'
+    connections at the end (when the generator is exhausted or closed); the models stay
+    loaded, as for ``optimize``.
     """
     # Checked at the call, not at the first next(): a mistake shows where it was made.
     _no_running_loop("optimize_many", "aoptimize_many")
     resolved = _config(config, options)
     agen = aoptimize_many(prompts, policy=policy, reward=reward, critic=critic, config=resolved, on_step=on_step, resume=resume)
-    return _drive(agen)
+    return _drive(agen, (policy, critic, reward))
 
 
-def _drive(agen: AsyncGenerator[TPOResult, None]) -> Generator[TPOResult, None, None]:
+async def aclose_per_loop(*objects: object) -> None:
+    """Close the event-loop-bound connections of backends and reward models, each object once.
+
+    Calls ``aclose()`` on every object that declares ``closes_per_loop = True`` (see
+    ``tpo.protocols``); others are left alone, since their ``aclose()`` may free a model.
+    A failure to close is reported as a ``RuntimeWarning``, never raised: the work is done.
+    Whoever runs tpo on an event loop of its own and then closes the loop calls this first.
+    """
+    seen: set[int] = set()
+    for obj in objects:
+        if obj is None or id(obj) in seen or getattr(obj, "closes_per_loop", False) is not True:
+            continue
+        seen.add(id(obj))
+        close = getattr(obj, "aclose", None)
+        if close is None:
+            continue
+        try:
+            await close()
+        except Exception as e:  # cleanup after the work: a result must not be lost to it
+            name = getattr(obj, "name", type(obj).__name__)
+            warnings.warn(f"closing {name} failed: {type(e).__name__}: {e}", RuntimeWarning, stacklevel=2)
+
+
+def _drive(agen: AsyncGenerator[TPOResult, None], owned: tuple[object, ...]) -> Generator[TPOResult, None, None]:
     """Run an async generator on a private event loop, one item per ``next()``."""
     loop = asyncio.new_event_loop()
     try:
@@ -122,8 +168,24 @@ def _drive(agen: AsyncGenerator[TPOResult, None]) -> Generator[TPOResult, None, 
             except StopAsyncIteration:
                 return
     finally:
-        loop.run_until_complete(agen.aclose())
+        try:
+            loop.run_until_complete(agen.aclose())
+        finally:
+            _close_loop(loop, owned)
+
+
+def _close_loop(loop: asyncio.AbstractEventLoop, owned: tuple[object, ...]) -> None:
+    """Close what ``owned`` opened on ``loop``, then the loop's own resources, then the loop (as ``asyncio.run`` does)."""
+    try:
+        loop.run_until_complete(aclose_per_loop(*owned))
+        leftovers = asyncio.all_tasks(loop)
+        for task in leftovers:
+            task.cancel()
+        if leftovers:
+            loop.run_until_complete(asyncio.gather(*leftovers, return_exceptions=True))
         loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.run_until_complete(loop.shutdown_default_executor())
+    finally:
         loop.close()
 
 

@@ -1,9 +1,17 @@
 """Reads the prompts of a batch run from JSONL, JSON, CSV, Parquet or a Hugging Face dataset, validating every row.
 
-``read_prompts`` scans the whole input once, checks each row (a prompt field that holds text
-or a conversation, a usable id, JSON-ready extra fields, no duplicate ids) and keeps only
-where each valid row lives, not the rows themselves: the prompts are read again, lazily, when
-the run asks for them. Every problem names the file and the line (or row) it is on.
+``read_prompts`` scans the whole input once and checks each row (a prompt field that holds
+text or a conversation, a usable id, JSON-ready extra fields, no duplicate ids); the prompts
+are then read again, lazily, when the run asks for them. What stays in memory meanwhile
+depends on the format:
+
+* JSON Lines and CSV/TSV: the byte offset of each valid row, never the rows;
+* Parquet: the row-group boundaries, plus the one row group being read;
+* a Hugging Face dataset: the ``datasets`` object, whose Arrow table is memory-mapped from disk;
+* a JSON list: the parsed list (JSON gives no way to find one item without parsing the rest);
+* rows given from Python: the rows themselves.
+
+Every problem names the file and the line (or row) it is on.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import csv
 import datetime as _dt
 import decimal
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -21,7 +30,7 @@ import re
 from collections.abc import Container, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol, Union
+from typing import IO, Any, Literal, Protocol, Union
 
 from .errors import ConfigError, InputError, MissingDependencyError
 from .types import Message, Prompt, to_messages
@@ -149,7 +158,7 @@ class _JsonlReader:
 
 
 class _ListReader:
-    """Rows already in memory: a JSON list, CSV records, or rows handed over from Python."""
+    """Rows already in memory: a parsed JSON list, or rows handed over from Python."""
 
     def __init__(self, format: str, rows: list[tuple[str, Mapping[str, Any] | RowProblem]]) -> None:
         self.format = format
@@ -221,43 +230,94 @@ def _skip_ws(text: str, pos: int) -> int:
     return pos
 
 
-def _read_csv(path: Path, name: str, delimiter: str) -> _ListReader:
-    _check_not_binary(path, name, "CSV")
-    fmt: InputFormat = "tsv" if delimiter == "\t" else "csv"
-    rows: list[tuple[str, Mapping[str, Any] | RowProblem]] = []
-    # surrogateescape lets one row with undecodable bytes be reported (and skipped) on its own.
-    with path.open("r", encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
-        reader = csv.reader(f, delimiter=delimiter)
-        try:
-            header = next(reader, None)
-        except csv.Error as e:
-            raise _FileProblem(f"{name} line 1", f"not valid CSV ({e})") from None
-        if header is None:
-            return _ListReader(fmt, rows)
-        if any(_has_surrogates(h) for h in header):
-            raise _FileProblem(f"{name} line 1", "the header is not valid UTF-8 text")
-        names = [h.strip() for h in header]
-        if len(set(names)) != len(names) or "" in names:
-            raise _FileProblem(f"{name} line 1", f"the header needs distinct, non-empty column names; got {header}")
-        last_line = reader.line_num
-        while True:
+class _Lines:
+    """The lines of a binary file from an offset on, decoded for ``csv.reader``, remembering where the next one starts."""
+
+    def __init__(self, f: IO[bytes], offset: int) -> None:
+        if offset == 0:
+            f.seek(0)
+            if f.read(3) == b"\xef\xbb\xbf":  # a byte-order mark some editors add
+                offset = 3
+        f.seek(offset)
+        self._f = f
+        self.position = offset
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        raw = self._f.readline()
+        if not raw:
+            raise StopIteration
+        self.position += len(raw)
+        # surrogateescape lets one row with undecodable bytes be reported (and skipped) on its own.
+        return raw.decode("utf-8", "surrogateescape")
+
+
+class _CsvReader:
+    """A header row, then one record per row; records are found again by the byte offset where they start."""
+
+    def __init__(self, path: Path, name: str, delimiter: str) -> None:
+        self.path, self.name, self.delimiter = path, name, delimiter
+        self.format: str = "tsv" if delimiter == "\t" else "csv"
+        self._names: list[str] = []
+        self._offsets: list[int] = []
+        self._lines: list[int] = []
+
+    def scan(self) -> Iterator[tuple[int, str, Mapping[str, Any] | RowProblem]]:
+        _check_not_binary(self.path, self.name, "CSV")
+        with self.path.open("rb") as f:
+            lines = _Lines(f, 0)
+            reader = csv.reader(lines, delimiter=self.delimiter)
             try:
-                record = next(reader)
-            except StopIteration:
-                break
+                header = next(reader, None)
             except csv.Error as e:
-                raise _FileProblem(f"{name} line {reader.line_num}", f"not valid CSV ({e})") from None
-            where = f"{name} line {last_line + 1}"
+                raise _FileProblem(f"{self.name} line 1", f"not valid CSV ({e})") from None
+            if header is None:
+                return
+            if any(_has_surrogates(h) for h in header):
+                raise _FileProblem(f"{self.name} line 1", "the header is not valid UTF-8 text")
+            names = [h.strip() for h in header]
+            if len(set(names)) != len(names) or "" in names:
+                raise _FileProblem(f"{self.name} line 1", f"the header needs distinct, non-empty column names; got {header}")
+            self._names = names
             last_line = reader.line_num
-            if not record or all(not cell.strip() for cell in record):
-                continue
-            if any(_has_surrogates(cell) for cell in record):
-                rows.append((where, RowProblem(where, "not valid UTF-8 text")))
-            elif len(record) != len(names):
-                rows.append((where, RowProblem(where, f"has {len(record)} columns; the header has {len(names)}")))
-            else:
-                rows.append((where, dict(zip(names, record, strict=True))))
-    return _ListReader(fmt, rows)
+            while True:
+                start = lines.position  # csv.reader takes lines one at a time: no read-ahead
+                try:
+                    record = next(reader)
+                except StopIteration:
+                    break
+                except csv.Error as e:
+                    raise _FileProblem(f"{self.name} line {reader.line_num}", f"not valid CSV ({e})") from None
+                where = f"{self.name} line {last_line + 1}"
+                lineno, last_line = last_line + 1, reader.line_num
+                if not record or all(not cell.strip() for cell in record):
+                    continue
+                index = len(self._offsets)
+                self._offsets.append(start)
+                self._lines.append(lineno)
+                yield index, where, self._row(record, where)
+
+    def _row(self, record: list[str], where: str) -> Mapping[str, Any] | RowProblem:
+        if any(_has_surrogates(cell) for cell in record):
+            return RowProblem(where, "not valid UTF-8 text")
+        if len(record) != len(self._names):
+            return RowProblem(where, f"has {len(record)} columns; the header has {len(self._names)}")
+        return dict(zip(self._names, record, strict=True))
+
+    def fetch(self, indices: Sequence[int]) -> Iterator[tuple[str, Mapping[str, Any]]]:
+        with self.path.open("rb") as f:
+            for i in indices:
+                where = f"{self.name} line {self._lines[i]}"
+                try:
+                    record = next(csv.reader(_Lines(f, self._offsets[i]), delimiter=self.delimiter), None)
+                except csv.Error:
+                    record = None
+                row = self._row(record, where) if record is not None else RowProblem(where, "not a CSV record")
+                if isinstance(row, RowProblem):  # the file changed since it was checked
+                    raise InputError(f"{row}; the input changed during the run")
+                yield where, row
 
 
 def _has_surrogates(text: str) -> bool:
@@ -265,7 +325,7 @@ def _has_surrogates(text: str) -> bool:
 
 
 class _TableReader:
-    """Rows of an Arrow-backed table (a Parquet file or a Hugging Face dataset), read by index."""
+    """Rows of a Hugging Face dataset (a memory-mapped Arrow table), read by index."""
 
     def __init__(self, format: str, name: str, length: int, row_at: Any) -> None:
         self.format, self.name = format, name
@@ -284,16 +344,53 @@ class _TableReader:
             yield self._where(i), self._row_at(i)
 
 
-def _read_parquet(path: Path, name: str) -> _TableReader:
-    try:
-        import pyarrow.parquet as pq  # optional and heavy: imported on use
-    except ImportError as e:
-        raise MissingDependencyError("pyarrow", "data", "Reading Parquet files") from e
-    try:
-        table = pq.read_table(path)
-    except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... for a file that is not Parquet
-        raise _FileProblem(name, f"not a readable Parquet file ({type(e).__name__}: {e})") from None
-    return _TableReader("parquet", name, table.num_rows, lambda i: table.slice(i, 1).to_pylist()[0])
+class _ParquetReader:
+    """A Parquet file read one row group at a time: rows are found again by their row group."""
+
+    format = "parquet"
+
+    def __init__(self, path: Path, name: str) -> None:
+        try:
+            import pyarrow.parquet as pq  # optional and heavy: imported on use
+        except ImportError as e:
+            raise MissingDependencyError("pyarrow", "data", "Reading Parquet files") from e
+        self.name = name
+        try:
+            self._file = pq.ParquetFile(path)
+        except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... for a file that is not Parquet
+            raise _FileProblem(name, f"not a readable Parquet file ({type(e).__name__}: {e})") from None
+        metadata = self._file.metadata
+        #: The index of the first row of every row group.
+        self._starts = list(itertools.accumulate(
+            (metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)), initial=0
+        ))[:-1]
+        self._cached: tuple[int, list[dict[str, Any]]] | None = None
+
+    def _group(self, g: int) -> list[dict[str, Any]]:
+        if self._cached is None or self._cached[0] != g:
+            try:
+                rows = self._file.read_row_group(g).to_pylist()
+            except Exception as e:  # a corrupt row group
+                raise _FileProblem(self.name, f"row group {g} cannot be read ({type(e).__name__}: {e})") from None
+            self._cached = (g, rows)
+        return self._cached[1]
+
+    def _where(self, i: int) -> str:
+        return f"{self.name} row {i + 1}"
+
+    def scan(self) -> Iterator[tuple[int, str, Mapping[str, Any] | RowProblem]]:
+        for g, start in enumerate(self._starts):
+            for j, row in enumerate(self._group(g)):
+                yield start + j, self._where(start + j), row
+
+    def fetch(self, indices: Sequence[int]) -> Iterator[tuple[str, Mapping[str, Any]]]:
+        for i in indices:
+            g = bisect.bisect_right(self._starts, i) - 1
+            try:
+                rows = self._group(g)
+            except _FileProblem as e:
+                raise InputError(f"{e}; the input changed during the run") from None
+            yield self._where(i), rows[i - self._starts[g]]
 
 
 def _read_hf(source: str, name: str, split: str | None, *, local: bool) -> _TableReader:
@@ -353,8 +450,8 @@ def _open(source: str, name: str, fmt: InputFormat | None, split: str | None) ->
     if fmt == "json":
         return _read_json_list(path, name)
     if fmt in ("csv", "tsv"):
-        return _read_csv(path, name, "\t" if fmt == "tsv" else ",")
-    return _read_parquet(path, name)
+        return _CsvReader(path, name, "\t" if fmt == "tsv" else ",")
+    return _ParquetReader(path, name)
 
 
 # ---------------------------------------------------------------------------- rows to prompts

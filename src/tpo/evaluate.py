@@ -25,7 +25,6 @@ the same in prose):
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import statistics
@@ -35,8 +34,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ._jsonl import read_result_lines
 from .errors import InputError
+from .protocols import RewardModel
 from .result import TPOResult
+from .types import Message, Score, ScoreRequest
 
 __all__ = [
     "Comparison",
@@ -75,55 +77,16 @@ EVAL_SCHEMA_VERSION = 1
 def read_results(path: str | Path) -> tuple[list[TPOResult], list[str]]:
     """The results in a batch output file (JSONL, one ``TPOResult.to_dict()`` per line), and warnings.
 
-    Blank lines are skipped. A line that is not a result raises ``InputError`` naming the
-    file and line, except an unterminated last line (a run still writing, or killed
-    mid-write), which is skipped with a warning. When a prompt id appears twice the later
-    line wins, with a warning.
+    Read by tpo's one reader of result files (the rules of ``tpo._jsonl``, which ``tpo
+    batch`` follows when it resumes): blank lines are skipped; a line that is not a result
+    raises ``InputError`` naming the file and line, except a last line cut short (a run
+    still writing, or killed mid-write), which is skipped with a warning; when a prompt id
+    appears on several lines the last one counts, with a warning.
     """
-    p = Path(path)
-    try:
-        handle = p.open("r", encoding="utf-8")
-    except OSError as e:
-        raise InputError(f"{p}: cannot be read: {e.strerror or e}") from e
-    by_id: dict[str, TPOResult] = {}
-    warnings: list[str] = []
-    with handle:
-        try:
-            for lineno, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    result = _parse_line(line, p, lineno)
-                except InputError:
-                    if line.endswith("\n"):  # only the very last line can lack its newline
-                        raise
-                    warnings.append(f"{p}:{lineno}: the last line is incomplete (a run in progress, or killed?); skipped")
-                    break
-                if result.prompt_id in by_id:
-                    warnings.append(f"{p}:{lineno}: prompt {result.prompt_id!r} appears again; the later line is used")
-                    del by_id[result.prompt_id]
-                by_id[result.prompt_id] = result
-        except UnicodeDecodeError as e:
-            raise InputError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start}); is this a tpo batch output?") from e
-    if not by_id:
-        raise InputError(f"{p}: holds no results (an empty file?)")
-    return list(by_id.values()), warnings
-
-
-def _parse_line(line: str, path: Path, lineno: int) -> TPOResult:
-    where = f"{path}:{lineno}"
-    try:
-        data = json.loads(line)
-    except ValueError as e:
-        raise InputError(f"{where}: not valid JSON ({e})") from e
-    if not isinstance(data, dict) or "prompt_id" not in data:
-        raise InputError(f"{where}: not a tpo result (expected an object with 'prompt_id', 'candidates', 'steps', ...)")
-    try:
-        return TPOResult.from_dict(data)
-    except ValueError as e:  # a schema_version this tpo does not read
-        raise InputError(f"{where}: {e}") from e
-    except (KeyError, TypeError, AttributeError) as e:
-        raise InputError(f"{where}: a malformed tpo result ({type(e).__name__}: {e})") from e
+    read = read_result_lines(path, TPOResult.from_dict)
+    if not read.lines:
+        raise InputError(f"{read.path}: holds no results (an empty file?)")
+    return [line.value for line in read.lines.values()], read.warnings()
 
 
 @dataclass(frozen=True)
@@ -300,8 +263,11 @@ class Failures:
 class MathAccuracy:
     """Final answers checked against a reference with math-verify.
 
-    ``accuracy = correct / checked``; ``checked`` counts prompts with a usable reference,
-    a prompt that did not finish with an answer counting as wrong (``no_answer``).
+    ``accuracy = correct / checked``. ``checked`` counts every prompt with a usable
+    reference (one math-verify parses). A prompt that did not finish with an answer counts
+    as wrong (``no_answer``), and so does an answer whose check failed or ran out of time
+    (``check_failures``): a check that cannot confirm an answer neither makes it right nor
+    takes the prompt out of the count.
     """
 
     reference_field: str
@@ -310,8 +276,10 @@ class MathAccuracy:
     accuracy: float | None
     interval: Interval | None
     no_answer: int
-    #: Prompts without a usable reference in that field (not counted in ``checked``).
+    #: Prompts without a usable reference: none in that field, or one math-verify cannot parse (not in ``checked``).
     missing_reference: int
+    #: Answers whose check raised an error or timed out (counted as wrong).
+    check_failures: int = 0
 
 
 @dataclass(frozen=True)
@@ -460,36 +428,51 @@ def failures(results: Sequence[TPOResult]) -> Failures:
 
 
 def math_accuracy(results: Sequence[TPOResult], *, reference_field: str = "answer") -> MathAccuracy:
-    """Check each final answer against ``metadata[reference_field]`` with math-verify (tpo's ``MathReward``)."""
+    """Check each final answer against ``metadata[reference_field]`` with math-verify (tpo's ``MathReward``).
+
+    Only a problem with the reference (missing, or not parsable) takes a prompt out of the
+    count; a failed or timed-out check of an answer counts it as wrong.
+    """
     from .rewards.verifier import MathReward
-    from .types import Message, ScoreRequest
 
     checker = MathReward(field=reference_field)
-    with_reference = [r for r in results if _has_reference(r.metadata.get(reference_field))]
-    answered = [r for r in with_reference if r.status == "complete" and r.answer is not None]
-    requests = [
-        ScoreRequest(
-            tuple(Message(m["role"], m["content"]) for m in r.messages),  # type: ignore[arg-type]
-            r.answer or "",
-            r.metadata,
-            r.prompt_id,
-        )
-        for r in answered
-    ]
-    scores = _run_sync(lambda: checker.score(requests)) if requests else []
+    with_field = [r for r in results if _has_reference(r.metadata.get(reference_field))]
+    # The checker itself says whether a reference is usable: it fails an empty answer only when the
+    # reference is missing or cannot be parsed (otherwise an empty answer is simply wrong). Asking it
+    # keeps tpo eval and --reward math in agreement, and tells reference problems from answer problems.
+    probes = _run_sync(lambda: _check_each(checker, [_score_request(r, "") for r in with_field]))
+    usable = [r for r, probe in zip(with_field, probes, strict=True) if probe.error is None and probe.value is not None]
+    answered = [r for r in usable if r.status == "complete" and r.answer is not None]
+    scores = _run_sync(lambda: _check_each(checker, [_score_request(r, r.answer or "") for r in answered]))
     correct = sum(1 for s in scores if s.value == 1.0)
-    # A reference the verifier cannot parse is as unusable as a missing one.
-    unparsable = sum(1 for s in scores if s.value is None)
-    checked = len(with_reference) - unparsable
+    checked = len(usable)
     return MathAccuracy(
         reference_field=reference_field,
         checked=checked,
         correct=correct,
         accuracy=correct / checked if checked else None,
         interval=wilson_interval(correct, checked),
-        no_answer=len(with_reference) - len(answered),
+        no_answer=checked - len(answered),
         missing_reference=len(results) - checked,
+        check_failures=sum(1 for s in scores if s.error is not None or s.value is None),
     )
+
+
+def _score_request(result: TPOResult, answer: str) -> ScoreRequest:
+    messages = tuple(Message(m["role"], m["content"]) for m in result.messages)  # type: ignore[arg-type]
+    return ScoreRequest(messages, answer, result.metadata, result.prompt_id)
+
+
+async def _check_each(checker: RewardModel, requests: Sequence[ScoreRequest]) -> list[Score]:
+    """One score per request, each checked on its own, so one that raises fails only itself."""
+    out = []
+    for request in requests:
+        try:
+            scores = list(await checker.score([request]))
+        except Exception as e:  # math-verify raising on one odd answer must not stop the evaluation
+            scores = [Score.failed(f"{type(e).__name__}: {e}")]
+        out.append(scores[0] if len(scores) == 1 else Score.failed(f"{len(scores)} scores for one answer"))
+    return out
 
 
 def _run_sync(make: Callable[[], Coroutine[Any, Any, _T]]) -> _T:

@@ -30,7 +30,6 @@ Arena-Hard's own tiktoken count only matters for its length-controlled scores.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -41,7 +40,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .errors import ConfigError, InputError
-from .result import TPOResult
+from .result import TPOResult, dumps_json
 from .store import answer_id
 
 __all__ = [
@@ -298,12 +297,7 @@ def export_results(
 
 def _dumps(data: Any, *, indent: int | None = None) -> str:
     """JSON with non-ASCII text as is, or escaped when it holds a lone surrogate (which UTF-8 cannot)."""
-    text = json.dumps(data, ensure_ascii=False, indent=indent)
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return json.dumps(data, ensure_ascii=True, indent=indent)
-    return text
+    return dumps_json(data, indent=indent)
 
 
 def _write_lines(path: Path, records: Sequence[Mapping[str, Any]]) -> None:

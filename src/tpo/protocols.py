@@ -7,6 +7,24 @@ Both are batch-shaped. Capabilities are attributes, not subclasses:
   in one call, one call at a time.
 * ``batching = False``: requests are independent (an HTTP server); the engine calls with one
   request at a time, concurrently, and the backend limits what it keeps in flight.
+
+A backend or reward model only needs what ``PolicyBackend`` and ``RewardModel`` list. The
+engine also uses these members when an object has them (see ``KnowsContextWindow``,
+``CountsTokens`` and ``ClosesPerLoop`` for their exact signatures):
+
+* ``async context_window() -> int | None``: the model's context window in tokens, so that
+  every request is fitted into it (without it, ``TPOConfig.context_window`` or 8192).
+* ``count_tokens(messages) -> int | None``: exact prompt token counts for fitting (without
+  it, a conservative estimate).
+* ``max_batch_size: int | None``: on a batching backend or reward model, the most requests
+  one call may carry; more wait for the next call. ``None`` (or no attribute): no limit.
+* ``async aclose()``: release what the object holds. The engine never calls it; the caller
+  owns the objects, except as follows.
+* ``closes_per_loop = True``: ``aclose()`` only releases what belongs to the running event
+  loop (HTTP connections) and the object opens them again when used on another loop. The
+  synchronous ``tpo.optimize`` and ``tpo.optimize_many`` run a private event loop each, and
+  call ``aclose()`` at its end on the policy, critic and reward that declare this. Backends
+  whose ``aclose()`` frees a model (llama.cpp, Transformers, vLLM in-process) must not.
 """
 
 from __future__ import annotations
@@ -16,12 +34,17 @@ from typing import Protocol, runtime_checkable
 
 from .types import Generation, GenerationRequest, Message, Score, ScoreRequest
 
-__all__ = ["PolicyBackend", "RewardModel"]
+__all__ = ["ClosesPerLoop", "CountsTokens", "KnowsContextWindow", "PolicyBackend", "RewardModel"]
 
 
 @runtime_checkable
 class PolicyBackend(Protocol):
-    """Generates answers. Implement ``generate``; the rest are capability attributes."""
+    """Generates answers. Implement ``generate``; the rest are capability attributes.
+
+    The optional members the engine uses when present (``context_window``,
+    ``count_tokens``, ``max_batch_size``, ``closes_per_loop``, ``aclose``) are described in
+    this module's docstring.
+    """
 
     #: A short label for logs and results, e.g. ``"llamacpp:SmolLM2-135M-Instruct"``.
     name: str
@@ -36,9 +59,19 @@ class PolicyBackend(Protocol):
         """Return one ``Generation`` per request, in order. Raise ``BackendError`` on failure."""
         ...
 
+
+@runtime_checkable
+class KnowsContextWindow(Protocol):
+    """Optional for a policy backend: it can tell its model's context window."""
+
     async def context_window(self) -> int | None:
         """The model's context window in tokens, or ``None`` when unknown."""
         ...
+
+
+@runtime_checkable
+class CountsTokens(Protocol):
+    """Optional for a policy backend: it can count prompt tokens exactly."""
 
     def count_tokens(self, messages: Sequence[Message]) -> int | None:
         """Tokens the conversation takes as a prompt (chat template included), or ``None``."""
@@ -46,8 +79,23 @@ class PolicyBackend(Protocol):
 
 
 @runtime_checkable
+class ClosesPerLoop(Protocol):
+    """Optional for a backend or reward model: connections tied to one event loop, reopened on reuse."""
+
+    #: True: ``aclose()`` releases only what belongs to the running event loop; the object stays usable.
+    closes_per_loop: bool
+
+    async def aclose(self) -> None:
+        """Close the connections of the running event loop; the next use opens new ones."""
+        ...
+
+
+@runtime_checkable
 class RewardModel(Protocol):
-    """Scores answers. Implement ``score``; ``batching`` says how it likes to be called."""
+    """Scores answers. Implement ``score``; ``batching`` says how it likes to be called.
+
+    ``max_batch_size``, ``closes_per_loop`` and ``aclose`` are optional, as for a policy backend.
+    """
 
     name: str
     batching: bool
@@ -55,7 +103,8 @@ class RewardModel(Protocol):
     async def score(self, requests: Sequence[ScoreRequest]) -> list[Score]:
         """Return one ``Score`` per request, in order.
 
-        A single answer that cannot be scored is returned as ``Score.failed(...)``; raising
-        ``RewardError`` fails every request of the call.
+        A single answer that cannot be scored is returned as ``Score.failed(...)``. Raising
+        ``RewardError`` fails every request of the call: on a non-batching reward model
+        (called with one request at a time) that is just the one answer.
         """
         ...

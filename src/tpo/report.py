@@ -14,7 +14,6 @@ import base64
 import datetime as _dt
 import hashlib
 import html
-import json
 import math
 import re
 from collections.abc import Sequence
@@ -25,7 +24,7 @@ from typing import Any
 
 from .errors import ConfigError
 from .evaluate import Interval, Run, RunSummary, compare_runs, load_run, summarize_run, unique_labels
-from .result import TPOResult
+from .result import TPOResult, dumps_json
 
 __all__ = ["build_report", "write_report"]
 
@@ -102,11 +101,7 @@ def _e(text: object) -> str:
 
 def _embed_json(data: Any) -> str:
     """JSON that is safe between ``<script type="application/json">`` tags."""
-    text = json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate in some text: escape everything non-ASCII
-        text = json.dumps(data, ensure_ascii=True, separators=(",", ":"), allow_nan=False)
+    text = dumps_json(data, compact=True, allow_nan=False)
     return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 

@@ -10,13 +10,30 @@ from typing import Any, Literal
 from .errors import InputError
 from .store import Candidate
 
-__all__ = ["SCHEMA_VERSION", "StepRecord", "TPOResult", "Usage"]
+__all__ = ["SCHEMA_VERSION", "StepRecord", "TPOResult", "Usage", "dumps_json"]
 
 #: Bumped whenever a field of the JSON form changes meaning or disappears.
 SCHEMA_VERSION = 1
 
 Status = Literal["complete", "partial", "failed"]
 StepKind = Literal["sample", "tpo", "revision"]
+
+
+def dumps_json(data: Any, *, indent: int | None = None, compact: bool = False, allow_nan: bool = True) -> str:
+    """``data`` as a JSON string that can always be written to a UTF-8 file.
+
+    Non-ASCII text is kept as is, unless some text holds a lone surrogate (which no UTF-8
+    file can hold): then everything non-ASCII is written as ASCII escapes, so the string
+    still saves and reads back unchanged. ``compact`` drops the spaces after separators;
+    ``allow_nan=False`` raises ``ValueError`` on NaN or infinity instead of writing them.
+    """
+    separators = (",", ":") if compact else None
+    text = json.dumps(data, ensure_ascii=False, indent=indent, separators=separators, allow_nan=allow_nan)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(data, ensure_ascii=True, indent=indent, separators=separators, allow_nan=allow_nan)
+    return text
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,10 +52,12 @@ class Usage:
         return Usage(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
 
     def to_dict(self) -> dict[str, Any]:
+        """The JSON form: every counter by name."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Usage:
+        """Rebuild usage from ``to_dict()``; a missing counter is 0."""
         return cls(**{f.name: d.get(f.name, 0) for f in fields(cls)})
 
 
@@ -74,6 +93,7 @@ class StepRecord:
         return sum(n for kind, n in self.extraction.items() if kind != "tagged")
 
     def to_dict(self) -> dict[str, Any]:
+        """The JSON form of the step (see ``docs/result-schema.md``), with the derived ``fallbacks``."""
         return {
             "step": self.step,
             "kind": self.kind,
@@ -93,6 +113,7 @@ class StepRecord:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> StepRecord:
+        """Rebuild a step from ``to_dict()``; the derived ``fallbacks`` is recomputed, not read."""
         return cls(
             step=d["step"],
             kind=d["kind"],
@@ -188,13 +209,7 @@ class TPOResult:
         Text with a lone surrogate (which no UTF-8 file can hold) is written with ASCII
         escapes instead, so the string can always be saved and reads back unchanged.
         """
-        data = self.to_dict()
-        text = json.dumps(data, ensure_ascii=False, indent=indent)
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            return json.dumps(data, ensure_ascii=True, indent=indent)
-        return text
+        return dumps_json(self.to_dict(), indent=indent)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TPOResult:

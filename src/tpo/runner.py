@@ -9,11 +9,14 @@ Files, for an output ``out.jsonl`` (format: ``docs/batch.md``)::
         checkpoints.jsonl       the latest partial result of every unfinished prompt (append-only)
         lock                    held while a process writes the run
 
-Every line is appended with one write and made durable (``fsync``) before the engine goes
-on, so a process killed at any moment loses at most the step in flight. On the next start
-a torn last line is cut off, the finished ids are read from the output, and every
-unfinished prompt continues from its latest checkpoint. Checkpoints of finished prompts
-are compacted away, so the sidecar stays as small as the work in flight.
+Every line is appended whole and made durable (``fsync``) before the prompt that wrote it
+goes on, so a process killed at any moment loses at most the steps in flight. The lines
+that prompts write at about the same time are committed as a group, with one write and
+one ``fsync`` in a worker thread: the event loop, and the model requests in flight on it,
+never wait for the disk. On the next start a torn last line is cut off, the finished ids
+are read from the output (by ``tpo._jsonl``, the reader ``tpo eval`` uses too), and every
+unfinished prompt continues from its latest checkpoint. Checkpoints of finished prompts are
+compacted away, so the sidecar stays as small as the work in flight.
 """
 
 from __future__ import annotations
@@ -27,15 +30,16 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any
 
+from ._jsonl import ResultLines, is_whole_object, read_result_lines
 from .algorithm import Engine
 from .config import TPOConfig
-from .datasets import InputFormat, PromptDataset, Source, read_prompts
-from .errors import ConfigError, InputError, RunError
+from .datasets import PromptDataset, Source, read_prompts
+from .errors import ConfigError, InputError, RunError, UserError
 from .protocols import PolicyBackend, RewardModel
 from .result import TPOResult, Usage
 from .types import Prompt
@@ -58,7 +62,21 @@ SIDECAR_SUFFIX = ".tpo"
 DEFAULT_COMPACT_MIN_BYTES = 64 * 1024 * 1024
 #: Version of the sidecar's layout; a different one is refused like a different configuration.
 _LAYOUT_VERSION = 1
-_SECRET = re.compile(r"(api_?key|token|secret|password|passwd|authorization|credential)", re.IGNORECASE)
+
+#: Option names whose values are secrets, masked in fingerprint.json and config.json. Whole names
+#: only (lower-cased, ``-`` read as ``_``): ``max_tokens`` or ``tokenizer`` change results and must
+#: stay visible to the fingerprint.
+_SECRET_NAMES = frozenset({
+    "access_token", "api_key", "api_token", "apikey", "auth", "auth_token", "authorization", "bearer",
+    "bearer_token", "client_secret", "cookie", "credential", "credentials", "hf_token", "id_token",
+    "passphrase", "passwd", "password", "private_key", "proxy_authorization", "refresh_token", "secret",
+    "secret_key", "session_token", "token",
+})
+#: Endings that make a name a secret whatever comes before (``openai_api_key``, ``db_password``).
+_SECRET_SUFFIXES = ("_api_key", "_apikey", "_api_token", "_access_token", "_auth_token", "_password",
+                    "_passwd", "_secret", "_secret_key", "_private_key", "_credentials")
+#: The password in a URL's user information: ``https://user:PASSWORD@host``.
+_URL_PASSWORD = re.compile(r"(://[^/@\s:]*):[^/@\s]*@")
 
 
 def sidecar_dir(output: str | os.PathLike[str]) -> Path:
@@ -76,7 +94,9 @@ class BatchSummary:
     ``complete`` and ``failed`` count every prompt of the run, including those finished by
     earlier sessions (``finished_before``). ``usage`` sums the steps finished in this session
     (its ``wall_time_s`` adds up the steps of prompts that ran concurrently); ``elapsed_s`` is
-    this session's wall-clock time.
+    this session's wall-clock time. ``restarted`` counts the prompts that had finished steps
+    in an earlier session but started over from their first step, because the reward keeps
+    state per prompt (``per_prompt_state``, e.g. ``--reward-normalize``).
     """
 
     output: Path
@@ -88,6 +108,7 @@ class BatchSummary:
     invalid_rows: int
     usage: Usage
     elapsed_s: float
+    restarted: int = 0
 
     @property
     def done(self) -> int:
@@ -184,21 +205,6 @@ def _append(f: IO[bytes], data: bytes) -> None:
     os.fsync(f.fileno())
 
 
-def _append_line(f: IO[bytes], data: bytes) -> int:
-    """Append one line durably and return its offset; a failed write is taken back, so later lines stay whole."""
-    offset = f.tell()
-    try:
-        _append(f, data)
-    except OSError:
-        try:
-            f.truncate(offset)
-            f.flush()
-        except OSError as e:  # the file may end in half a line now; the next start cuts or reports it
-            raise OSError(f"{e}; the partial write could not be undone either") from e
-        raise
-    return offset
-
-
 def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("wb") as f:
@@ -211,44 +217,62 @@ def _dump_line(result: TPOResult) -> bytes:
     return (result.to_json() + "\n").encode("utf-8")
 
 
-def _cut_torn_tail(path: Path) -> int:
-    """Remove a last line that has no newline (a write cut short by a kill); return the bytes removed."""
+def _repair_tail(path: Path) -> int:
+    """Make ``path`` end with a whole line before anything is appended to it; return the bytes cut off.
+
+    A last line without its newline that is not a whole JSON object is a write a kill cut
+    short: it is cut off. One that is whole (cut just before its newline) gets its newline,
+    so it counts as ``tpo._jsonl`` counts it.
+    """
     size = path.stat().st_size
     if size == 0:
         return 0
     with path.open("rb+") as f:
-        end = size
-        chunk = 1 << 16
-        while end > 0:
-            start = max(0, end - chunk)
-            f.seek(start)
-            block = f.read(end - start)
-            if end == size and block.endswith(b"\n"):
-                return 0
-            cut = block.rfind(b"\n")
-            if cut >= 0:
-                keep = start + cut + 1
-                break
-            end = start
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return 0
+        start = _last_line_start(f, size)
+        f.seek(start)
+        if is_whole_object(f.read(size - start)):
+            f.seek(size)
+            f.write(b"\n")
+            cut = 0
         else:
-            keep = 0
-        f.truncate(keep)
+            f.truncate(start)
+            cut = size - start
         f.flush()
         os.fsync(f.fileno())
-    return size - keep
+    return cut
 
 
-def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
-    """(offset, line with its newline) for every line of a file that ends in a newline."""
-    offset = 0
-    with path.open("rb") as f:
-        for raw in f:
-            yield offset, raw
-            offset += len(raw)
+def _last_line_start(f: IO[bytes], size: int) -> int:
+    end = size
+    chunk = 1 << 16
+    while end > 0:
+        start = max(0, end - chunk)
+        f.seek(start)
+        cut = f.read(end - start).rfind(b"\n")
+        if cut >= 0:
+            return start + cut + 1
+        end = start
+    return 0
 
 
 def _scored(d: Mapping[str, Any]) -> bool:
     return any(isinstance(c, Mapping) and c.get("score") is not None for c in d.get("candidates") or ())
+
+
+def _output_info(d: Mapping[str, Any]) -> tuple[bool, bool]:
+    """(failed, has a scored answer) of one output line."""
+    status = d["status"]
+    if status not in ("complete", "failed"):
+        raise ValueError(f"a finished result's status is 'complete' or 'failed', not {status!r}")
+    return status != "complete", _scored(d)
+
+
+def _checkpoint_info(d: Mapping[str, Any]) -> tuple[int, bool]:
+    """(steps finished, has a scored answer) of one checkpoint line."""
+    return len(d["steps"]), _scored(d)
 
 
 def _lock(path: Path) -> IO[str]:
@@ -270,13 +294,124 @@ class _WriteFailed(Exception):
     """A run file could not be written. Not a RunError: the engine must not take it for one prompt's failure."""
 
 
-@contextlib.contextmanager
-def _writing(path: Path) -> Iterator[None]:
-    """Name the file of a failed write (disk full, permissions); ``arun`` turns it into a RunError that stops the run."""
-    try:
-        yield
-    except OSError as e:
-        raise _WriteFailed(f"could not write {path}: {e}") from e
+class _GroupLog:
+    """An append-only file of lines, made durable in groups without blocking the event loop.
+
+    ``append`` queues one line and returns once the line is on disk (written and fsynced).
+    Lines queued while a group is being written form the next group: one write and one
+    ``fsync`` per group, in a worker thread. So however many prompts finish a step at once,
+    they share an ``fsync``, and the model requests in flight never wait for the disk. A
+    write that fails is taken back (the file is truncated to where the group began), then
+    that line's group and every later line fail with ``_WriteFailed``: nothing is ever
+    appended after half a line.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        #: Bytes on disk, as of the last group written.
+        self.size = 0
+        #: Groups written (one fsync each).
+        self.groups = 0
+        self._f: IO[bytes] | None = None
+        self._queue: list[tuple[bytes, Callable[[int], None] | None, asyncio.Future[None]]] = []
+        self._writer: asyncio.Task[None] | None = None
+        self._failure: BaseException | None = None
+
+    async def append(self, data: bytes, on_written: Callable[[int], None] | None = None) -> None:
+        """Append ``data`` (one line with its newline); return once it is durable.
+
+        ``on_written(offset)`` runs on the event loop once the line is on disk, even when the
+        caller was cancelled meanwhile, so whatever indexes the file stays true to it.
+        """
+        if self._failure is not None:
+            raise self._failure
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.append((data, on_written, future))
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write_groups())
+        await future
+
+    async def drain(self) -> None:
+        """Wait until no group is being written (the lines' own waiters receive any error)."""
+        while self._writer is not None:
+            await asyncio.wait([self._writer])
+
+    async def _write_groups(self) -> None:
+        try:
+            while self._queue:
+                await asyncio.sleep(0)  # lines queued in this same turn of the loop join the group
+                group, self._queue = self._queue, []
+                try:
+                    job = self._before_group()
+                    offset, job_result = await asyncio.to_thread(self._write_group, b"".join(d for d, _, _ in group), job)
+                    self.groups += 1
+                    self._after_group(job_result)
+                    for data, on_written, _ in group:
+                        if on_written is not None:
+                            on_written(offset)
+                        offset += len(data)
+                        self.size = offset
+                except BaseException as e:
+                    # Whatever went wrong, no waiter may hang: each gets the error.
+                    self._fail(e, group)
+                    if isinstance(e, asyncio.CancelledError):
+                        raise
+                    return
+                for _, _, future in group:
+                    if not future.done():
+                        future.set_result(None)
+        finally:
+            self._writer = None
+
+    def _fail(self, error: BaseException, group: list[tuple[bytes, Any, asyncio.Future[None]]]) -> None:
+        if isinstance(error, asyncio.CancelledError):
+            self._failure = _WriteFailed(f"could not write {self.path}: a write was interrupted")
+        else:
+            self._failure = error
+        for _, _, future in [*group, *self._queue]:
+            if future.done():
+                continue
+            if isinstance(error, asyncio.CancelledError):
+                future.cancel()
+            else:
+                future.set_exception(self._failure)
+        self._queue = []
+
+    def _write_group(self, data: bytes, job: Any) -> tuple[int, Any]:
+        """In the worker thread: run ``job`` (see ``_before_group``), then append ``data`` durably; return its offset."""
+        job_result = self._run_job(job) if job is not None else None
+        if self._f is None:
+            self._f = self.path.open("ab")
+        f = self._f
+        offset = os.fstat(f.fileno()).st_size
+        try:
+            _append(f, data)
+        except OSError as e:
+            try:
+                f.truncate(offset)
+                f.flush()
+            except OSError as e2:  # the file may end in half a line now; the next start cuts or reports it
+                raise _WriteFailed(f"could not write {self.path}: {e}; the partial write could not be undone either ({e2})") from e
+            raise _WriteFailed(f"could not write {self.path}: {e}") from e
+        return offset, job_result
+
+    # Hooks for work that must not overlap a group's write (a compaction that replaces the file).
+    def _before_group(self) -> Any:
+        """On the loop, as a group is taken: a job for the worker thread to run first, or None."""
+        return None
+
+    def _run_job(self, job: Any) -> Any:
+        """In the worker thread, before the group is appended."""
+        return None
+
+    def _after_group(self, job_result: Any) -> None:
+        """On the loop, after the group is durable and before its lines' ``on_written``."""
+
+    def close(self) -> None:
+        """Close the file (after ``drain``: a group in flight would fail)."""
+        if self._f is not None:
+            self._f.close()
+            self._f = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,27 +421,32 @@ class _Entry:
     steps: int
 
 
-class _Checkpoints(Mapping[str, TPOResult]):
+class _Checkpoints(_GroupLog, Mapping[str, TPOResult]):
     """The append-only file of partial results, indexed by prompt id (the latest line wins).
 
     As a mapping it is the ``resume`` argument of ``Engine.optimize_many``: a result is read
-    from disk only when the engine asks for it.
+    from disk only when the engine asks for it, through a handle on the file the index
+    describes (a compaction in the worker thread replaces the file; the loop switches the
+    index and the handle together).
     """
 
     def __init__(self, path: Path, compact_min_bytes: int) -> None:
-        self.path = path
+        super().__init__(path)
         self.compact_min_bytes = compact_min_bytes
         self.entries: dict[str, _Entry] = {}
         self.live_bytes = 0
-        self.size = 0
-        self._f: IO[bytes] | None = None
+        self._reader: IO[bytes] | None = None
 
     # Mapping: what the engine resumes from.
     def __getitem__(self, prompt_id: str) -> TPOResult:
         entry = self.entries[prompt_id]
-        with self.path.open("rb") as f:
-            f.seek(entry.offset)
-            return TPOResult.from_dict(json.loads(f.read(entry.length)))
+        if self._reader is None:
+            self._reader = self.path.open("rb")
+        self._reader.seek(entry.offset)
+        return TPOResult.from_dict(json.loads(self._reader.read(entry.length)))
+
+    def __contains__(self, prompt_id: object) -> bool:
+        return prompt_id in self.entries  # without reading the checkpoint from disk
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.entries)
@@ -322,35 +462,38 @@ class _Checkpoints(Mapping[str, TPOResult]):
         """Index the latest checkpoint of every unfinished prompt of ``wanted``; return (torn bytes cut, corrupt lines)."""
         if not self.path.exists():
             self.path.touch()
+        torn = _repair_tail(self.path)
+        read: ResultLines[tuple[int, bool]] = read_result_lines(self.path, _checkpoint_info, skip_malformed=True)
         self.entries = {}
-        torn = _cut_torn_tail(self.path)
-        corrupt = 0
-        for offset, raw in _lines(self.path):
-            try:
-                d = json.loads(raw)
-                pid = d["prompt_id"]
-                steps = len(d["steps"])
-            except (ValueError, KeyError, TypeError):
-                corrupt += 1
-                continue
-            if pid in finished or pid not in wanted:
-                continue
-            if not _scored(d):
-                # Nothing scored yet: the engine could not go on from here, so the prompt starts over.
-                self.entries.pop(pid, None)
-                continue
-            self.entries[pid] = _Entry(offset, len(raw), steps)
+        for pid, line in read.lines.items():
+            steps, scored = line.value
+            # Nothing scored yet: the engine could not go on from there, so the prompt starts over.
+            if pid in wanted and pid not in finished and scored:
+                self.entries[pid] = _Entry(line.offset, line.length, steps)
         self.size = self.path.stat().st_size
         self.live_bytes = sum(e.length for e in self.entries.values())
-        return torn, corrupt
+        return torn, len(read.malformed)
+
+    def forget_all(self) -> int:
+        """Drop every checkpoint from the index (their prompts start over); return how many there were."""
+        count = len(self.entries)
+        self.entries = {}
+        self.live_bytes = 0
+        return count
 
     def compact(self, extra: Iterable[tuple[str, bytes, int]] = ()) -> None:
-        """Rewrite the file with only the live checkpoints (plus ``extra`` ones), atomically."""
-        self.close()
+        """Rewrite the file with only the live checkpoints (plus ``extra`` ones), atomically; no group may be in flight."""
+        entries, size, reader = self._rewrite(self.entries, extra)
+        self._switch(entries, size, reader)
+
+    def _rewrite(
+        self, live: Mapping[str, _Entry], extra: Iterable[tuple[str, bytes, int]] = ()
+    ) -> tuple[dict[str, _Entry], int, IO[bytes]]:
+        super().close()  # the next append opens the new file
         tmp = self.path.with_name(self.path.name + ".tmp")
         entries: dict[str, _Entry] = {}
         with self.path.open("rb") as src, tmp.open("wb") as dst:
-            for pid, e in self.entries.items():
+            for pid, e in live.items():
                 src.seek(e.offset)
                 data = src.read(e.length)
                 entries[pid] = _Entry(dst.tell(), len(data), e.steps)
@@ -360,58 +503,80 @@ class _Checkpoints(Mapping[str, TPOResult]):
                 dst.write(data)
             dst.flush()
             os.fsync(dst.fileno())
+            size = dst.tell()
         os.replace(tmp, self.path)
         _fsync_dir(self.path.parent)
+        return entries, size, self.path.open("rb")
+
+    def _switch(self, entries: dict[str, _Entry], size: int, reader: IO[bytes]) -> None:
+        if self._reader is not None:
+            self._reader.close()
+        self._reader = reader
         self.entries = entries
-        self.size = self.live_bytes = sum(e.length for e in entries.values())
+        self.size = size
+        self.live_bytes = sum(e.length for e in entries.values())
 
-    def _handle(self) -> IO[bytes]:
-        if self._f is None:
-            self._f = self.path.open("ab")
-        return self._f
-
-    def append(self, partial: TPOResult) -> None:
+    async def append_partial(self, partial: TPOResult) -> None:
+        """Append a prompt's latest partial result; return once it is durable."""
         data = _dump_line(partial)
-        offset = _append_line(self._handle(), data)
-        old = self.entries.get(partial.prompt_id)
-        if old is not None:
-            self.live_bytes -= old.length
-        self.entries[partial.prompt_id] = _Entry(offset, len(data), len(partial.steps))
-        self.live_bytes += len(data)
-        self.size = offset + len(data)
-        self._maybe_compact()
+
+        def index(offset: int) -> None:
+            old = self.entries.get(partial.prompt_id)
+            if old is not None:
+                self.live_bytes -= old.length
+            self.entries[partial.prompt_id] = _Entry(offset, len(data), len(partial.steps))
+            self.live_bytes += len(data)
+
+        await self.append(data, index)
 
     def drop(self, prompt_id: str) -> None:
+        """Forget a finished prompt's checkpoint (the next compaction removes it from the file)."""
         old = self.entries.pop(prompt_id, None)
         if old is not None:
             self.live_bytes -= old.length
-        self._maybe_compact()
 
-    def _maybe_compact(self) -> None:
+    def _before_group(self) -> Any:
         dead = self.size - self.live_bytes
         if dead > self.compact_min_bytes and dead > self.live_bytes:
-            self.compact()
+            return dict(self.entries)
+        return None
+
+    def _run_job(self, job: Any) -> Any:
+        return self._rewrite(job)
+
+    def _after_group(self, job_result: Any) -> None:
+        if job_result is None:
+            return
+        entries, size, reader = job_result
+        # Prompts that finished while the file was rewritten are gone from the index; keep them out.
+        self._switch({pid: e for pid, e in entries.items() if pid in self.entries}, size, reader)
 
     def close(self) -> None:
-        if self._f is not None:
-            self._f.close()
-            self._f = None
+        super().close()
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
 
 
 # ---------------------------------------------------------------------------- fingerprints
 
 
+def _is_secret(name: str) -> bool:
+    key = name.lower().replace("-", "_")
+    return key in _SECRET_NAMES or key.endswith(_SECRET_SUFFIXES)
+
+
 def _redact(value: Any) -> Any:
+    """``value`` as JSON data, with the values of secret-named keys masked and URL passwords hidden."""
     if isinstance(value, Mapping):
-        return {
-            str(k): "***" if _SECRET.search(str(k)) and not str(k).endswith("_env") and v else _redact(v)
-            for k, v in value.items()
-        }
+        return {str(k): "***" if _is_secret(str(k)) and v else _redact(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_redact(v) for v in value]
     if isinstance(value, Path):
         return str(value)
-    if value is None or isinstance(value, (str, int, float, bool)):
+    if isinstance(value, str):
+        return _URL_PASSWORD.sub(r"\1:***@", value)
+    if value is None or isinstance(value, (int, float, bool)):
         return value
     return str(value)
 
@@ -439,7 +604,7 @@ def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
         if a.get(key, "<unset>") == b.get(key, "<unset>"):
             continue
         if key.endswith("sha256"):
-            what = "the input rows" if key.startswith("input.") else "the prompt templates"
+            what = {"input": "the input rows", "method": "the prompt templates"}.get(key.split(".")[0], "its content")
             out.append(f"{key}: {what} changed")
         else:
             out.append(f"{key}: {_short(a.get(key, '<unset>'))} → {_short(b.get(key, '<unset>'))}")
@@ -458,14 +623,23 @@ def _name(obj: object | None) -> str | None:
     return None if obj is None else str(getattr(obj, "name", type(obj).__name__))
 
 
+def _no_running_loop(call: str, instead: str) -> None:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    raise UserError(f"{call} was called inside a running event loop; use '{instead}' there instead")
+
+
 # ---------------------------------------------------------------------------- the run
 
 
 class BatchRun:
     """One batch run: a dataset, an output file and the configuration, resumable after any interruption.
 
-    ``models`` describes the policy, critic and reward (specs and options) for the
-    fingerprint; secrets in it are masked. ``settings`` is anything else worth saving in
+    ``models`` describes the policy, critic and reward (specs and every option that can
+    change a result) for the fingerprint; values of secret-named keys (``api_key``,
+    ``token``, ``password``, ...) are masked. ``settings`` is anything else worth saving in
     ``config.json`` (the command's options, say); it is not part of the fingerprint.
     Call ``open()`` before loading models, so that a mismatching run is refused early,
     then ``run()`` or ``arun()``.
@@ -492,11 +666,12 @@ class BatchRun:
         self.retry_failed = retry_failed
         self.observer = observer or BatchObserver()
         self._checkpoints = _Checkpoints(self.sidecar / "checkpoints.jsonl", compact_min_bytes)
+        self._out = _GroupLog(self.output)
         #: Finished prompt id → True when it failed. Only ids; results are never kept.
         self._finished: dict[str, bool] = {}
         self._finished_before = 0
+        self._restarted = 0
         self._lock_file: IO[str] | None = None
-        self._out: IO[bytes] | None = None
 
     @property
     def fingerprint(self) -> dict[str, Any]:
@@ -567,9 +742,7 @@ class BatchRun:
     def close(self) -> None:
         """Close the run's files and release its lock (``arun`` does this when it ends)."""
         self._checkpoints.close()
-        if self._out is not None:
-            self._out.close()
-            self._out = None
+        self._out.close()
         if self._lock_file is not None:
             self._lock_file.close()
             self._lock_file = None
@@ -613,28 +786,26 @@ class BatchRun:
         if not self.output.exists():
             self.output.touch()
             _fsync_dir(self.output.parent)
-        torn = _cut_torn_tail(self.output)
+        torn = _repair_tail(self.output)
         if torn:
             self.observer.on_note(f"repaired {self.output}: removed an unfinished last line ({torn} bytes) written when the run was stopped")
+        read = read_result_lines(
+            self.output, _output_info,
+            hint="; the file was changed by hand? Fix or remove that line, or add --restart to start the run over",
+        )
+        for s in read.superseded:
+            self.observer.on_note(
+                f"{self.output} line {s.by_lineno}: prompt {s.prompt_id!r} appears again (first on line {s.lineno}); "
+                "the later line counts"
+            )
         retry: dict[str, tuple[int, int, bool]] = {}  # id → (offset, length, has a scored answer)
-        for lineno, (offset, raw) in enumerate(_lines(self.output), start=1):
-            try:
-                d = json.loads(raw)
-                pid, status = d["prompt_id"], d["status"]
-            except (ValueError, KeyError, TypeError):
-                raise InputError(
-                    f"{self.output} line {lineno} is not a result line; the file was changed by hand? "
-                    "Fix or remove that line, or add --restart to start the run over"
-                ) from None
+        for pid, line in read.lines.items():
             if pid not in wanted:
                 continue
-            if pid in self._finished:
-                self.observer.on_note(f"{self.output} line {lineno}: prompt {pid!r} appears again; the first line counts")
-                continue
-            failed = status != "complete"
+            failed, scored = line.value
             self._finished[pid] = failed
             if failed and self.retry_failed:
-                retry[pid] = (offset, len(raw), _scored(d))
+                retry[pid] = (line.offset, line.length, scored)
         torn, corrupt = self._checkpoints.load(wanted, self._finished)
         if torn:
             self.observer.on_note(f"repaired {self._checkpoints.path}: removed an unfinished last checkpoint ({torn} bytes)")
@@ -652,19 +823,24 @@ class BatchRun:
                     extra.append((pid, _dump_line(partial), len(partial.steps)))
         self._checkpoints.compact(extra)
         if retry:
-            self._rewrite_output_without(retry)
+            drop = {offset for offset, _, _ in retry.values()}
+            drop.update(s.offset for s in read.superseded if s.prompt_id in retry)
+            self._rewrite_output_without(drop)
             for pid in retry:
                 del self._finished[pid]
             self.observer.on_note(f"retrying {len(retry)} prompt(s) that failed before (--no-retry-failed keeps them as they are)")
+        self._out.size = self.output.stat().st_size
         self._finished_before = len(self._finished)
 
-    def _rewrite_output_without(self, drop: Mapping[str, tuple[int, int, bool]]) -> None:
-        skip = {offset for offset, _, _ in drop.values()}
+    def _rewrite_output_without(self, offsets: set[int]) -> None:
+        """Rewrite the output atomically without the lines that start at ``offsets``."""
         tmp = self.output.with_name(self.output.name + ".tmp")
-        with tmp.open("wb") as dst:
-            for offset, raw in _lines(self.output):
-                if offset not in skip:
+        with self.output.open("rb") as src, tmp.open("wb") as dst:
+            offset = 0
+            for raw in src:
+                if offset not in offsets:
                     dst.write(raw)
+                offset += len(raw)
             dst.flush()
             os.fsync(dst.fileno())
         os.replace(tmp, self.output)
@@ -674,6 +850,7 @@ class BatchRun:
 
     def run(self, policy: PolicyBackend, reward: RewardModel, *, critic: PolicyBackend | None = None) -> BatchSummary:
         """Run every unfinished prompt (blocking); see ``arun``."""
+        _no_running_loop("BatchRun.run()", "await run.arun(...)")
         return asyncio.run(self.arun(policy, reward, critic=critic))
 
     async def arun(self, policy: PolicyBackend, reward: RewardModel, *, critic: PolicyBackend | None = None) -> BatchSummary:
@@ -681,7 +858,8 @@ class BatchRun:
 
         A prompt that fails (its backend or reward keeps failing) is written with its error
         and the run goes on. Interrupting the run (Ctrl-C, a kill) loses at most the steps
-        in flight; ``open()`` and ``arun()`` again continue it.
+        in flight; ``open()`` and ``arun()`` again continue it. With a reward that keeps
+        state per prompt (``per_prompt_state``), prompts checkpointed mid-way start over.
         """
         self.open()
         try:
@@ -689,9 +867,26 @@ class BatchRun:
         except _WriteFailed as e:
             raise RunError(str(e)) from e.__cause__
         finally:
+            # A group still being written in the worker thread must not have its file closed under it.
+            await self._checkpoints.drain()
+            await self._out.drain()
             self.close()
 
+    def _forget_partials(self, reward: RewardModel) -> int:
+        """With a reward whose scores depend on per-prompt state, checkpointed prompts start over; return how many."""
+        if not getattr(reward, "per_prompt_state", False):
+            return 0
+        count = self._checkpoints.forget_all()
+        if count:
+            self.observer.on_note(
+                f"{count} prompt(s) with finished steps start over from their first step: the reward normalises "
+                "scores per prompt, and that reference does not survive a restart, so continuing mid-way would mix "
+                "two scales (finished prompts are kept)"
+            )
+        return count
+
     async def _run(self, policy: PolicyBackend, reward: RewardModel, critic: PolicyBackend | None) -> BatchSummary:
+        self._restarted = self._forget_partials(reward)
         state = BatchState(len(self.dataset), self.config.depth + 1)
         state.done = state.finished_before = self._finished_before
         state.failed = sum(self._finished.values())
@@ -706,31 +901,49 @@ class BatchRun:
                 state.running[prompt.id] = self._checkpoints.steps(prompt.id)
                 yield prompt
 
-        def on_step(partial: TPOResult) -> None:
-            with _writing(self._checkpoints.path):
-                self._checkpoints.append(partial)
+        async def on_step(partial: TPOResult) -> None:
+            # The chain goes on only once its step is durable: that is what resuming relies on.
+            await self._checkpoints.append_partial(partial)
             state.running[partial.prompt_id] = len(partial.steps)
-            step_usage = partial.steps[-1].usage if partial.steps else Usage()
-            state.usage = state.usage + step_usage
+            state.usage = state.usage + (partial.steps[-1].usage if partial.steps else Usage())
             state.steps_done += 1
             state.remaining_steps = max(0, state.remaining_steps - 1)
             self.observer.on_step(partial, state)
 
-        async for result in engine.optimize_many(pending(), resume=self._checkpoints, on_step=on_step):
-            with _writing(self.output):
-                self._append_output(result)
+        async def finish(result: TPOResult) -> None:
+            await self._out.append(_dump_line(result))
             failed = result.status != "complete"
             self._finished[result.prompt_id] = failed
-            with _writing(self._checkpoints.path):
-                self._checkpoints.drop(result.prompt_id)
-            steps = state.running.pop(result.prompt_id, len(result.steps))
-            state.remaining_steps = max(0, state.remaining_steps - (state.steps_per_prompt - steps))
+            self._checkpoints.drop(result.prompt_id)  # only once the result is durable
             state.done += 1
             state.failed += failed
             self.observer.on_result(result, state)
+
+        # Results are written concurrently, so those finishing together share one fsync.
+        finishing: set[asyncio.Task[None]] = set()
+        try:
+            # Closed on the way out, so a failed write stops the prompts in flight at once.
+            async with contextlib.aclosing(
+                engine.optimize_many(pending(), resume=self._checkpoints, on_step=on_step)
+            ) as results:
+                async for result in results:
+                    # No longer in progress (the engine starts the next prompt now), though its line is still being written.
+                    steps = state.running.pop(result.prompt_id, len(result.steps))
+                    state.remaining_steps = max(0, state.remaining_steps - (state.steps_per_prompt - steps))
+                    finishing.add(asyncio.create_task(finish(result)))
+                    for task in [t for t in finishing if t.done()]:
+                        finishing.discard(task)
+                        task.result()  # a failed write stops the run here
+            while finishing:
+                task = finishing.pop()
+                await task
+        finally:
+            for task in finishing:
+                task.cancel()
+            await asyncio.gather(*finishing, return_exceptions=True)
         if len(self._finished) == len(self.dataset) and self._checkpoints.size:
-            with _writing(self._checkpoints.path):
-                self._checkpoints.compact()
+            await self._checkpoints.drain()
+            await asyncio.to_thread(self._checkpoints.compact)
         summary = self.summary(usage=state.usage, elapsed_s=state.elapsed_s)
         self.observer.on_end(summary)
         return summary
@@ -753,13 +966,8 @@ class BatchRun:
             invalid_rows=self.dataset.problem_count,
             usage=usage or Usage(),
             elapsed_s=elapsed_s,
+            restarted=self._restarted,
         )
-
-    def _append_output(self, result: TPOResult) -> None:
-        if self._out is None:
-            self._out = self.output.open("ab")
-        _append_line(self._out, _dump_line(result))
-
 
 
 # ---------------------------------------------------------------------------- one call
@@ -773,14 +981,6 @@ async def arun_batch(
     reward: RewardModel,
     critic: PolicyBackend | None = None,
     config: TPOConfig | None = None,
-    prompt_field: str = "prompt",
-    id_field: str | None = None,
-    split: str | None = None,
-    input_format: InputFormat | None = None,
-    limit: int | None = None,
-    shuffle: bool = False,
-    shuffle_seed: int | None = None,
-    skip_invalid: bool = False,
     restart: bool = False,
     retry_failed: bool = True,
     models: Mapping[str, Any] | None = None,
@@ -790,14 +990,7 @@ async def arun_batch(
 ) -> BatchSummary:
     """Async twin of ``run_batch``."""
     config = config if config is not None else TPOConfig()
-    if isinstance(source, PromptDataset):
-        dataset = source
-    else:
-        dataset = read_prompts(
-            source, prompt_field=prompt_field, id_field=id_field, split=split, input_format=input_format,
-            limit=limit, shuffle=shuffle, seed=config.seed if shuffle_seed is None else shuffle_seed,
-            skip_invalid=skip_invalid,
-        )
+    dataset = source if isinstance(source, PromptDataset) else read_prompts(source)
     if models is None:
         models = {"policy": _name(policy), "critic": _name(critic), "reward": _name(reward)}
     run = BatchRun(dataset, output, config=config, models=models, settings=settings, retry_failed=retry_failed,
@@ -819,14 +1012,6 @@ def run_batch(
     reward: RewardModel,
     critic: PolicyBackend | None = None,
     config: TPOConfig | None = None,
-    prompt_field: str = "prompt",
-    id_field: str | None = None,
-    split: str | None = None,
-    input_format: InputFormat | None = None,
-    limit: int | None = None,
-    shuffle: bool = False,
-    shuffle_seed: int | None = None,
-    skip_invalid: bool = False,
     restart: bool = False,
     retry_failed: bool = True,
     models: Mapping[str, Any] | None = None,
@@ -836,26 +1021,21 @@ def run_batch(
 ) -> BatchSummary:
     """Optimise every prompt of a dataset, appending one result line per prompt to ``output``.
 
-    ``source`` is a path or dataset name, an iterable of row mappings, or a ``PromptDataset``
-    from ``tpo.datasets.read_prompts`` (whose options then apply instead of these). Running
-    the same call again continues an interrupted run from the last finished step of every
-    prompt; a call whose configuration (method, ``models``, input) differs is refused with
-    ``ConfigError`` unless ``restart=True``. Prompts that failed before are retried unless
-    ``retry_failed=False``. ``models`` (default: the objects' names) identifies the
-    policy, critic and reward in the fingerprint. ``shuffle_seed`` defaults to
-    ``config.seed``.
+    ``source`` is a ``PromptDataset`` from ``tpo.datasets.read_prompts`` (which reads any
+    input and takes the prompt and id fields, ``limit``, ``shuffle``, ``skip_invalid``, ...),
+    or a path, dataset name or iterable of rows, read with ``read_prompts``' defaults.
+    Running the same call again continues an interrupted run from the last finished step of
+    every prompt; a call whose configuration (method, ``models``, input) differs is refused
+    with ``ConfigError`` unless ``restart=True``. Prompts that failed before are retried
+    unless ``retry_failed=False``. ``models`` (default: the objects' names) identifies the
+    policy, critic and reward in the fingerprint: give every option that changes results.
+    Inside a running event loop, use ``await arun_batch(...)``.
     """
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        pass
-    else:
-        raise RuntimeError("run_batch() cannot run inside an event loop; use 'await arun_batch(...)'")
+    _no_running_loop("tpo.runner.run_batch()", "await tpo.runner.arun_batch(...)")
     return asyncio.run(
         arun_batch(
-            source, output, policy=policy, reward=reward, critic=critic, config=config, prompt_field=prompt_field,
-            id_field=id_field, split=split, input_format=input_format, limit=limit, shuffle=shuffle,
-            shuffle_seed=shuffle_seed, skip_invalid=skip_invalid, restart=restart, retry_failed=retry_failed,
-            models=models, settings=settings, observer=observer, compact_min_bytes=compact_min_bytes,
+            source, output, policy=policy, reward=reward, critic=critic, config=config, restart=restart,
+            retry_failed=retry_failed, models=models, settings=settings, observer=observer,
+            compact_min_bytes=compact_min_bytes,
         )
     )

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+import math
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Literal
 
 __all__ = ["Candidate", "CandidateStore", "answer_id"]
@@ -24,6 +25,9 @@ class Candidate:
     ``parent_id`` is the chosen answer it was rewritten from (``None`` for initial samples);
     the critique and feedback that produced it are in the step record of ``step``.
     ``score`` is ``None`` when scoring failed; ``score_error`` then says why.
+    ``score_details`` is what the reward model said besides the number (a judge's reasoning,
+    the components of a weighted reward, a verifier's extracted answer), made JSON-safe:
+    keys become strings, tuples lists, and any value JSON cannot hold (an object, NaN) its ``str``.
     """
 
     id: str
@@ -34,6 +38,13 @@ class Candidate:
     origin: Origin = "sample"
     score_error: str | None = None
     finish_reason: str | None = None
+    # Excluded from the hash (a mapping has none); equality still compares it.
+    score_details: Mapping[str, Any] | None = field(default=None, hash=False)
+
+    def __post_init__(self) -> None:
+        if self.score_details is not None:
+            details = _json_safe(self.score_details)
+            object.__setattr__(self, "score_details", details if isinstance(details, dict) else {"details": details})
 
     @property
     def scored(self) -> bool:
@@ -41,29 +52,35 @@ class Candidate:
         return self.score is not None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "text": self.text,
-            "score": self.score,
-            "step": self.step,
-            "parent_id": self.parent_id,
-            "origin": self.origin,
-            "score_error": self.score_error,
-            "finish_reason": self.finish_reason,
-        }
+        """The JSON form of the candidate: every field by name (see ``docs/result-schema.md``)."""
+        # A fresh copy of the details, so that changing the dict does not change the candidate.
+        return {f.name: _json_safe(getattr(self, f.name)) if f.name == "score_details" else getattr(self, f.name)
+                for f in fields(self)}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Candidate:
-        return cls(
-            id=d["id"],
-            text=d["text"],
-            score=d.get("score"),
-            step=d["step"],
-            parent_id=d.get("parent_id"),
-            origin=d.get("origin", "sample"),
-            score_error=d.get("score_error"),
-            finish_reason=d.get("finish_reason"),
-        )
+    def from_dict(cls, d: Mapping[str, Any]) -> Candidate:
+        """Rebuild a candidate from ``to_dict()``; optional fields missing from ``d`` take their defaults."""
+        kwargs: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name in d:
+                kwargs[f.name] = d[f.name]
+            elif f.default is MISSING and f.name != "score":
+                raise KeyError(f.name)
+        kwargs.setdefault("score", None)
+        return cls(**kwargs)
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` as plain JSON data: what JSON cannot hold becomes its ``str``."""
+    if value is None or isinstance(value, (str, bool, int)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)  # strict JSON has no NaN or infinity
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return str(value)
 
 
 class CandidateStore:
@@ -79,15 +96,19 @@ class CandidateStore:
             self.add(c)
 
     def __len__(self) -> int:
+        """The number of distinct answers."""
         return len(self._by_id)
 
     def __iter__(self) -> Iterator[Candidate]:
+        """The candidates in the order first seen."""
         return iter(self._by_id.values())
 
     def __contains__(self, candidate_id: object) -> bool:
+        """True when an answer with this id is in the store."""
         return candidate_id in self._by_id
 
     def get(self, candidate_id: str) -> Candidate | None:
+        """The candidate with this id, or ``None``."""
         return self._by_id.get(candidate_id)
 
     def add(self, candidate: Candidate) -> bool:

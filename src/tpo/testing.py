@@ -1,11 +1,15 @@
-"""Deterministic test doubles for tpo and for plugin authors: a scripted policy and a function reward.
+"""Deterministic test doubles for tpo and for plugin authors: a scripted policy, a function reward, and a switch.
 
-Both record every call. Neither touches a model, so tests that use them are fast and exact::
+Both doubles record every call. Neither touches a model, so tests that use them are fast and exact::
 
     policy = ScriptedPolicy()                       # sensible replies for every role
     reward = FunctionReward(lambda messages, answer: len(answer))
     result = tpo.optimize("Hi", policy=policy, reward=reward, width=3, depth=1)
     assert policy.requests[0].purpose == "sample"
+    assert policy.violations == []                  # the engine kept the backend's contract
+
+``forbid_real_requests()`` makes every real backend refuse to load a model or send a request,
+so a test suite cannot reach a real model by mistake.
 """
 
 from __future__ import annotations
@@ -15,13 +19,15 @@ import inspect
 import itertools
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
+from types import TracebackType
 from typing import Any
 
+from . import _guard
 from ._budget import estimate_messages
 from .errors import ConfigError
 from .types import Generation, GenerationRequest, Message, Score, ScoreRequest
 
-__all__ = ["FunctionReward", "ScriptedPolicy", "default_reply"]
+__all__ = ["FunctionReward", "ScriptedPolicy", "default_reply", "forbid_real_requests", "real_requests_allowed"]
 
 Reply = str | Sequence[str]
 ReplyFn = Callable[[GenerationRequest], Reply]
@@ -60,8 +66,14 @@ class ScriptedPolicy:
     ``replies``: a queue of strings, one per generated sequence, taken in order of the
     requests received; or a function of the request returning one string or a list of ``n``.
     With neither, ``default_reply`` answers. ``latency_s`` (a number, or a function of the
-    request) delays each request to simulate a slow model. ``batching`` and the other
-    capability attributes are settable so tests can play any kind of backend.
+    request) delays each request to simulate a slow model. ``batching``, ``max_batch_size``
+    and the other capability attributes are settable so tests can play any kind of backend.
+
+    The policy also checks the engine's side of the contract: with a ``window``, every
+    request must fit it (prompt tokens plus ``max_tokens``); with a queue of replies, the
+    queue must not run out. A breach is appended to ``violations`` and raised as
+    ``AssertionError``, which the engine reports as a failed prompt; a test asserts
+    ``policy.violations == []`` to see it as what it is.
     """
 
     def __init__(
@@ -75,11 +87,13 @@ class ScriptedPolicy:
         tokens: Callable[[Sequence[Message]], int] | None = None,
         latency_s: float | Callable[[GenerationRequest], float] = 0.0,
         name: str = "scripted",
+        max_batch_size: int | None = None,
     ) -> None:
         self.name = name
         self.batching = batching
         self.supports_n = supports_n
         self.supports_logprobs = supports_logprobs
+        self.max_batch_size = max_batch_size
         self._window = window
         self._tokens = tokens
         self._latency = latency_s
@@ -94,6 +108,8 @@ class ScriptedPolicy:
         self._counter = itertools.count()
         #: Every call to ``generate``: one list of requests per call.
         self.calls: list[list[GenerationRequest]] = []
+        #: Every breach of the backend contract seen (a request beyond the window, the script run out).
+        self.violations: list[str] = []
 
     @property
     def requests(self) -> list[GenerationRequest]:
@@ -105,12 +121,15 @@ class ScriptedPolicy:
         return [r for r in self.requests if r.purpose == purpose]
 
     async def context_window(self) -> int | None:
+        """The ``window`` given to the constructor (``None``: unknown)."""
         return self._window
 
     def count_tokens(self, messages: Sequence[Message]) -> int | None:
+        """The ``tokens`` function's count, or ``None`` without one (the engine then estimates)."""
         return self._tokens(messages) if self._tokens is not None else None
 
     async def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
+        """Record the call, wait the latency, and answer every request from the script."""
         self.calls.append(list(requests))
         delays = [self._latency(r) if callable(self._latency) else self._latency for r in requests]
         if max(delays, default=0) > 0:
@@ -121,8 +140,9 @@ class ScriptedPolicy:
         if self._window is not None:
             used = self.count_tokens(request.messages) or estimate_messages(request.messages)
             if used + request.sampling.max_tokens > self._window:
-                raise AssertionError(  # a test double checking the engine's contract
-                    f"request of {used} prompt tokens + {request.sampling.max_tokens} new tokens exceeds the window of {self._window}"
+                self._violation(
+                    f"a {request.purpose!r} request of {used} prompt tokens + {request.sampling.max_tokens} new tokens "
+                    f"exceeds the window of {self._window}"
                 )
         if self._fn is not None:
             out = self._fn(request)
@@ -131,13 +151,18 @@ class ScriptedPolicy:
             texts = []
             for _ in range(request.n):
                 if not self._queue:
-                    raise AssertionError(f"ScriptedPolicy ran out of scripted replies at a {request.purpose!r} request")
+                    self._violation(f"ScriptedPolicy ran out of scripted replies at a {request.purpose!r} request")
                 texts.append(self._queue.popleft())
         else:
             texts = default_reply(request, self._counter)
         prompt_tokens = estimate_messages(request.messages)
         completion_tokens = sum(max(1, len(t) // 4) for t in texts)
         return Generation(tuple(texts), prompt_tokens, completion_tokens, tuple("stop" for _ in texts))
+
+    def _violation(self, message: str) -> None:
+        # Recorded as well as raised: the engine turns the AssertionError into a failed prompt.
+        self.violations.append(message)
+        raise AssertionError(message)
 
 
 class FunctionReward:
@@ -146,12 +171,22 @@ class FunctionReward:
     ``fn(messages, answer) -> float`` (``messages`` as a tuple of ``tpo.Message``), or with
     ``batched=True`` ``fn(list_of_messages, list_of_answers) -> list[float]``. The function
     may be async. Raising inside it records a failed score for that answer (or batch).
+    ``max_batch_size`` caps the answers per call on a batching reward.
     """
 
-    def __init__(self, fn: Callable[..., Any], *, batched: bool = False, batching: bool | None = None, name: str | None = None) -> None:
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        *,
+        batched: bool = False,
+        batching: bool | None = None,
+        name: str | None = None,
+        max_batch_size: int | None = None,
+    ) -> None:
         self._fn = fn
         self._batched = batched
         self.batching = batched if batching is None else batching
+        self.max_batch_size = max_batch_size
         self.name: str = name or str(getattr(fn, "__name__", "function"))
         #: Every call to ``score``: one list of requests per call.
         self.calls: list[list[ScoreRequest]] = []
@@ -162,6 +197,7 @@ class FunctionReward:
         return [r for call in self.calls for r in call]
 
     async def score(self, requests: Sequence[ScoreRequest]) -> list[Score]:
+        """Record the call and score every request with the function; its failures become failed scores."""
         self.calls.append(list(requests))
         if self._batched:
             try:
@@ -191,3 +227,38 @@ def _to_score(value: Any) -> Score:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return Score.failed(f"the function returned {type(value).__name__} {value!r}, not a number")
     return Score(float(value))
+
+
+class forbid_real_requests:  # lower case: called like a function, as contextlib.suppress is
+    """Forbid (or with ``False``, allow) real model requests: backends then raise ``ConfigError``.
+
+    Called plainly it sets the switch for the rest of the process::
+
+        tpo.testing.forbid_real_requests()
+
+    As a context manager it restores the previous setting on exit::
+
+        with tpo.testing.forbid_real_requests():
+            ...  # only test doubles work here
+        with tpo.testing.forbid_real_requests(False):
+            ...  # real backends allowed again for this block
+
+    Real backends call ``tpo._guard.check_real_request_allowed(name)`` before they load a
+    model or send a request; the test doubles here never do.
+    """
+
+    def __init__(self, forbid: bool = True) -> None:
+        self._previous = _guard.set_real_requests_allowed(not forbid)
+
+    def __enter__(self) -> forbid_real_requests:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        _guard.set_real_requests_allowed(self._previous)
+
+
+def real_requests_allowed() -> bool:
+    """True unless real model requests are currently forbidden."""
+    return _guard.real_requests_allowed()

@@ -104,7 +104,7 @@ def _serve() -> None:
     lib.llama_model_default_params = without_repacking
     from llama_cpp.server.__main__ import main
 
-    main()
+    main()  # type: ignore[no-untyped-call]
 
 
 if __name__ == "__main__":

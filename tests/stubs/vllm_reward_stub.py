@@ -23,19 +23,30 @@ the pooler config switches it off, and ``reward`` returns one row per token (the
 the sequence's), with the same activation rule. Asking a version for a parameter it does
 not have raises ``TypeError``, as the real classes do.
 
-The tokenizer is a whitespace one with a Llama-3-like template that writes ``<bos>`` itself
-(``bos_in_template=True``) or a Qwen-like one without any BOS (``bos_token_id=None``).
+The tokenizer is ``vllm_base.py``'s whitespace one, with a Llama-3-like template that writes
+``<bos>`` itself (``bos_in_template=True``, the default here) or a Qwen-like one without any
+BOS (``bos_token_id=None``). Load this file with ``load_stub`` (``tests/stubs/__init__.py``).
 """
 
 from __future__ import annotations
 
 import math
-import sys
 import types
-import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, make_dataclass
 from typing import Any
+
+from stubs.vllm_base import (
+    Engine,
+    FakeTokenizer,
+    ModelConfig,
+    allow_real_requests,
+    break_import,
+    hide,
+    install_module,
+)
+
+__all__ = ["VERSIONS", "Call", "FakeTokenizer", "FakeVLLM", "allow_real_requests", "break_import", "hide", "install"]
 
 VERSIONS = ("current", "0.10", "0.8")
 
@@ -81,45 +92,6 @@ class ClassificationRequestOutput(PoolingRequestOutput):
     pass
 
 
-class FakeTokenizer:
-    """Whitespace tokenizer; stable ids (CRC of the word) and a decode that knows every word it has seen."""
-
-    def __init__(self, *, bos_in_template: bool = True, bos_token_id: int | None = 1) -> None:
-        self.bos_token_id = bos_token_id
-        self.bos_token = "<bos>" if bos_token_id is not None else None
-        self.bos_in_template = bos_in_template and bos_token_id is not None
-        self._words: dict[int, str] = {1: "<bos>"}
-        self.template_calls: list[dict[str, Any]] = []
-
-    def apply_chat_template(self, conversation: Sequence[Mapping[str, Any]], tokenize: bool = True,
-                            add_generation_prompt: bool = False, **kwargs: Any) -> Any:
-        self.template_calls.append({"conversation": [dict(m) for m in conversation], "tokenize": tokenize,
-                                    "add_generation_prompt": add_generation_prompt, **kwargs})
-        parts = ["<bos>"] if self.bos_in_template else []
-        for m in conversation:
-            parts.append(f"<|{m['role']}|> {m['content']} <|end|>")
-        if add_generation_prompt:
-            parts.append("<|assistant|>")
-        text = " ".join(parts)
-        return self.encode(text, add_special_tokens=False) if tokenize else text
-
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = [self._id(w) for w in text.split()]
-        if add_special_tokens and self.bos_token_id is not None:
-            ids.insert(0, self.bos_token_id)
-        return ids
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return " ".join(self._words.get(i, f"<{i}>") for i in ids)
-
-    def _id(self, word: str) -> int:
-        if word == "<bos>" and self.bos_token_id is not None:
-            return self.bos_token_id
-        i = 10 + zlib.crc32(word.encode()) % 90_000
-        self._words[i] = word
-        return i
-
-
 @dataclass
 class Call:
     method: str
@@ -159,6 +131,8 @@ def _activate(values: list[float]) -> list[float]:
 
 def _make_classes(state: FakeVLLM) -> dict[str, Any]:
     version = state.version
+    pp_fields: tuple[str, ...]
+    pooler_fields: tuple[str, ...]
     if version == "current":
         pp_fields = ("truncate_prompt_tokens", "dimensions", "normalize", "use_activation")
         engine_names = {"runner", "convert", "pooler_config", "override_pooler_config"}
@@ -178,14 +152,6 @@ def _make_classes(state: FakeVLLM) -> dict[str, Any]:
               "gpu_memory_utilization", "max_model_len", "enforce_eager", "max_num_seqs", "disable_log_stats"}
     EngineArgs = make_dataclass("EngineArgs", [(n, Any, field(default=None)) for n in sorted(common | engine_names)])
 
-    class _ModelConfig:
-        def __init__(self, max_model_len: int) -> None:
-            self.max_model_len = max_model_len
-
-    class _Engine:
-        def __init__(self, config: _ModelConfig) -> None:
-            self.model_config = config
-
     class LLM:
         """The stand-in ``vllm.LLM`` for pooling models."""
 
@@ -199,9 +165,9 @@ def _make_classes(state: FakeVLLM) -> dict[str, Any]:
             self.model = model
             self.engine_args = dict(kwargs)
             self._tokenizer = FakeTokenizer(**state.tokenizer_kwargs)
-            config = _ModelConfig(kwargs.get("max_model_len") or state.max_model_len)
-            self.llm_engine = _Engine(config)
-            if version != "0.8":
+            config = ModelConfig(kwargs.get("max_model_len") or state.max_model_len, runner_type="pooling")
+            self.llm_engine = Engine(config, self._tokenizer)
+            if version != "0.8":  # ``LLM.model_config`` came with 0.10
                 self.model_config = config
             pooler = kwargs.get("pooler_config") or kwargs.get("override_pooler_config")
             self._pooler = pooler
@@ -242,7 +208,7 @@ def _make_classes(state: FakeVLLM) -> dict[str, Any]:
                 raise state.fail_next.pop(0)
             if pooling_params is not None and not isinstance(pooling_params, PoolingParams):
                 raise TypeError(f"pooling_params must be PoolingParams, got {type(pooling_params).__name__}")
-            out = []
+            out: list[Any] = []
             for i, prompt in enumerate(seq):
                 ids = list(prompt["prompt_token_ids"]) if isinstance(prompt, dict) else self._tokenizer.encode(prompt)
                 if len(ids) > self.llm_engine.model_config.max_model_len:
@@ -261,14 +227,16 @@ def _make_classes(state: FakeVLLM) -> dict[str, Any]:
                      lora_request: Any = None) -> list[Any]:
             return self._run("classify", prompts, pooling_params, use_tqdm)
 
-        if version == "0.8":
-            def reward(self, prompts: Any, /, *, truncate_prompt_tokens: Any = None, use_tqdm: Any = True,
-                       lora_request: Any = None) -> list[Any]:
-                return self._run("reward", prompts, None, use_tqdm)
-        else:
-            def reward(self, prompts: Any, /, *, pooling_params: Any = None, truncate_prompt_tokens: Any = None,
-                       use_tqdm: Any = True, lora_request: Any = None) -> list[Any]:
-                return self._run("reward", prompts, pooling_params, use_tqdm)
+        def _reward_0_8(self, prompts: Any, /, *, truncate_prompt_tokens: Any = None, use_tqdm: Any = True,
+                        lora_request: Any = None) -> list[Any]:
+            return self._run("reward", prompts, None, use_tqdm)
+
+        def _reward(self, prompts: Any, /, *, pooling_params: Any = None, truncate_prompt_tokens: Any = None,
+                    use_tqdm: Any = True, lora_request: Any = None) -> list[Any]:
+            return self._run("reward", prompts, pooling_params, use_tqdm)
+
+        # 0.8's LLM.reward takes no pooling parameters: passing them is a TypeError there.
+        reward = _reward_0_8 if version == "0.8" else _reward
 
     return {"LLM": LLM, "PoolingParams": PoolingParams, "PoolerConfig": PoolerConfig, "EngineArgs": EngineArgs}
 
@@ -286,27 +254,15 @@ def install(
     """Put a fresh stand-in at ``sys.modules["vllm"]`` (with ``vllm.config``) for one test."""
     if version not in VERSIONS:
         raise ValueError(f"version must be one of {VERSIONS}")
-    module = types.ModuleType("vllm")
-    module.__doc__ = "A test stand-in for vllm's pooling API (tests/stubs/vllm_reward_stub.py)."
+    module = types.ModuleType("vllm", "A test stand-in for vllm's pooling API (tests/stubs/vllm_reward_stub.py).")
     state = FakeVLLM(
         module, version, num_labels, max_model_len, bonus or (lambda answer: 0.0),
         {"bos_in_template": bos_in_template, "bos_token_id": bos_token_id},
     )
     classes = _make_classes(state)
-    for name in ("LLM", "PoolingParams", "EngineArgs"):
-        setattr(module, name, classes[name])
-    module.__version__ = {"current": "0.12.0+stub", "0.10": "0.10.1+stub", "0.8": "0.8.5+stub"}[version]
-    module.__path__ = []  # a package, so ``import vllm.config`` works
-    config = types.ModuleType("vllm.config")
-    config.PoolerConfig = classes["PoolerConfig"]
-    module.config = config
-    monkeypatch.setitem(sys.modules, "vllm", module)
-    monkeypatch.setitem(sys.modules, "vllm.config", config)
+    version_name = {"current": "0.12.0+stub", "0.10": "0.10.1+stub", "0.8": "0.8.5+stub"}[version]
+    exported = {name: classes[name] for name in ("LLM", "PoolingParams", "EngineArgs")}
+    install_module(monkeypatch, module, {**exported, "__version__": version_name},
+                   {"config": {"PoolerConfig": classes["PoolerConfig"]}})
     return state
 
-
-def hide(monkeypatch: Any) -> None:
-    """Make ``import vllm`` fail for one test, installed or not."""
-    for name in [n for n in sys.modules if n == "vllm" or n.startswith("vllm.")]:
-        monkeypatch.delitem(sys.modules, name)
-    monkeypatch.setitem(sys.modules, "vllm", None)

@@ -3,7 +3,7 @@
 There is no GPU on the test machines, so tests put this module's fake in ``sys.modules``
 for the duration of one test; never import it as ``vllm``::
 
-    vllm_stub = load_vllm_stub()                  # see the end of this docstring
+    vllm_stub = load_stub("tpo_tests_vllm_stub", "vllm_stub.py")   # from tests/stubs/__init__.py
 
     def test_something(monkeypatch):
         fake = vllm_stub.install(monkeypatch, max_model_len=2048)
@@ -27,36 +27,30 @@ What it mirrors (checked against vLLM's ``vllm/entrypoints/llm.py``, ``vllm/outp
 * ``LLM.generate``, ``LLM.reward`` / ``LLM.encode`` (``PoolingRequestOutput``, ``.outputs.data``
   a tensor), ``LLM.classify`` (``.outputs.probs``), ``LLM.embed`` (``.outputs.embedding``),
   ``LLM.score`` (``.outputs.score``).
-* ``llm.get_tokenizer()``: a whitespace tokenizer with ``apply_chat_template``, ``encode``,
-  ``decode``, ``convert_ids_to_tokens`` and ``eos_token_id``.
+* ``llm.get_tokenizer()``: the whitespace tokenizer of ``vllm_base.py`` (no BOS in its template).
 
 Every method call is recorded in ``fake.calls`` (method name, positional and keyword
 arguments). Behaviour is scripted with functions passed to ``install``; ``fake.fail_next``
 makes the next call of a method raise.
-
-Loading this file without relying on ``sys.path`` (works whatever pytest's import mode);
-use the module name ``tpo_tests_vllm_stub`` so every test file shares one copy, and register
-it in ``sys.modules`` before executing it (dataclasses look their module up there)::
-
-    def load_vllm_stub():
-        name = "tpo_tests_vllm_stub"
-        if name not in sys.modules:
-            spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / "stubs" / "vllm_stub.py")
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[name] = module
-            spec.loader.exec_module(module)
-        return sys.modules[name]
 """
 
 from __future__ import annotations
 
 import math
-import sys
 import types
-import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from stubs.vllm_base import (
+    Engine,
+    FakeTokenizer,
+    ModelConfig,
+    allow_real_requests,
+    break_import,
+    hide,
+    install_module,
+)
 
 __all__ = [
     "KNOWN_ENGINE_ARGS",
@@ -76,6 +70,8 @@ __all__ = [
     "SamplingParams",
     "ScoringOutput",
     "ScoringRequestOutput",
+    "allow_real_requests",
+    "break_import",
     "hide",
     "install",
 ]
@@ -240,62 +236,6 @@ class ScoringRequestOutput(PoolingRequestOutput):
     """vLLM's ``ScoringRequestOutput``."""
 
 
-# ---------------------------------------------------------------------------- the tokenizer
-
-
-class FakeTokenizer:
-    """A whitespace tokenizer with a chat template, enough for counting and decoding.
-
-    A word's id is stable (a CRC of the word) so tests can predict counts:
-    ``len(encode(apply_chat_template(messages)))`` is 2 per message (its role marker and its
-    end marker) plus the words of every message, plus 1 for the generation prompt.
-    """
-
-    eos_token = "<eos>"
-    eos_token_id = 2
-    bos_token_id = 1
-    pad_token_id = 0
-    vocab_size = 50_000
-
-    def __init__(self) -> None:
-        self._words: dict[int, str] = {0: "<pad>", 1: "<bos>", 2: "<eos>"}
-
-    def apply_chat_template(
-        self,
-        conversation: Sequence[Mapping[str, Any]],
-        tokenize: bool = True,
-        add_generation_prompt: bool = False,
-        **kwargs: Any,
-    ) -> Any:
-        parts = []
-        for m in conversation:
-            if set(m) - {"role", "content"} or not isinstance(m.get("content"), str):
-                raise ValueError(f"unexpected message {m!r}")
-            parts.append(f"<|{m['role']}|> {m['content']} <|end|>")
-        if add_generation_prompt:
-            parts.append("<|assistant|>")
-        text = " ".join(parts)
-        return self.encode(text, add_special_tokens=False) if tokenize else text
-
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = [self._id(w) for w in text.split()]
-        return [self.bos_token_id, *ids] if add_special_tokens else ids
-
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
-        words = [self._words.get(i, f"<{i}>") for i in ids]
-        if skip_special_tokens:
-            words = [w for w in words if w not in ("<pad>", "<bos>", "<eos>")]
-        return " ".join(words)
-
-    def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
-        return [self._words.get(i, f"<{i}>") for i in ids]
-
-    def _id(self, word: str) -> int:
-        i = 3 + zlib.crc32(word.encode()) % (self.vocab_size - 3)
-        self._words[i] = word
-        return i
-
-
 # ---------------------------------------------------------------------------- the engine
 
 
@@ -363,22 +303,6 @@ def _tensor(values: Sequence[float]) -> Any:
 
 
 def _make_llm_class(state: FakeVLLM) -> type:
-    class _ModelConfig:
-        def __init__(self, max_model_len: int) -> None:
-            self.max_model_len = max_model_len
-            self.runner_type = "generate"
-
-    class _Engine:
-        def __init__(self, model_config: _ModelConfig, tokenizer: FakeTokenizer) -> None:
-            self.model_config = model_config
-            self._tokenizer = tokenizer
-
-        def get_model_config(self) -> _ModelConfig:
-            return self.model_config
-
-        def get_tokenizer(self) -> FakeTokenizer:
-            return self._tokenizer
-
     class LLM:
         """The stand-in ``vllm.LLM``."""
 
@@ -392,8 +316,8 @@ def _make_llm_class(state: FakeVLLM) -> type:
             self.engine_args = dict(engine_args)
             window = engine_args.get("max_model_len") or state.max_model_len
             self._tokenizer = FakeTokenizer()
-            self.model_config = _ModelConfig(window)
-            self.llm_engine = _Engine(self.model_config, self._tokenizer)
+            self.model_config = ModelConfig(window)
+            self.llm_engine = Engine(self.model_config, self._tokenizer)
             self._next_request = 0
             state.engines.append(self)
 
@@ -626,8 +550,7 @@ def install(
     ``reply`` scripts the generated texts, ``pool`` the numbers of the pooling methods.
     ``monkeypatch`` (pytest's fixture) restores the real state afterwards.
     """
-    module = types.ModuleType("vllm")
-    module.__doc__ = "A test stand-in for vllm (tests/stubs/vllm_stub.py)."
+    module = types.ModuleType("vllm", "A test stand-in for vllm (tests/stubs/vllm_stub.py).")
     state = FakeVLLM(
         module,
         max_model_len=max_model_len,
@@ -635,9 +558,8 @@ def install(
         pool=pool or default_pool,
         accept_any_engine_arg=accept_any_engine_arg,
     )
-    llm_cls = _make_llm_class(state)
     exported = {
-        "LLM": llm_cls,
+        "LLM": _make_llm_class(state),
         "SamplingParams": SamplingParams,
         "PoolingParams": PoolingParams,
         "RequestOutput": RequestOutput,
@@ -648,29 +570,14 @@ def install(
         "ScoringRequestOutput": ScoringRequestOutput,
         "__version__": "0.11.0+stub",
     }
-    for name, value in exported.items():
-        setattr(module, name, value)
-    module.__path__ = []  # a package, so ``import vllm.outputs`` finds the submodules below
     submodules = {
-        "outputs": ("RequestOutput", "CompletionOutput", "PoolingOutput", "PoolingRequestOutput", "EmbeddingOutput",
-                    "EmbeddingRequestOutput", "ClassificationOutput", "ClassificationRequestOutput", "ScoringOutput",
-                    "ScoringRequestOutput"),
-        "sampling_params": ("SamplingParams",),
-        "pooling_params": ("PoolingParams",),
-        "logprobs": ("Logprob",),
+        "outputs": (RequestOutput, CompletionOutput, PoolingOutput, PoolingRequestOutput, EmbeddingOutput,
+                    EmbeddingRequestOutput, ClassificationOutput, ClassificationRequestOutput, ScoringOutput,
+                    ScoringRequestOutput),
+        "sampling_params": (SamplingParams,),
+        "pooling_params": (PoolingParams,),
+        "logprobs": (Logprob,),
     }
-    monkeypatch.setitem(sys.modules, "vllm", module)
-    for sub, names in submodules.items():
-        m = types.ModuleType(f"vllm.{sub}")
-        for n in names:
-            setattr(m, n, globals()[n])
-        setattr(module, sub, m)
-        monkeypatch.setitem(sys.modules, f"vllm.{sub}", m)
+    install_module(monkeypatch, module, exported, {sub: {c.__name__: c for c in classes}
+                                                   for sub, classes in submodules.items()})
     return state
-
-
-def hide(monkeypatch: Any) -> None:
-    """Make ``import vllm`` fail with ``ModuleNotFoundError`` for one test, installed or not."""
-    for name in [n for n in sys.modules if n == "vllm" or n.startswith("vllm.")]:
-        monkeypatch.delitem(sys.modules, name)
-    monkeypatch.setitem(sys.modules, "vllm", None)

@@ -7,33 +7,44 @@ whether the server honours ``n``::
 
     policy = OpenAIPolicy.from_spec("Qwen/Qwen3-8B", base_url="http://gpu-box:8000/v1")
     result = tpo.optimize("...", policy=policy, reward=reward)
-    await policy.aclose()
 
 It sends no system prompt and no stop strings of its own: the server's chat template
 decides how the conversation is rendered.
+
+The HTTP client is made per event loop and closed with it (see ``tpo._per_loop``);
+``aclose()`` closes the running loop's client at once, and the backend opens a new one
+if it is used again. Tests pass ``transport=httpx.MockTransport(handler)`` to talk to no
+server at all.
 """
 
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import importlib
 import json
 import math
 import os
 import random
 import re
-import time
+import sys
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
+from .._guard import check_real_request_allowed
+from .._loopback import exempt_from_guard
+from .._per_loop import PerLoop
+from .._retry import RetryPolicy
 from ..errors import BackendError, ConfigError, MissingDependencyError
 from ..registry import take_options
 from ..types import Generation, GenerationRequest, Message, TokenLogprob
+
+if TYPE_CHECKING:
+    import httpx
+    import httpx2
 
 __all__ = ["MalformedResponseError", "OpenAIPolicy", "OpenAIStats"]
 
@@ -43,9 +54,6 @@ OFFICIAL_BASE_URL = "https://api.openai.com/v1"
 _PLACEHOLDER_KEY = "no-key-needed"
 #: Ollama sizes its window by the machine unless told; this is the smallest of its current defaults.
 _OLLAMA_DEFAULT_WINDOW = 4096
-_RETRY_STATUSES = frozenset({408, 409, 425, 429})
-#: 5xx statuses that say the request itself cannot be served, so that retrying cannot help.
-_NEVER_RETRY = frozenset({501, 505})
 #: Statuses with which a server may refuse ``n > 1``; llama.cpp's server says "Only one completion
 #: choice is allowed" with a 400 or, in some versions, a 500.
 _MAYBE_N = frozenset({400, 422, 501})
@@ -188,7 +196,6 @@ class _SequenceLimiter:
 class _LoopState:
     """The client and the limiter of one event loop (each ``tpo.optimize`` call runs its own loop)."""
 
-    loop: asyncio.AbstractEventLoop
     client: Any
     limiter: _SequenceLimiter
 
@@ -202,10 +209,11 @@ class OpenAIPolicy:
     no key gets a placeholder. The key never appears in a repr, an error or a result.
 
     ``max_concurrency`` limits the sequences in flight (a request for ``n`` answers counts
-    ``n``). Each attempt may take ``timeout_s``; 408/409/425/429, 5xx, timeouts and
-    connection errors are retried up to ``max_retries`` times with exponential backoff
-    (``backoff_s`` doubling up to ``max_backoff_s``, with jitter), waiting at least as long
-    as the server's ``Retry-After`` (up to ``max_retry_after_s``). The final ``BackendError``
+    ``n``). Each attempt may take ``timeout_s``; 408/409/425/429, 5xx other than 501 and
+    505, timeouts and connection errors are retried up to ``max_retries`` times with
+    exponential backoff (``backoff_s`` doubling up to ``max_backoff_s``, with jitter drawn
+    from ``rng``), waiting at least as long as the server's ``retry-after-ms`` or
+    ``Retry-After`` (up to ``max_retry_after_s``); ``tpo._retry`` has the rules. The final ``BackendError``
     names the model, the server and the last status. A reply that is not a chat completion
     (not JSON, no choices, no text in any choice) raises ``MalformedResponseError`` at once:
     a server that answers wrongly answers wrongly again. An empty text is the model's answer
@@ -218,6 +226,17 @@ class OpenAIPolicy:
 
     ``context_window`` overrides what the server reports. ``extra_body`` is merged into
     every request body (for example ``{"top_k": 20}`` or vLLM's ``chat_template_kwargs``).
+
+    From Python only: ``transport`` (an ``httpx.AsyncBaseTransport``, e.g.
+    ``httpx.MockTransport(handler)``) replaces the network; the backend wraps it in a client
+    of its own for each event loop and closes it with that client. ``http_client`` (an
+    ``httpx.AsyncClient``) is used as is for every request and never closed by the backend:
+    its owner closes it, and it serves one event loop (or opens no connections at all).
+    httpx2's equivalents, which the ``openai`` package uses itself, are accepted too.
+
+    Where real model requests are forbidden (``tpo._guard``, as in a test suite), requests
+    raise ``ConfigError`` unless they go to a loopback address or into a mock transport
+    (``tpo._loopback``).
     """
 
     name: str = "openai"
@@ -229,6 +248,9 @@ class OpenAIPolicy:
     supports_logprobs = True
     counts_tokens = False
     knows_context_window = True
+    #: The HTTP client belongs to one event loop: a synchronous tpo call, which runs a loop of
+    #: its own, should ``aclose()`` the backend before its loop ends (it reopens on reuse).
+    closes_per_loop = True
 
     def __init__(
         self,
@@ -246,6 +268,9 @@ class OpenAIPolicy:
         context_window: int | None = None,
         extra_body: Mapping[str, Any] | None = None,
         probe_timeout_s: float = 10.0,
+        rng: random.Random | None = None,
+        http_client: httpx.AsyncClient | httpx2.AsyncClient | None = None,
+        transport: httpx.AsyncBaseTransport | httpx2.AsyncBaseTransport | None = None,
     ) -> None:
         self._openai = _import_openai()
         if not isinstance(model, str) or not model.strip():
@@ -288,9 +313,20 @@ class OpenAIPolicy:
         self._max_tokens_field = "max_completion_tokens" if _is_official(self.base_url) else "max_tokens"
         #: Counters over this backend's lifetime.
         self.stats = OpenAIStats()
-        # Jitter only spreads retries of many clients in time; it never changes a result.
-        self._jitter = random.Random()  # noqa: S311 - not for security
-        self._state: _LoopState | None = None
+        if rng is not None and not isinstance(rng, random.Random):
+            raise ConfigError(f"rng must be a random.Random, not {type(rng).__name__}")
+        self._retry = RetryPolicy(
+            max_retries=self.max_retries,
+            backoff_s=self.backoff_s,
+            max_backoff_s=self.max_backoff_s,
+            max_retry_after_s=self.max_retry_after_s,
+            # Jitter only spreads retries of many clients in time; it never changes a result.
+            rng=rng if rng is not None else random.Random(),  # noqa: S311 - not for security
+        )
+        self._http_client, self._transport = _check_http(self._openai, http_client, transport)
+        # Loopback servers and mock transports cannot be real models: the guard lets them through.
+        self._guarded = not exempt_from_guard(self.base_url, self._transport)
+        self._clients: PerLoop[_LoopState] = PerLoop(self._open, self._close)
 
     @classmethod
     def from_spec(cls, target: str, **options: Any) -> OpenAIPolicy:
@@ -344,6 +380,7 @@ class OpenAIPolicy:
 
     async def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
         """One ``Generation`` per request, in order; the requests run concurrently."""
+        self._check_guard()
         return await _all_or_cancel([self._generate_one(r) for r in requests])
 
     async def context_window(self) -> int | None:
@@ -357,6 +394,7 @@ class OpenAIPolicy:
         if self._window_option is not None:
             return self._window_option
         if not self._window_known:
+            self._check_guard()
             self._window = await self._probe_window()
             self._window_known = True
         return self._window
@@ -365,15 +403,17 @@ class OpenAIPolicy:
         """Always ``None``: counting would cost a round trip, so the engine estimates instead."""
         return None
 
+    def _check_guard(self) -> None:
+        """Refuse when real model requests are forbidden (``tpo._guard``), unless the server is on loopback or mocked."""
+        if self._guarded:
+            check_real_request_allowed(self.name)
+
     async def aclose(self) -> None:
-        """Close the HTTP connections. The backend opens new ones if it is used again."""
-        state, self._state = self._state, None
-        if state is None:
-            return
-        try:
-            await state.client.close()
-        except Exception:  # noqa: S110 - connections of a finished event loop cannot be closed politely
-            pass
+        """Close the running event loop's HTTP connections; the backend opens new ones if it is used again.
+
+        A client of the caller's own (``http_client``) is left open.
+        """
+        await self._clients.aclose()
 
     # ------------------------------------------------------------------ one request
 
@@ -414,7 +454,7 @@ class OpenAIPolicy:
 
     async def _call(self, request: GenerationRequest, *, n_ask: int, index: int) -> _Reply:
         """One chat completion for ``n_ask`` answers, retried; ``index`` picks the seed of a single answer."""
-        state = self._loop_state()
+        state = await self._clients.get()
         body = self._body(request, n_ask=n_ask, index=index)
         attempts = 0
         async with state.limiter.hold(n_ask):
@@ -434,10 +474,10 @@ class OpenAIPolicy:
                 ):
                     # Not retried: single-answer requests will tell at once whether n was the trouble.
                     failure.maybe_n, failure.retryable = True, False
-                if not failure.retryable or attempts > self.max_retries:
+                if not failure.retryable or attempts > self._retry.max_retries:
                     raise _FailedCall(failure, self._final_error(failure, attempts)) from cause
                 self.stats.retries += 1
-                await asyncio.sleep(self._delay(attempts - 1, failure.retry_after_s))
+                await asyncio.sleep(self._retry.delay_s(attempts, failure.retry_after_s))
 
     async def _attempt(self, client: Any, body: dict[str, Any]) -> tuple[_Failure | None, BaseException | None, str | None]:
         """Send one request; return (failure, its cause, None) or (None, None, the response text)."""
@@ -455,8 +495,8 @@ class OpenAIPolicy:
         except oa.APIStatusError as e:
             status = int(e.status_code)
             message = f"HTTP {status}: {_server_message(e.body, getattr(e, 'message', ''))}"
-            retryable = status in _RETRY_STATUSES or (status >= 500 and status not in _NEVER_RETRY)
-            return _Failure(message, status, retryable, _retry_after_s(e.response.headers)), e, None
+            retry_after_s = self._retry.retry_after_s(e.response.headers)
+            return _Failure(message, status, self._retry.retryable(status), retry_after_s), e, None
         except oa.APITimeoutError as e:
             return _Failure(f"no reply within {self.timeout_s:g} s", None, True), e, None
         except oa.APIConnectionError as e:
@@ -527,15 +567,6 @@ class OpenAIPolicy:
         usage: dict[str, Any] = data["usage"] if isinstance(data.get("usage"), dict) else {}
         return _Reply([c for _, c in indexed], _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens")))
 
-    def _delay(self, retry: int, retry_after_s: float | None) -> float:
-        cap = min(self.max_backoff_s, self.backoff_s * (2.0**retry))
-        delay = cap / 2 + self._jitter.uniform(0, cap / 2)
-        if retry_after_s is not None:
-            wait = min(retry_after_s, self.max_retry_after_s)
-            # A little on top so that clients told the same instant do not return together.
-            delay = max(delay, wait + self._jitter.uniform(0, min(1.0, wait / 10)))
-        return delay
-
     def _final_error(self, failure: _Failure, attempts: int) -> BackendError:
         where = self._where()
         if failure.retryable:
@@ -553,26 +584,29 @@ class OpenAIPolicy:
 
     # ------------------------------------------------------------------ client per event loop
 
-    def _loop_state(self) -> _LoopState:
-        loop = asyncio.get_running_loop()
-        state = self._state
-        if state is not None and state.loop is loop:
-            return state
+    def _open(self) -> _LoopState:
         # A client's connections belong to the loop that opened them; a new loop needs a new client.
+        timeout_s = self.timeout_s + 5.0
+        http_client = self._http_client
+        if http_client is None:
+            http_client = _new_http_client(self._openai, self._transport, self.max_concurrency + 8, timeout_s)
         client = self._openai.AsyncOpenAI(
             api_key=self._key.reveal(),
             base_url=self.base_url,
             max_retries=0,  # this backend retries itself, so retries never multiply
-            timeout=self.timeout_s + 5.0,
-            http_client=_http_client(self._openai, self.max_concurrency + 8, self.timeout_s + 5.0),
+            timeout=timeout_s,
+            http_client=http_client,
         )
-        self._state = _LoopState(loop, client, _SequenceLimiter(self.max_concurrency, self.stats))
-        return self._state
+        return _LoopState(client, _SequenceLimiter(self.max_concurrency, self.stats))
+
+    async def _close(self, state: _LoopState) -> None:
+        if self._http_client is None:  # the caller's own client stays open
+            await state.client.close()
 
     # ------------------------------------------------------------------ context window
 
     async def _probe_window(self) -> int | None:
-        client = self._loop_state().client
+        client = (await self._clients.get()).client
         root = _server_root(self.base_url)
         probes: list[Callable[[], Awaitable[int | None]]] = [lambda: self._window_from_models(client)]
         if not _is_official(self.base_url):
@@ -653,14 +687,46 @@ def _import_openai() -> Any:
         raise MissingDependencyError("openai", "openai", "The openai policy backend") from e
 
 
-def _http_client(openai_module: Any, connections: int, timeout_s: float) -> Any:
-    """The client's default HTTP client with a pool as large as the concurrency limit, or None.
+def _httpx_modules(openai_module: Any) -> list[Any]:
+    """The httpx flavours whose clients ``openai`` takes: its own (httpx2 or httpx), then httpx if imported."""
+    modules = []
+    try:
+        base = next(c for c in openai_module.DefaultAsyncHttpxClient.__mro__ if c.__name__ == "AsyncClient")
+        modules.append(importlib.import_module(base.__module__.split(".")[0]))
+    except Exception:  # noqa: S110 - an unfamiliar openai version: fall back to httpx alone
+        pass
+    # A client or transport made with httpx means httpx is imported already.
+    legacy = sys.modules.get("httpx")
+    if legacy is not None and legacy not in modules:
+        modules.append(legacy)
+    return modules
+
+
+def _check_http(openai_module: Any, http_client: Any, transport: Any) -> tuple[Any, Any]:
+    """``http_client`` and ``transport``, checked: at most one, each of a kind the openai client takes."""
+    if http_client is not None and transport is not None:
+        raise ConfigError("give the openai backend an http_client or a transport, not both")
+    modules = _httpx_modules(openai_module)
+    if http_client is not None and not any(isinstance(http_client, m.AsyncClient) for m in modules):
+        raise ConfigError(f"http_client must be an httpx.AsyncClient, not {type(http_client).__name__}")
+    if transport is not None and not any(isinstance(transport, m.AsyncBaseTransport) for m in modules):
+        raise ConfigError(f"transport must be an httpx.AsyncBaseTransport (e.g. httpx.MockTransport), not {type(transport).__name__}")
+    return http_client, transport
+
+
+def _new_http_client(openai_module: Any, transport: Any, connections: int, timeout_s: float) -> Any:
+    """An HTTP client over ``transport``, else the default one with a pool as large as the concurrency limit.
 
     The default pool keeps only 100 connections alive; more requests in flight would open
-    and close a connection each time.
+    and close a connection each time. None leaves the choice to the openai client.
     """
+    cls = openai_module.DefaultAsyncHttpxClient
+    if transport is not None:
+        module = next(m for m in _httpx_modules(openai_module) if isinstance(transport, m.AsyncBaseTransport))
+        if issubclass(cls, module.AsyncClient):
+            return cls(transport=transport, timeout=timeout_s)  # with openai's own defaults
+        return module.AsyncClient(transport=transport, timeout=timeout_s, follow_redirects=True)
     try:
-        cls = openai_module.DefaultAsyncHttpxClient
         base = next(c for c in cls.__mro__ if c.__name__ == "AsyncClient")
         httpx_module = importlib.import_module(base.__module__.split(".")[0])
         limits = httpx_module.Limits(max_connections=connections, max_keepalive_connections=connections)
@@ -794,33 +860,6 @@ def _server_message(body: Any, fallback: str) -> str:
     text = msg if isinstance(msg, str) else json.dumps(msg)
     text = " ".join(text.split())
     return text if len(text) <= 300 else text[:297] + "..."
-
-
-def _retry_after_s(headers: Any) -> float | None:
-    """Seconds to wait from ``retry-after-ms``, or ``Retry-After`` in seconds or as an HTTP date."""
-    if headers is None:
-        return None
-    ms = headers.get("retry-after-ms")
-    if ms is not None:
-        try:
-            value = float(ms) / 1000
-            if math.isfinite(value) and value >= 0:
-                return value
-        except ValueError:
-            pass
-    raw = headers.get("retry-after")
-    if raw is None:
-        return None
-    try:
-        value = float(raw)
-        return value if math.isfinite(value) and value >= 0 else None
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(raw)
-    except (TypeError, ValueError, IndexError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
 
 
 def _cause_text(error: BaseException) -> str:

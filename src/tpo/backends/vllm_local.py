@@ -18,12 +18,14 @@ before temperature and top-p) unless the engine is built with another ``logprobs
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-from ..errors import BackendError, ConfigError, MissingDependencyError
+from .. import _vllm
+from ..errors import BackendError, ConfigError
 from ..registry import take_options
 from ..types import Generation, GenerationRequest, Message, TokenLogprob
 
@@ -32,28 +34,11 @@ __all__ = ["VLLMPolicy"]
 _OWNER = "the vllm policy backend"
 
 #: Named options and their defaults; ``None`` leaves vLLM's own default in place.
-_OPTIONS: dict[str, Any] = {
-    "tensor_parallel_size": None,
-    "gpu_memory_utilization": None,
-    "max_model_len": None,
-    "dtype": None,
-    "enable_prefix_caching": True,
-    "seed": None,
-    "trust_remote_code": None,
-    "engine_args": None,
-}
+_OPTIONS: dict[str, Any] = {**_vllm.ENGINE_OPTIONS, "enable_prefix_caching": True}
 
 
 def _import_vllm() -> Any:
-    try:
-        import vllm
-    except ModuleNotFoundError as e:
-        if e.name is not None and e.name != "vllm" and not e.name.startswith("vllm."):
-            raise BackendError(f"vLLM is installed but could not be imported: {e}", backend="vllm") from e
-        raise MissingDependencyError("vllm", "vllm", "The vllm policy backend") from e
-    except ImportError as e:  # installed, but broken (a CUDA or torch mismatch, say)
-        raise BackendError(f"vLLM is installed but could not be imported: {e}", backend="vllm") from e
-    return vllm
+    return _vllm.import_vllm("The vllm policy backend", functools.partial(BackendError, backend="vllm"))
 
 
 class VLLMPolicy:
@@ -94,15 +79,12 @@ class VLLMPolicy:
         if not target.strip():
             raise ConfigError("the vllm policy backend needs a model: --policy vllm:MODEL_OR_PATH")
         opts = take_options(options, _OPTIONS, owner=_OWNER)
-        engine_kwargs = _engine_kwargs(opts, explicit=set(k for k, v in options.items() if v is not None))
+        explicit = {k for k, v in options.items() if v is not None}
+        engine_kwargs = _vllm.engine_kwargs(opts, explicit=explicit, owner=_OWNER)
         vllm = _import_vllm()
-        try:
-            llm = vllm.LLM(model=target, **engine_kwargs)
-        except (TypeError, ValueError) as e:  # an engine argument vLLM does not take, or a bad value
-            raise ConfigError(f"vLLM rejected the engine arguments for {target!r}: {type(e).__name__}: {e}") from e
-        except Exception as e:  # out of GPU memory, no GPU, a model that cannot be loaded, ...
-            raise BackendError(f"vLLM could not load {target!r}: {type(e).__name__}: {e}", backend=f"vllm:{target}") from e
-        policy = cls(llm, name=f"vllm:{target}")
+        name = f"vllm:{target}"
+        llm = _vllm.load_llm(vllm, target, engine_kwargs, name=name, error=functools.partial(BackendError, backend=name))
+        policy = cls(llm, name=name)
         policy._vllm = vllm
         return policy
 
@@ -130,12 +112,7 @@ class VLLMPolicy:
     async def context_window(self) -> int | None:
         """``max_model_len`` of the loaded engine."""
         llm = self._llm
-        if llm is None:
-            return None
-        # ``LLM.model_config`` exists from about 0.10; earlier releases only have it on the engine.
-        config = getattr(llm, "model_config", None) or getattr(getattr(llm, "llm_engine", None), "model_config", None)
-        window = getattr(config, "max_model_len", None)
-        return int(window) if isinstance(window, int) and window > 0 else None
+        return _vllm.max_model_len(llm) if llm is not None else None
 
     def count_tokens(self, messages: Sequence[Message]) -> int | None:
         """Prompt tokens of the conversation, rendered with the model's chat template as vLLM does."""
@@ -177,10 +154,7 @@ class VLLMPolicy:
 
     def _get_tokenizer(self) -> Any:
         if self._tokenizer is None and self._llm is not None:
-            try:
-                self._tokenizer = self._llm.get_tokenizer()
-            except Exception:  # e.g. an engine built with skip_tokenizer_init
-                return None
+            self._tokenizer = _vllm.engine_tokenizer(self._llm)
         return self._tokenizer
 
     def _generation(self, request: GenerationRequest, output: Any) -> Generation:
@@ -235,44 +209,6 @@ class VLLMPolicy:
             return str(tokenizer.decode([token_id]))
         except Exception:
             return str(token_id)
-
-
-def _engine_kwargs(opts: Mapping[str, Any], *, explicit: set[str]) -> dict[str, Any]:
-    """The keyword arguments for ``vllm.LLM`` from validated options."""
-    extra = opts["engine_args"] or {}
-    if not isinstance(extra, Mapping):
-        raise ConfigError(
-            f"{_OWNER}: engine_args must be a mapping of vLLM engine arguments "
-            f"(e.g. engine_args='{{\"max_num_seqs\": 256}}'), not {type(extra).__name__}"
-        )
-    if "model" in extra:
-        raise ConfigError(f"{_OWNER}: give the model in the spec (vllm:MODEL), not in engine_args")
-    clash = sorted(k for k in extra if k in _OPTIONS and k in explicit)
-    if clash:
-        raise ConfigError(f"{_OWNER}: {', '.join(clash)} given both as an option and in engine_args; give it once")
-    _check_int("tensor_parallel_size", opts["tensor_parallel_size"], 1)
-    _check_int("max_model_len", opts["max_model_len"], 1)
-    _check_int("seed", opts["seed"], None)
-    gmu = opts["gpu_memory_utilization"]
-    if gmu is not None and (isinstance(gmu, bool) or not isinstance(gmu, (int, float)) or not 0 < gmu <= 1):
-        raise ConfigError(f"{_OWNER}: gpu_memory_utilization must be a fraction in (0, 1], not {gmu!r}")
-    for flag in ("enable_prefix_caching", "trust_remote_code"):
-        if opts[flag] is not None and not isinstance(opts[flag], bool):
-            raise ConfigError(f"{_OWNER}: {flag} must be true or false, not {opts[flag]!r}")
-    if opts["dtype"] is not None and not isinstance(opts["dtype"], str):
-        raise ConfigError(f"{_OWNER}: dtype must be a name such as auto, bfloat16 or float16, not {opts['dtype']!r}")
-    kwargs = {k: v for k, v in opts.items() if k != "engine_args" and v is not None}
-    # engine_args may switch prefix caching off; a named option was checked for a clash above.
-    kwargs.update(extra)
-    return kwargs
-
-
-def _check_int(name: str, value: Any, low: int | None) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
-        bound = f" of at least {low}" if low is not None else ""
-        raise ConfigError(f"{_OWNER}: {name} must be an integer{bound}, not {value!r}")
 
 
 def _sampling_kwargs(request: GenerationRequest) -> dict[str, Any]:

@@ -66,7 +66,7 @@ def model_options(f: F) -> F:
         click.option("--critic-option", "critic_options", multiple=True, callback=_key_values, metavar="KEY=VALUE",
                      help="Option of the --critic backend, as --policy-option is for the policy. Repeatable."),
         click.option("--reward-option", "reward_options", multiple=True, callback=_key_values, metavar="[R.]KEY=VALUE",
-                     help="Reward model option, e.g. batch_size=8. With several --reward, prefix the reward's name or "
+                     help="Reward model option, e.g. max_batch_size=8. With several --reward, prefix the reward's name or "
                           "position: math.field=gold, 2.device=cuda. Repeatable."),
         click.option("--reward-normalize", type=click.Choice(["none", "zscore", "minmax"]), default="none", show_default=True,
                      help="With several --reward: normalise each within a prompt's candidates before weighting."),

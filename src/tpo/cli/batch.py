@@ -7,6 +7,7 @@ import hashlib
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
 
+from ..config import TPOConfig
 from ..datasets import FORMATS, read_prompts
 from ..result import TPOResult
 from ..runner import BatchObserver, BatchRun, BatchState, BatchSummary
@@ -105,20 +107,50 @@ async def _run(run: BatchRun, models: Any) -> BatchSummary:
         await models.aclose()
 
 
+#: Options that cannot change any result, so a resumed run may change them: why, for each.
+NOT_FINGERPRINTED: dict[str, str] = {
+    "base_url": "a server that moved still serves the same model",
+    "api_key_env": "which variable holds the key does not change the model",
+    "concurrency": "how many prompts run at once changes no result",
+    "log_mode": "the progress display",
+    "retry_failed": "whether failed prompts are retried, not how",
+    "restart": "what to do with an earlier run",
+    "config_file": "its values are fingerprinted as the options they set",
+    "skip_invalid": "the prompts selected are fingerprinted (input.rows_sha256)",
+}
+#: Options fingerprinted in another form: the input as read (``input.*``), the method as resolved
+#: (``method.*``, every ``TPOConfig`` field) and the judge's rubric by its content.
+_FINGERPRINTED_ELSEWHERE = frozenset({
+    "prompt_field", "id_field", "split", "input_format", "limit", "shuffle", "shuffle_seed",
+    *(f.name for f in fields(TPOConfig)), "prompts_file", "prefer", "prefer_file",
+})
+#: Friendlier names in the fingerprint for a few options.
+_FINGERPRINT_NAMES = {"policy_spec": "policy", "critic_spec": "critic", "reward_specs": "reward"}
+
+
 def _models_fingerprint(params: dict[str, Any]) -> dict[str, Any]:
-    """The model choices that change results. The server URL and the key's variable do not: a moved server is the same model."""
+    """Every option that can change results and is not fingerprinted elsewhere: the models and their options.
+
+    Built by leaving out the options known not to matter (``NOT_FINGERPRINTED``) rather than
+    by listing those that do, so an option added later is fingerprinted unless someone
+    decides it changes nothing.
+    """
+    out: dict[str, Any] = {}
+    for key, value in sorted(params.items()):
+        if key in NOT_FINGERPRINTED or key in _FINGERPRINTED_ELSEWHERE:
+            continue
+        if key == "reward_specs":
+            value = list(value or ()) or [DEFAULT_REWARD]
+        elif isinstance(value, (tuple, list)):
+            value = list(value)
+        elif isinstance(value, dict):
+            value = dict(value)
+        out[_FINGERPRINT_NAMES.get(key, key)] = value
     rubric = params.get("prefer")
     if params.get("prefer_file") is not None:
         rubric = Path(params["prefer_file"]).read_text(encoding="utf-8")
-    return {
-        "policy": params["policy_spec"],
-        "policy_options": dict(params.get("policy_options") or {}),
-        "critic": params.get("critic_spec"),
-        "reward": list(params.get("reward_specs") or ()) or [DEFAULT_REWARD],
-        "reward_options": dict(params.get("reward_options") or {}),
-        "reward_weights": params.get("reward_weights"),
-        "rubric_sha256": hashlib.sha256(rubric.encode()).hexdigest() if rubric is not None else None,
-    }
+    out["rubric_sha256"] = hashlib.sha256(rubric.encode()).hexdigest() if rubric is not None else None
+    return out
 
 
 def _settings(input_path: str, output: Path, params: dict[str, Any]) -> dict[str, Any]:
@@ -265,6 +297,12 @@ def _print_summary(summary: BatchSummary) -> None:
         click.echo(
             f"This session: {summary.done - summary.finished_before} prompts in {_duration(summary.elapsed_s)}, "
             f"{u.policy_calls} policy calls, {u.prompt_tokens + u.completion_tokens:,} tokens, {u.reward_calls} answers scored.",
+            err=True,
+        )
+    if summary.restarted:
+        click.echo(
+            f"{summary.restarted} prompt(s) with steps from an earlier session started over: the reward normalises "
+            "per prompt (--reward-normalize), so their earlier steps could not be continued on the same scale.",
             err=True,
         )
     if summary.failed:

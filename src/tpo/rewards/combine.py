@@ -57,8 +57,13 @@ class WeightedReward:
     (re-normalising each step's batch on its own would make a step's best look as good as
     the best overall). Later answers can therefore fall outside [0, 1] or have |z| > 3. A
     reference without spread (one answer, or all equal) uses scale 1, i.e. the raw
-    differences. The references of the last ``max_prompts`` prompts are kept; a prompt
-    resumed from a checkpoint in a new process gets a new reference from its next batch.
+    differences. The references of the last ``max_prompts`` prompts are kept.
+
+    The references live in this object only, so a prompt resumed from a checkpoint in a new
+    process would get a new reference from its next batch, and its earlier and later scores
+    would be on different scales. ``per_prompt_state`` (True when normalising) says so to
+    whoever resumes: ``tpo batch`` then restarts such a prompt from its first step instead
+    of continuing it mid-way.
     """
 
     supports_n = False
@@ -99,6 +104,9 @@ class WeightedReward:
         self.normalize = normalize
         self.max_prompts = max_prompts
         self.batching = normalize != "none" or any(bool(getattr(r, "batching", False)) for r in rewards)
+        #: A score depends on what this object saw of the prompt before (its normalisation reference),
+        #: so a prompt cannot be resumed mid-way in another process with comparable scores.
+        self.per_prompt_state = normalize != "none"
         names = [str(getattr(r, "name", type(r).__name__)) for r in rewards]
         self._names = names
         self.name = name or " + ".join(f"{w:g}*{n}" for w, n in zip(self.weights, names, strict=True))

@@ -22,24 +22,33 @@ that field, so pass ``extra_body={"activation": false}`` (``/classify``) or
 
 Requests are independent (``batching = False``; the engine sends them concurrently) and at
 most ``concurrency`` are in flight. A connection error, a timeout (``timeout_s`` per
-attempt), HTTP 408, 429 or 5xx is retried up to ``max_retries`` times with exponential
-backoff and jitter, waiting at least as long as the server's ``Retry-After`` (capped at
-``max_backoff_s``). Another HTTP error or an unreadable response fails that answer's score
-at once; the error names the URL and the last status, and the run goes on.
+attempt), HTTP 408, 409, 425, 429 or a 5xx other than 501 and 505 is retried up to
+``max_retries`` times with exponential backoff (``backoff_s`` doubling up to
+``max_backoff_s``) and jitter, waiting at least as long as the server's ``retry-after-ms``
+or ``Retry-After`` (capped at ``max_retry_after_s``); the rules are those of the OpenAI
+backend, in ``tpo._retry``. Another HTTP error or an unreadable response fails that
+answer's score at once; the error names the URL and the last status, and the run goes on.
+
+The connection pool is made per event loop and closed with it (see ``tpo._per_loop``);
+``aclose()`` closes the running loop's pool at once, and the reward opens a new one if it
+is used again.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import math
 import os
 import random
 from collections.abc import Mapping, Sequence
-from email.utils import parsedate_to_datetime
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .._guard import check_real_request_allowed
+from .._loopback import exempt_from_guard
+from .._per_loop import PerLoop
+from .._retry import RetryPolicy
 from ..errors import ConfigError, MissingDependencyError, RewardError
 from ..registry import take_options
 from ..types import Score, ScoreRequest
@@ -52,7 +61,6 @@ __all__ = ["APIS", "HTTPReward"]
 #: The request shapes ``HTTPReward`` speaks.
 APIS = ("simple", "vllm-pooling", "vllm-classify")
 _ENDPOINTS = {"vllm-pooling": "/pooling", "vllm-classify": "/classify"}
-_RETRY_STATUSES = frozenset({408, 429})
 
 _DEFAULTS: dict[str, Any] = {
     "api": "auto",
@@ -62,6 +70,7 @@ _DEFAULTS: dict[str, Any] = {
     "concurrency": 16,
     "backoff_s": 0.5,
     "max_backoff_s": 30.0,
+    "max_retry_after_s": 300.0,
     "headers": None,
     "api_key_env": None,
     "index": 0,
@@ -72,14 +81,34 @@ _DEFAULTS: dict[str, Any] = {
 }
 
 
+@dataclass
+class _Connection:
+    """The connection pool and the concurrency limit of one event loop."""
+
+    client: httpx.AsyncClient
+    semaphore: asyncio.Semaphore
+
+
 class HTTPReward:
-    """Scores answers by asking a reward model served over HTTP; see the module docstring for the protocols."""
+    """Scores answers by asking a reward model served over HTTP; see the module docstring for the protocols.
+
+    ``transport`` (Python only; an ``httpx.AsyncBaseTransport`` such as ``httpx.MockTransport``)
+    replaces the network; it is shared by the pools of every event loop and closed with them.
+    ``rng`` draws the retry jitter.
+
+    Where real model requests are forbidden (``tpo._guard``, as in a test suite), ``score``
+    raises ``ConfigError`` unless the URL is a loopback address or the transport a mock
+    (``tpo._loopback``).
+    """
 
     name = "http"
     batching = False
     supports_n = False
     supports_logprobs = False
     description = "A reward model behind an HTTP server: vLLM /pooling or /classify, or a simple JSON endpoint."
+    #: The pool belongs to one event loop: a synchronous tpo call, which runs a loop of its own,
+    #: should ``aclose()`` the reward before its loop ends (it reopens on reuse).
+    closes_per_loop = True
 
     def __init__(
         self,
@@ -92,6 +121,7 @@ class HTTPReward:
         concurrency: int = 16,
         backoff_s: float = 0.5,
         max_backoff_s: float = 30.0,
+        max_retry_after_s: float = 300.0,
         headers: Mapping[str, str] | None = None,
         api_key_env: str | None = None,
         index: int = 0,
@@ -110,8 +140,9 @@ class HTTPReward:
         self.url, self.api = _resolve_url(url, api)
         _positive("timeout_s", timeout_s)
         _positive("max_backoff_s", max_backoff_s)
-        if isinstance(backoff_s, bool) or not isinstance(backoff_s, (int, float)) or not backoff_s >= 0:
-            raise ConfigError(f"the http reward's backoff_s must be a number of seconds >= 0, not {backoff_s!r}")
+        for option, value in (("backoff_s", backoff_s), ("max_retry_after_s", max_retry_after_s)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+                raise ConfigError(f"the http reward's {option} must be a number of seconds >= 0, not {value!r}")
         _whole("max_retries", max_retries, 0)
         _whole("concurrency", concurrency, 1)
         _whole("index", index, 0)
@@ -137,22 +168,27 @@ class HTTPReward:
         self._headers = all_headers
         self._model = model
         self._timeout_s = float(timeout_s)
-        self._max_retries = max_retries
         self._concurrency = concurrency
-        self._backoff_s = float(backoff_s)
-        self._max_backoff_s = float(max_backoff_s)
+        if rng is not None and not isinstance(rng, random.Random):
+            raise ConfigError(f"the http reward's rng must be a random.Random, not {type(rng).__name__}")
+        self._retry = RetryPolicy(
+            max_retries=max_retries,
+            backoff_s=float(backoff_s),
+            max_backoff_s=float(max_backoff_s),
+            max_retry_after_s=float(max_retry_after_s),
+            # Jitter only spreads retries out; it never changes a score, so it needs no run seed.
+            rng=rng if rng is not None else random.Random(),  # noqa: S311
+        )
         self._index = index
         self._raw = raw
         self._task = task
         self._extra = dict(extra_body or {})
         self._transport = transport
-        # Jitter only spreads retries out; it never changes a score, so it needs no run seed.
-        self._rng = rng if rng is not None else random.Random()  # noqa: S311
         self.batching = batched
         self.name = f"http:{_display(self._httpx.URL(self.url))}"
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._client: httpx.AsyncClient | None = None
-        self._semaphore: asyncio.Semaphore | None = None
+        self._connections: PerLoop[_Connection] = PerLoop(self._open, self._close)
+        # Loopback servers and mock transports cannot be real models: the guard lets them through.
+        self._guarded = not exempt_from_guard(self.url, transport)
 
     @classmethod
     def from_spec(cls, target: str, **options: Any) -> HTTPReward:
@@ -166,17 +202,15 @@ class HTTPReward:
         """One score per request; an answer the server could not score is returned as ``Score.failed``."""
         if not requests:
             return []
+        if self._guarded:
+            check_real_request_allowed(self.name)
         if self.batching:
             return await self._score_batched(list(requests))
         return list(await asyncio.gather(*(self._score_one(r) for r in requests)))
 
     async def aclose(self) -> None:
-        """Close the connection pool."""
-        client, self._client, self._loop = self._client, None, None
-        if client is not None:
-            # Opened on an event loop that has since closed, it has nothing left to release.
-            with contextlib.suppress(Exception):
-                await client.aclose()
+        """Close the running event loop's connection pool; the reward opens a new one if it is used again."""
+        await self._connections.aclose()
 
     # ------------------------------------------------------------------ requests
 
@@ -251,14 +285,14 @@ class HTTPReward:
     async def _post(self, body: Mapping[str, Any]) -> tuple[Any, int]:
         """The decoded JSON answer and the number of attempts it took; ``RewardError`` when it cannot be had."""
         httpx = self._httpx
-        client, semaphore = self._connection()
-        attempts = self._max_retries + 1
+        connection = await self._connections.get()
+        attempts = self._retry.max_retries + 1
         last = ""
         for attempt in range(1, attempts + 1):
             retry_after: float | None = None
             try:
-                async with semaphore:
-                    response = await asyncio.wait_for(client.post(self.url, json=body), self._timeout_s)
+                async with connection.semaphore:
+                    response = await asyncio.wait_for(connection.client.post(self.url, json=body), self._timeout_s)
             except (asyncio.TimeoutError, httpx.TimeoutException):
                 last = f"no answer within {self._timeout_s:g} s"
             except httpx.TransportError as e:
@@ -267,9 +301,9 @@ class HTTPReward:
                 raise RewardError(f"request to {self.url} failed: {type(e).__name__}: {e}") from e
             else:
                 status = response.status_code
-                if status in _RETRY_STATUSES or status >= 500:
+                if self._retry.retryable(status):
                     last = f"HTTP {status}: {_excerpt(response.text)}"
-                    retry_after = _retry_after(response.headers.get("retry-after"))
+                    retry_after = self._retry.retry_after_s(response.headers)
                 elif status >= 400:
                     raise RewardError(f"{self.url} answered HTTP {status}: {_excerpt(response.text)}")
                 else:
@@ -278,31 +312,24 @@ class HTTPReward:
                     except ValueError:
                         raise RewardError(f"{self.url} answered HTTP {status} with invalid JSON: {_excerpt(response.text)}") from None
             if attempt < attempts:
-                await asyncio.sleep(self._delay_s(attempt, retry_after))
+                await asyncio.sleep(self._retry.delay_s(attempt, retry_after))
         tries = f"{attempts} attempts" if attempts > 1 else "1 attempt"
         raise RewardError(f"{self.url} failed after {tries}; last error: {last}")
 
-    def _delay_s(self, attempt: int, retry_after: float | None) -> float:
-        ceiling = min(self._max_backoff_s, self._backoff_s * 2 ** (attempt - 1))
-        delay = self._rng.uniform(ceiling / 2, ceiling)
-        if retry_after is not None:
-            delay = max(delay, retry_after)
-        return min(delay, self._max_backoff_s)
+    def _open(self) -> _Connection:
+        # Connections and semaphores belong to one event loop; each synchronous tpo call runs a new one.
+        httpx = self._httpx
+        client = httpx.AsyncClient(
+            headers=self._headers,
+            timeout=httpx.Timeout(self._timeout_s),
+            limits=httpx.Limits(max_connections=self._concurrency, max_keepalive_connections=self._concurrency),
+            transport=self._transport,
+        )
+        return _Connection(client, asyncio.Semaphore(self._concurrency))
 
-    def _connection(self) -> tuple[httpx.AsyncClient, asyncio.Semaphore]:
-        loop = asyncio.get_running_loop()
-        if self._client is None or self._semaphore is None or self._loop is not loop:
-            # Connections and semaphores belong to one event loop; each synchronous tpo call runs a new one.
-            httpx = self._httpx
-            self._client = httpx.AsyncClient(
-                headers=self._headers,
-                timeout=httpx.Timeout(self._timeout_s),
-                limits=httpx.Limits(max_connections=self._concurrency, max_keepalive_connections=self._concurrency),
-                transport=self._transport,
-            )
-            self._semaphore = asyncio.Semaphore(self._concurrency)
-            self._loop = loop
-        return self._client, self._semaphore
+    @staticmethod
+    async def _close(connection: _Connection) -> None:
+        await connection.client.aclose()
 
 
 def _resolve_url(url: str, api: str) -> tuple[str, str]:
@@ -356,24 +383,6 @@ def _number(value: Any, where: str) -> Score:
     if not math.isfinite(value):
         return Score.failed(f"{where}: the score {value!r} is not finite")
     return Score(float(value))
-
-
-def _retry_after(header: str | None) -> float | None:
-    if not header:
-        return None
-    try:
-        return max(0.0, float(header))
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(header)
-    except (TypeError, ValueError):
-        return None
-    from datetime import datetime, timezone
-
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
 
 
 def _excerpt(value: Any, limit: int = 200) -> str:

@@ -44,7 +44,8 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..errors import ConfigError, MissingDependencyError, RewardError
+from .. import _vllm
+from ..errors import ConfigError, RewardError
 from ..registry import take_options
 from ..types import Score, ScoreRequest
 
@@ -55,30 +56,7 @@ METHODS = ("classify", "reward")
 
 _OWNER = "the vllm reward"
 
-_OPTIONS: dict[str, Any] = {
-    "method": "classify",
-    "index": 0,
-    "raw": True,
-    "tensor_parallel_size": None,
-    "gpu_memory_utilization": None,
-    "max_model_len": None,
-    "dtype": None,
-    "seed": None,
-    "trust_remote_code": None,
-    "engine_args": None,
-}
-
-
-def _import_vllm() -> Any:
-    try:
-        import vllm
-    except ModuleNotFoundError as e:
-        if e.name is not None and e.name != "vllm" and not e.name.startswith("vllm."):
-            raise RewardError(f"vLLM is installed but could not be imported: {e}") from e
-        raise MissingDependencyError("vllm", "vllm", "The vllm reward") from e
-    except ImportError as e:  # installed, but broken (a CUDA or torch mismatch, say)
-        raise RewardError(f"vLLM is installed but could not be imported: {e}") from e
-    return vllm
+_OPTIONS: dict[str, Any] = {"method": "classify", "index": 0, "raw": True, **_vllm.ENGINE_OPTIONS}
 
 
 class VLLMReward:
@@ -141,21 +119,18 @@ class VLLMReward:
             raise ConfigError(f"{_OWNER}: method must be one of {', '.join(METHODS)}, not {method!r}")
         if not isinstance(raw, bool):
             raise ConfigError(f"{_OWNER}: raw must be true or false, not {raw!r}")
-        engine_kwargs = _engine_kwargs(opts)
-        vllm = _import_vllm()
+        explicit = {k for k, v in options.items() if v is not None}
+        engine_kwargs = _vllm.engine_kwargs(opts, explicit=explicit, owner=_OWNER)
+        vllm = _vllm.import_vllm("The vllm reward", RewardError)
         engine_kwargs.update(_runner_kwargs(vllm, method, engine_kwargs))
         pooling_params = None
         if raw:
             pooling_params = _raw_pooling_params(vllm, method)
             if pooling_params is None and method == "classify":
                 engine_kwargs.update(_raw_pooler_config(vllm, engine_kwargs))
-        try:
-            llm = vllm.LLM(model=target, **engine_kwargs)
-        except (TypeError, ValueError) as e:  # an engine argument vLLM does not take, or a bad value
-            raise ConfigError(f"vLLM rejected the engine arguments for {target!r}: {type(e).__name__}: {e}") from e
-        except Exception as e:  # out of GPU memory, no GPU, a model that cannot be loaded, ...
-            raise RewardError(f"vLLM could not load {target!r}: {type(e).__name__}: {e}") from e
-        return cls(llm, method=method, index=opts["index"], pooling_params=pooling_params, raw=raw, name=f"vllm:{target}")
+        name = f"vllm:{target}"
+        llm = _vllm.load_llm(vllm, target, engine_kwargs, name=name, error=RewardError)
+        return cls(llm, method=method, index=opts["index"], pooling_params=pooling_params, raw=raw, name=name)
 
     # ------------------------------------------------------------------ the protocol
 
@@ -179,14 +154,15 @@ class VLLMReward:
             llm = self._llm
             if llm is None:
                 raise RewardError(f"{self.name} was closed")
-            limit = _max_model_len(llm)
+            limit = _vllm.max_model_len(llm)
+            tokenizer = self._get_tokenizer(llm)
             out: list[Score | None] = [None] * len(requests)
             prompts: list[dict[str, list[int]]] = []
             rows: list[int] = []
             dropped: dict[int, int] = {}
             for i, r in enumerate(requests):
                 try:
-                    ids, cut = self._encode(llm, r, limit)
+                    ids, cut = self._encode(tokenizer, r, limit)
                 except _TooLong as e:
                     out[i] = Score.failed(str(e))
                     continue
@@ -244,9 +220,8 @@ class VLLMReward:
             return Score.failed(f"the model returned {value} for this answer")
         return Score(value)
 
-    def _encode(self, llm: Any, request: ScoreRequest, limit: int | None) -> tuple[list[int], int]:
+    def _encode(self, tokenizer: Any, request: ScoreRequest, limit: int | None) -> tuple[list[int], int]:
         """Token ids of the rendered conversation and answer, and how many old turns were dropped to fit."""
-        tokenizer = self._get_tokenizer(llm)
         messages = [m.as_dict() for m in request.messages]
         answer = {"role": "assistant", "content": request.answer}
         # The oldest user/assistant pair goes first; a system message and the last user turn stay.
@@ -270,10 +245,16 @@ class VLLMReward:
 
     def _get_tokenizer(self, llm: Any) -> Any:
         if self._tokenizer is None:
-            tokenizer = llm.get_tokenizer()
+            tokenizer = _vllm.engine_tokenizer(llm)
+            if tokenizer is None:
+                # The chat template is rendered here, so an engine without a tokenizer cannot score.
+                raise RewardError(f"{self.name}: the vLLM engine has no tokenizer (built with skip_tokenizer_init?)")
             bos = getattr(tokenizer, "bos_token_id", None)
             # Prepended only when the tokenizer puts it in front of every text it encodes.
-            probe = list(tokenizer.encode("x", add_special_tokens=True)) if bos is not None else []
+            try:
+                probe = list(tokenizer.encode("x", add_special_tokens=True)) if bos is not None else []
+            except Exception as e:
+                raise RewardError(f"{self.name}: the vLLM engine's tokenizer failed: {type(e).__name__}: {e}") from e
             self._bos_id = int(bos) if bos is not None and probe and probe[0] == bos else None
             self._tokenizer = tokenizer
         return self._tokenizer
@@ -284,28 +265,6 @@ class _TooLong(Exception):
 
 
 # ---------------------------------------------------------------------------- version differences
-
-
-def _engine_kwargs(opts: Mapping[str, Any]) -> dict[str, Any]:
-    extra = opts["engine_args"] or {}
-    if not isinstance(extra, Mapping):
-        raise ConfigError(f"{_OWNER}: engine_args must be a mapping of vLLM engine arguments, not {type(extra).__name__}")
-    if "model" in extra:
-        raise ConfigError(f"{_OWNER}: give the model in the spec (vllm:MODEL), not in engine_args")
-    named = ("tensor_parallel_size", "gpu_memory_utilization", "max_model_len", "dtype", "seed", "trust_remote_code")
-    clash = sorted(k for k in extra if k in named and opts[k] is not None)
-    if clash:
-        raise ConfigError(f"{_OWNER}: {', '.join(clash)} given both as an option and in engine_args; give it once")
-    for key, low in (("tensor_parallel_size", 1), ("max_model_len", 1)):
-        value = opts[key]
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
-            raise ConfigError(f"{_OWNER}: {key} must be a whole number >= {low}, not {value!r}")
-    gmu = opts["gpu_memory_utilization"]
-    if gmu is not None and (isinstance(gmu, bool) or not isinstance(gmu, (int, float)) or not 0 < gmu <= 1):
-        raise ConfigError(f"{_OWNER}: gpu_memory_utilization must be a fraction in (0, 1], not {gmu!r}")
-    kwargs = {k: opts[k] for k in named if opts[k] is not None}
-    kwargs.update(extra)
-    return kwargs
 
 
 def _field_names(cls: Any) -> set[str] | None:
@@ -366,10 +325,3 @@ def _raw_pooler_config(vllm: Any, given: Mapping[str, Any]) -> dict[str, Any]:
     engine_names = _field_names(getattr(vllm, "EngineArgs", None)) or set()
     key = "pooler_config" if "pooler_config" in engine_names else "override_pooler_config"
     return {key: PoolerConfig(softmax=False)}
-
-
-def _max_model_len(llm: Any) -> int | None:
-    # ``LLM.model_config`` exists from about 0.10; earlier releases only have it on the engine.
-    config = getattr(llm, "model_config", None) or getattr(getattr(llm, "llm_engine", None), "model_config", None)
-    window = getattr(config, "max_model_len", None)
-    return int(window) if isinstance(window, int) and not isinstance(window, bool) and window > 0 else None

@@ -1,0 +1,5 @@
+"""``python -m tpo``: the same as the ``tpo`` command."""
+
+from .cli import main
+
+main()
