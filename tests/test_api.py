@@ -495,3 +495,33 @@ def test_a_forbidden_real_request_stops_the_run_loudly(batching: bool) -> None:
     with pytest.raises(ConfigError, match="judge: real model requests are forbidden"):
         list(tpo.optimize_many(["a", "b"], policy=ScriptedPolicy(pure_reply),
                                reward=GuardedReward(hash_score, batching=batching, name="judge"), width=2, depth=1))
+
+
+def test_closing_per_loop_connections_reaches_inside_wrappers() -> None:
+    import asyncio
+
+    from tpo.api import aclose_per_loop
+    from tpo.rewards.combine import CachedReward, WeightedReward
+
+    class PerLoop(FunctionReward):
+        closes_per_loop = True
+
+        def __init__(self) -> None:
+            super().__init__(lambda m, a: 1.0)
+            self.closed = 0
+
+        async def aclose(self) -> None:
+            self.closed += 1
+
+    class Loaded(FunctionReward):
+        def __init__(self) -> None:
+            super().__init__(lambda m, a: 1.0)
+            self.closed = 0
+
+        async def aclose(self) -> None:  # would free a model: must not be called
+            self.closed += 1
+
+    inner, loaded = PerLoop(), Loaded()
+    wrapped = WeightedReward([CachedReward(inner), loaded])
+    asyncio.run(aclose_per_loop(wrapped, inner))
+    assert inner.closed == 1 and loaded.closed == 0

@@ -21,6 +21,9 @@ from tpo.rewards.sequence_classifier import SequenceClassifierReward, _plan
 from tpo.testing import ScriptedPolicy
 from tpo.types import to_messages
 
+# These tests load tiny models that they build themselves: real loads, on purpose.
+pytestmark = pytest.mark.usefixtures("allow_real_requests")
+
 TOLERANCE = 1e-4
 
 

@@ -19,6 +19,9 @@ from tpo.errors import BackendError, ConfigError, MissingDependencyError  # noqa
 from tpo.testing import FunctionReward  # noqa: E402
 from tpo.types import Generation, GenerationRequest, Message, SamplingParams  # noqa: E402
 
+# These tests load tiny models that they build themselves: real loads, on purpose.
+pytestmark = pytest.mark.usefixtures("allow_real_requests")
+
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"

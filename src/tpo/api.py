@@ -139,15 +139,22 @@ async def aclose_per_loop(*objects: object) -> None:
     """Close the event-loop-bound connections of backends and reward models, each object once.
 
     Calls ``aclose()`` on every object that declares ``closes_per_loop = True`` (see
-    ``tpo.protocols``); others are left alone, since their ``aclose()`` may free a model.
+    ``tpo.protocols``), looking inside wrappers through their ``parts``; others are left
+    alone, since their ``aclose()`` may free a model.
     A failure to close is reported as a ``RuntimeWarning``, never raised: the work is done.
     Whoever runs tpo on an event loop of its own and then closes the loop calls this first.
     """
     seen: set[int] = set()
-    for obj in objects:
-        if obj is None or id(obj) in seen or getattr(obj, "closes_per_loop", False) is not True:
+    stack = list(reversed(objects))
+    while stack:
+        obj = stack.pop()
+        if obj is None or id(obj) in seen:
             continue
         seen.add(id(obj))
+        if getattr(obj, "closes_per_loop", False) is not True:
+            # A wrapper (weighted, cached, judge reward) is not per-loop itself, but what it wraps may be.
+            stack.extend(reversed(list(getattr(obj, "parts", ()))))
+            continue
         close = getattr(obj, "aclose", None)
         if close is None:
             continue

@@ -20,6 +20,8 @@ engine also uses these members when an object has them (see ``KnowsContextWindow
   one call may carry; more wait for the next call. ``None`` (or no attribute): no limit.
 * ``async aclose()``: release what the object holds. The engine never calls it; the caller
   owns the objects, except as follows.
+* ``parts``: a wrapper (a weighted or cached reward, a judge) lists the objects it wraps, so
+  closing per-loop connections reaches them.
 * ``closes_per_loop = True``: ``aclose()`` only releases what belongs to the running event
   loop (HTTP connections) and the object opens them again when used on another loop. The
   synchronous ``tpo.optimize`` and ``tpo.optimize_many`` run a private event loop each, and

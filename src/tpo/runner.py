@@ -30,10 +30,10 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 from ._jsonl import ResultLines, is_whole_object, read_result_lines
 from .algorithm import Engine
@@ -851,7 +851,7 @@ class BatchRun:
     def run(self, policy: PolicyBackend, reward: RewardModel, *, critic: PolicyBackend | None = None) -> BatchSummary:
         """Run every unfinished prompt (blocking); see ``arun``."""
         _no_running_loop("BatchRun.run()", "await run.arun(...)")
-        return asyncio.run(self.arun(policy, reward, critic=critic))
+        return asyncio.run(_closing(self.arun(policy, reward, critic=critic), policy, critic, reward))
 
     async def arun(self, policy: PolicyBackend, reward: RewardModel, *, critic: PolicyBackend | None = None) -> BatchSummary:
         """Run every unfinished prompt, appending each result to the output as it finishes.
@@ -1033,9 +1033,25 @@ def run_batch(
     """
     _no_running_loop("tpo.runner.run_batch()", "await tpo.runner.arun_batch(...)")
     return asyncio.run(
-        arun_batch(
-            source, output, policy=policy, reward=reward, critic=critic, config=config, restart=restart,
-            retry_failed=retry_failed, models=models, settings=settings, observer=observer,
-            compact_min_bytes=compact_min_bytes,
+        _closing(
+            arun_batch(
+                source, output, policy=policy, reward=reward, critic=critic, config=config, restart=restart,
+                retry_failed=retry_failed, models=models, settings=settings, observer=observer,
+                compact_min_bytes=compact_min_bytes,
+            ),
+            policy, critic, reward,
         )
     )
+
+
+T = TypeVar("T")
+
+
+async def _closing(work: Awaitable[T], *objects: object) -> T:
+    """Await ``work``, then close the connections the backends opened on this (private) event loop."""
+    from .api import aclose_per_loop
+
+    try:
+        return await work
+    finally:
+        await aclose_per_loop(*objects)

@@ -23,6 +23,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .._guard import check_real_request_allowed
 from ..errors import BackendError, ConfigError, MissingDependencyError, TPOError
 from ..registry import take_options
 from ..types import Generation, GenerationRequest, Message, TokenLogprob
@@ -141,6 +142,7 @@ class TransformersPolicy:
         device = _resolve_device(torch, opts["device"])
         dtype = _resolve_dtype(torch, opts["dtype"], device)
         trust = opts["trust_remote_code"]
+        check_real_request_allowed(_OWNER)
         try:
             tokenizer = transformers.AutoTokenizer.from_pretrained(target, trust_remote_code=trust)
             model = transformers.AutoModelForCausalLM.from_pretrained(
@@ -164,6 +166,7 @@ class TransformersPolicy:
         """Answer every request; requests with equal sampling settings share ``generate`` calls."""
         if not requests:
             return []
+        check_real_request_allowed(self.name)
         return await asyncio.to_thread(self._generate_all, list(requests))
 
     async def context_window(self) -> int | None:

@@ -157,14 +157,14 @@ def _failures(run: RunSummary, console: Console) -> None:
 
 def _math(runs: Sequence[RunSummary]) -> Table:
     t = Table(title="Math accuracy (math-verify)", title_justify="left")
-    for col in ("run", "field", "checked", "correct", "accuracy", "95% CI", "no answer", "no reference"):
+    for col in ("run", "field", "checked", "correct", "accuracy", "95% CI", "no answer", "check failed", "no reference"):
         t.add_column(col, justify="left" if col in ("run", "field") else "right")
     for r in runs:
         m = r.math
         if m is None:
             continue
         t.add_row(r.label, m.reference_field, str(m.checked), str(m.correct), _pct(m.accuracy), _ci(m.interval),
-                  str(m.no_answer), str(m.missing_reference))
+                  str(m.no_answer), str(m.check_failures), str(m.missing_reference))
     return t
 
 

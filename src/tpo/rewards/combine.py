@@ -149,6 +149,11 @@ class WeightedReward:
                 out.append(Score(total, details=details))
         return out
 
+    @property
+    def parts(self) -> tuple[RewardModel, ...]:
+        """The component rewards (so per-loop connections inside them can be closed)."""
+        return tuple(self.rewards)
+
     async def aclose(self) -> None:
         """Close every component that holds resources."""
         for r in self.rewards:
@@ -301,6 +306,11 @@ class CachedReward:
             if out[i] is None:
                 out[i] = await (waits[i] if i in waits else mine[keys[i]])
         return [s for s in out if s is not None]
+
+    @property
+    def parts(self) -> tuple[RewardModel, ...]:
+        """The wrapped reward (so per-loop connections inside it can be closed)."""
+        return (self.reward,)
 
     async def aclose(self) -> None:
         """Close the wrapped reward."""

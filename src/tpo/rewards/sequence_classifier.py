@@ -51,6 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from .._guard import check_real_request_allowed
 from ..errors import ConfigError, InputError, MissingDependencyError, RewardError
 from ..registry import take_options
 from ..types import Message, Score, ScoreRequest, to_messages
@@ -225,6 +226,7 @@ class SequenceClassifierReward:
         load_kwargs: dict[str, Any] = {"trust_remote_code": opts["trust_remote_code"]}
         if source != target:  # a local directory: never ask the Hub
             load_kwargs["local_files_only"] = True
+        check_real_request_allowed("the hf reward")
         try:
             tokenizer = transformers.AutoTokenizer.from_pretrained(source, **load_kwargs)
             model, info = transformers.AutoModelForSequenceClassification.from_pretrained(
@@ -308,6 +310,7 @@ class SequenceClassifierReward:
         """Score every request in as few forward passes as the batch limits allow."""
         if not requests:
             return []
+        check_real_request_allowed(self.name)
         return await asyncio.to_thread(self._score_sync, list(requests))
 
     def score_pairs(self, messages_list: Sequence[Any], answers: Sequence[str]) -> list[Score]:
