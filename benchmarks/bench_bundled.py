@@ -23,6 +23,7 @@ import time
 import tpo
 from _results import write_section
 from tpo.backends.llamacpp import LlamaCppPolicy
+from tpo.cli.run import DEMO_MAX_TOKENS
 from tpo.rewards.judge import JudgeReward
 
 DEFAULT_PROMPT = "Explain in two sentences why the sky is blue."
@@ -32,7 +33,8 @@ def measure(prompt: str, seed: int) -> dict[str, float]:
     t0 = time.perf_counter()
     policy = LlamaCppPolicy.bundled()
     reward = JudgeReward(policy)
-    engine = tpo.Engine(policy, reward, config=tpo.TPOConfig(seed=seed))
+    # What `tpo run` does with no options: D2-N5, replies capped for the demo model.
+    engine = tpo.Engine(policy, reward, config=tpo.TPOConfig(seed=seed, max_tokens=DEMO_MAX_TOKENS))
     result = asyncio.run(engine.optimize(prompt))
     wall = time.perf_counter() - t0
     if result.status != "complete":
@@ -86,7 +88,8 @@ def main() -> None:
         f"{'met' if worst_other <= 0.10 else 'MISSED'}\n"
         f"- first token of the first sample: {worst_first:.2f} s after start, model load included (target < 2 s): "
         f"{'met' if worst_first < 2.0 else 'MISSED'}\n"
-        f"- TPO D2-N5, the bundled SmolLM2-135M-Instruct (Q4_1 GGUF) judging its own answers, default settings, "
+        f"- TPO D2-N5, the bundled SmolLM2-135M-Instruct (Q4_1 GGUF) judging its own answers, `tpo run`'s defaults "
+        f"(replies capped at {DEMO_MAX_TOKENS} new tokens for the demo model), "
         f"prompt: \"{args.prompt}\""
     )
     if cli is not None:

@@ -9,6 +9,7 @@ from contextlib import nullcontext
 from typing import Any
 
 import click
+from click.core import ParameterSource
 from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
@@ -16,6 +17,11 @@ from rich.table import Table
 from ..algorithm import Engine
 from ..result import TPOResult
 from ._common import DEFAULT_POLICY, build_config, build_models, method_options, model_options, with_errors
+
+#: New tokens per reply when the bundled demo model runs without --max-tokens. The paper's 2048
+#: let a 135M model loop for thousands of tokens: a default run then takes twenty minutes on
+#: two CPU cores instead of a few, and long loops also defeat its own judging.
+DEMO_MAX_TOKENS = 512
 
 DEMO_NOTE = (
     "This runs on SmolLM2-135M-Instruct, a tiny model bundled for a quick offline demonstration: "
@@ -58,9 +64,13 @@ def run_command(prompt: str | None, messages_file: Any, metadata: tuple[str, ...
             raise InputError(f"--metadata {item!r} is not KEY=VALUE")
         meta[key] = value
     config = build_config(params)
+    demo = params["policy_spec"] == DEFAULT_POLICY
+    if demo and click.get_current_context().get_parameter_source("max_tokens") == ParameterSource.DEFAULT:
+        config = config.with_options(max_tokens=DEMO_MAX_TOKENS)
     console = Console(stderr=True, highlight=False)
-    if params["policy_spec"] == DEFAULT_POLICY and not as_json:
-        console.print(f"[dim]{DEMO_NOTE}[/dim]\n")
+    if demo and not as_json:
+        console.print(f"[dim]{DEMO_NOTE} Replies are limited to {config.max_tokens} new tokens here "
+                      "(--max-tokens to change).[/dim]\n")
     with console.status("Loading models…", spinner="dots") if not as_json else nullcontext():
         models = build_models(params)
     result = asyncio.run(_run(conversation, meta, models, config, None if as_json else console))
