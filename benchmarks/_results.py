@@ -36,7 +36,14 @@ def machine() -> str:
 
 def command() -> str:
     """The command that ran this script, as a user would type it from the repository root."""
-    return " ".join([".venv/bin/python", *(sys.argv if sys.argv else [])])
+    if not sys.argv:
+        return ".venv/bin/python"
+    script = Path(sys.argv[0]).resolve()
+    try:
+        script_text = str(script.relative_to(RESULTS.parent.parent))
+    except ValueError:
+        script_text = str(script)
+    return " ".join([".venv/bin/python", script_text, *sys.argv[1:]])
 
 
 def write_section(key: str, title: str, body: str) -> None:
