@@ -142,14 +142,39 @@ class Models:
 
 def build_models(params: Mapping[str, Any]) -> Models:
     """Policy, critic and reward from the model options."""
+    built: list[Any] = []
+    try:
+        return _build_models(params, built)
+    except BaseException:
+        # A model that failed to build must not leave the ones built before it open.
+        _close_quietly(built)
+        raise
+
+
+def _close_quietly(objects: Sequence[Any]) -> None:
+    import asyncio
+
+    for obj in reversed(objects):
+        close = getattr(obj, "aclose", None)
+        if close is None:
+            continue
+        try:
+            asyncio.run(close())
+        except Exception:  # noqa: S110 - already failing: the first error is the one to report
+            pass
+
+
+def _build_models(params: Mapping[str, Any], built: list[Any]) -> Models:
     server = {k: params[k] for k in ("base_url", "api_key_env") if params.get(k) is not None}
     policy = _policy(params["policy_spec"], dict(params.get("policy_options") or {}), server)
+    built.append(policy)
     critic = None
     critic_spec = params.get("critic_spec")
     critic_opts: dict[str, Any] = dict(params.get("critic_options") or {})
     # A critic with the same spec (and no options of its own) is the policy: never load one model twice.
     if critic_spec and (critic_spec != params["policy_spec"] or critic_opts):
         critic = _policy(critic_spec, critic_opts, server)
+        built.append(critic)
     elif critic_opts:
         raise ConfigError("--critic-option needs --critic")
     rubric = params.get("prefer")
@@ -166,6 +191,7 @@ def build_models(params: Mapping[str, Any]) -> Models:
         if names[i] == "judge" and rubric is not None:
             opts["prefer"] = rubric
         rewards.append(reward_from_spec(spec, policy=policy, **opts))
+        built.append(rewards[-1])
     weights = params.get("reward_weights")
     normalize = params.get("reward_normalize") or "none"
     if rubric is not None and "judge" not in names:
