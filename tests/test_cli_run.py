@@ -82,6 +82,21 @@ def test_progress_steps_and_the_best_answer(built: Built) -> None:
     assert line in err
 
 
+def test_model_text_that_looks_like_markup_is_shown_as_written(monkeypatch: pytest.MonkeyPatch) -> None:
+    texts = ["[/INST] 7 is arr[i] [bold]x[/bold]", "[/0] 3 closing tag first"]
+
+    def reply(request: GenerationRequest) -> list[str]:
+        if request.purpose == "sample":
+            return texts[: request.n]
+        return judged_reply(request)
+
+    monkeypatch.setattr(tpo.cli._common, "policy_from_spec",
+                        lambda spec, **options: ScriptedPolicy(reply, batching=True, name="fake"))
+    result = run("Q", "--depth", "0", "--width", "2")
+    assert result.exit_code == 0, result.output
+    assert "[/INST] 7 is arr[i] [bold]x[/bold]" in result.output  # the best answer, verbatim in the panel
+
+
 def test_json_output_parses_and_follows_the_schema(built: Built, schema: dict[str, Any]) -> None:
     result = run("Count to ten.", "--json", "-d", "1", "-n", "2")
     assert result.exit_code == 0, result.output

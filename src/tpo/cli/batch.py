@@ -13,6 +13,7 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
 
 from ..config import TPOConfig
@@ -179,7 +180,7 @@ class _Display(BatchObserver):
         self.console = console
 
     def on_note(self, message: str) -> None:
-        self.console.print(f"[yellow]note:[/yellow] {message}", markup=True, highlight=False)
+        self.console.print(f"[yellow]note:[/yellow] {escape(message)}", markup=True, highlight=False)
 
     def close(self) -> None:
         """Stop any live display (before printing the summary, or on an interruption)."""
@@ -243,7 +244,7 @@ class _RichDisplay(_Display):
 
     def on_result(self, result: TPOResult, state: BatchState) -> None:
         if result.status != "complete":
-            self._progress.console.print(f"[red]{_outcome(result)}[/red]", markup=True, highlight=False)
+            self._progress.console.print(f"[red]{escape(_outcome(result))}[/red]", markup=True, highlight=False)
         self._progress.update(self._task, completed=state.done, info=_line(state))
 
     def close(self) -> None:

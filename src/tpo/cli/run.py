@@ -11,8 +11,10 @@ from typing import Any
 import click
 from click.core import ParameterSource
 from rich.console import Console
+from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
+from rich.text import Text
 
 from ..algorithm import Engine
 from ..result import TPOResult
@@ -142,7 +144,8 @@ def _render_step(result: TPOResult, record: Any, console: Console) -> None:
         score = _score(c.score) if c.score is not None else "[red]failed[/red]"
         if c.id == result.best_id:
             score = f"[bold green]{score}[/bold green]"
-        table.add_row(cid[:8], score, c.text.replace("\n", " "))
+        # Model text is never rich markup: "[/INST]" or "arr[i]" must show as written.
+        table.add_row(cid[:8], score, Text(c.text.replace("\n", " ")))
     console.print(table)
     notes = []
     if record.fallbacks:
@@ -151,7 +154,7 @@ def _render_step(result: TPOResult, record: Any, console: Console) -> None:
     if record.truncated:
         notes.append("shortened to fit the context window: " + ", ".join(record.truncated))
     for note in notes:
-        console.print(f"  [yellow]· {note}[/yellow]")
+        console.print(f"  [yellow]· {escape(note)}[/yellow]")
     best = f"{record.best_score:.3f}" if record.best_score is not None else "none"
     console.print(f"  best so far: {best} · {record.usage.wall_time_s:.1f}s\n")
 
@@ -162,15 +165,15 @@ def _score(value: float | None) -> str:
 
 def _render_final(result: TPOResult, console: Console) -> None:
     if result.stopped_early:
-        console.print(f"[dim]Stopped early: {result.stopped_early}[/dim]")
+        console.print(f"[dim]Stopped early: {escape(result.stopped_early)}[/dim]")
     if result.error:
-        console.print(f"[red]Failed:[/red] {result.error}")
+        console.print(f"[red]Failed:[/red] {escape(result.error)}")
     u = result.usage
     console.print(f"[dim]{u.policy_calls} policy calls, {u.sequences} sequences, {u.prompt_tokens} prompt + "
                   f"{u.completion_tokens} completion tokens, {u.reward_calls} answers scored, {u.wall_time_s:.1f}s[/dim]")
     if result.answer is None:
         return
-    console.print(Panel(result.answer, title=f"best answer · score {result.score:.3f}", title_align="left"))
+    console.print(Panel(Text(result.answer), title=f"best answer · score {result.score:.3f}", title_align="left"))
     # The answer itself also goes to standard output, so `tpo run ... > answer.txt` works.
     if not sys.stdout.isatty():
         click.echo(result.answer)
