@@ -418,3 +418,21 @@ def test_models_built_before_a_failing_one_are_closed(monkeypatch: pytest.Monkey
     with pytest.raises(ConfigError, match="unknown reward 'nosuch'"):
         _common.build_models({"policy_spec": "p", "critic_spec": "c", "reward_specs": ["nosuch"]})
     assert closed == ["c", "p"]
+
+
+def test_base_url_reaches_a_judge_on_a_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tpo.cli import _common
+    from tpo.testing import ScriptedPolicy
+
+    made: list[tuple[str, dict[str, object]]] = []
+
+    def fake(spec: str, **options: object) -> ScriptedPolicy:
+        made.append((spec, options))
+        return ScriptedPolicy(name=spec)
+
+    monkeypatch.setattr(_common, "policy_from_spec", fake)
+    monkeypatch.setattr("tpo.rewards.judge.policy_from_spec", fake)
+    _common.build_models({"policy_spec": "openai:m", "reward_specs": ["judge:openai:j"],
+                          "base_url": "http://127.0.0.1:9/v1", "api_key_env": "MY_KEY"})
+    assert made == [("openai:m", {"base_url": "http://127.0.0.1:9/v1", "api_key_env": "MY_KEY"}),
+                    ("openai:j", {"base_url": "http://127.0.0.1:9/v1", "api_key_env": "MY_KEY"})]

@@ -308,3 +308,15 @@ def test_loading_and_generating_print_nothing() -> None:
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout == "" and done.stderr == ""
+
+
+@pytest.mark.slow
+@pytest.mark.real_model
+def test_tokens_longer_than_32_bytes_decode_whole(policy: LlamaCppPolicy) -> None:
+    # SmolLM2 has single tokens for long runs of whitespace (81 bytes); llama-cpp-python's own
+    # detokenize returns stale bytes for any piece over 32.
+    text = "\n" + " " * 80
+    tokens = policy._llm.tokenize(text.encode(), add_bos=False, special=False)
+    pieces = [policy._piece(t) for t in tokens]
+    assert max(len(p) for p in pieces) > 32
+    assert b"".join(pieces) == text.encode()

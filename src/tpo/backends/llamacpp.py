@@ -16,6 +16,7 @@ without keeping the logits of every prompt position in memory.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import math
 import os
 import random
@@ -108,7 +109,8 @@ class LlamaCppPolicy:
 
     ``model_path``: the ``.gguf`` file. ``n_ctx``: the context window in tokens (default: the
     window the model was trained for, at most 8192). ``n_threads``: CPU threads for generating
-    (default: every CPU this process may use, up to four; half of them beyond that).
+    and for evaluating prompts (default: every CPU this process may use, up to four; half of
+    them, at least four, beyond that).
     ``n_batch``: prompt tokens evaluated per batch, which is also the
     granularity at which a cached prompt prefix is reused (see below). ``chat_format``: a
     llama.cpp chat format name such as ``"chatml"`` (default: the template stored in the
@@ -189,6 +191,7 @@ class LlamaCppPolicy:
         self._repeat_penalty = float(repeat_penalty)
         self._default_seed = seed
         self._lock = threading.Lock()
+        self._vocab_lock = threading.Lock()
         if n_ctx is None:
             trained = _gguf_context_length(path)
             n_ctx = min(trained, MAX_DEFAULT_CONTEXT) if trained else FALLBACK_CONTEXT
@@ -207,6 +210,9 @@ class LlamaCppPolicy:
                     n_batch=min(n_batch, n_ctx),
                     n_ubatch=min(n_batch, n_ctx),
                     n_threads=n_threads,
+                    # Otherwise llama-cpp-python takes every CPU the machine has, ignoring this
+                    # process's affinity (containers, taskset), and oversubscribes them.
+                    n_threads_batch=n_threads,
                     chat_format=chat_format,
                     verbose=verbose,
                 )
@@ -217,6 +223,7 @@ class LlamaCppPolicy:
         self._chunk = int(self._llm.n_batch)
         self._vocab_is_eog: Any = llama_cpp.llama_vocab_is_eog
         self._vocab = self._llm._model.vocab
+        self._token_to_piece: Any = llama_cpp.llama_token_to_piece
         self._n_ctx = int(self._llm.n_ctx())
         #: Seconds spent inside llama.cpp generating (prompt evaluation and sampling), accumulated.
         self.busy_s = 0.0
@@ -260,9 +267,7 @@ class LlamaCppPolicy:
 
     def count_tokens(self, messages: Sequence[Message]) -> int | None:
         """Exactly the number of prompt tokens ``generate`` will evaluate for ``messages``."""
-        # Tokenizing reads only the vocabulary, never the context, so it needs no lock and
-        # does not wait for a generation in progress.
-        return len(self._prompt_tokens(messages))
+        return len(self._tokens_unless_closed(messages))
 
     async def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
         """Generate for each request in turn, in a worker thread."""
@@ -277,13 +282,21 @@ class LlamaCppPolicy:
         await asyncio.to_thread(self.close)
 
     def close(self) -> None:
-        """Free the model (blocking)."""
-        with self._lock:
+        """Free the model (blocking); waits for a generation or tokenization in progress."""
+        with self._lock, self._vocab_lock:
             if not self._closed:
                 self._closed = True
                 self._llm.close()
 
     # ------------------------------------------------------------------ internals
+
+    def _tokens_unless_closed(self, messages: Sequence[Message]) -> list[int]:
+        # Tokenizing reads only the vocabulary, never the context: it takes its own lock, so it
+        # does not wait for a generation in progress, and close() cannot free the model under it.
+        with self._vocab_lock:
+            if self._closed:
+                raise BackendError(f"{self.name}: the model was closed", backend=self.name)
+            return self._prompt_tokens(messages)
 
     def _prompt_tokens(self, messages: Sequence[Message]) -> list[int]:
         if self._closed:  # the vocabulary is freed with the model
@@ -302,7 +315,7 @@ class LlamaCppPolicy:
         return [s for s in (*request.sampling.stop, *self._template.stops) if s]
 
     def _generate_one(self, request: GenerationRequest) -> Generation:
-        prompt = self._prompt_tokens(request.messages)
+        prompt = self._tokens_unless_closed(request.messages)
         room = self._n_ctx - len(prompt)
         if room <= 0:
             raise BackendError(
@@ -417,7 +430,7 @@ class LlamaCppPolicy:
                 finish = "stop"
                 break
             tokens.append(token)
-            piece = llm.detokenize([token])
+            piece = self._piece(token)
             pieces.append(piece)
             if recorder is not None:
                 logprobs.append(recorder.entry(token, piece, self._piece))
@@ -435,8 +448,18 @@ class LlamaCppPolicy:
         return bool(self._vocab_is_eog(self._vocab, token))
 
     def _piece(self, token: int) -> bytes:
-        piece: bytes = self._llm.detokenize([token])
-        return piece
+        """The bytes of one token, however long.
+
+        Not ``Llama.detokenize``: its 32-byte buffer returns stale bytes for longer pieces (long
+        runs of spaces or dashes are single tokens in many vocabularies).
+        """
+        size = 64
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            n = int(self._token_to_piece(self._vocab, token, buf, size, 0, False))
+            if n >= 0:
+                return buf.raw[:n]
+            size = -n  # llama.cpp says how large the buffer must be
 
 
 class _LogprobRecorder:
@@ -570,7 +593,7 @@ def _default_threads() -> int:
         cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cpus = os.cpu_count() or 1
-    return cpus if cpus <= 4 else cpus // 2
+    return cpus if cpus <= 4 else max(4, cpus // 2)
 
 
 def _cpu_advertises_amx() -> bool:

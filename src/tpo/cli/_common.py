@@ -190,6 +190,8 @@ def _build_models(params: Mapping[str, Any], built: list[Any]) -> Models:
         opts = per_reward[i]
         if names[i] == "judge" and rubric is not None:
             opts["prefer"] = rubric
+        if names[i] == "judge" and ":" in spec:
+            _forward_server_options(spec.split(":", 1)[1], opts, server)
         rewards.append(reward_from_spec(spec, policy=policy, **opts))
         built.append(rewards[-1])
     weights = params.get("reward_weights")
@@ -218,6 +220,17 @@ def _policy(spec: str, options: dict[str, Any], server: Mapping[str, Any]) -> Po
         if key in server:
             options.setdefault(key, server[key])
     return policy_from_spec(spec, **options)
+
+
+def _forward_server_options(judge_target: str, opts: dict[str, Any], server: Mapping[str, Any]) -> None:
+    """--base-url and --api-key-env also reach a judge on a server (judge:openai:MODEL), as they reach the policy."""
+    if not server or not judge_target.strip():
+        return
+    cls = load_plugin(BACKENDS_GROUP, split_spec(judge_target)[0])
+    wanted = {k: v for k, v in server.items() if k in getattr(cls, "server_options", ())}
+    if wanted:
+        given = opts.get("backend_options") or {}
+        opts["backend_options"] = {**wanted, **(given if isinstance(given, Mapping) else {})}
 
 
 def _split_reward_options(options: Mapping[str, Any], names: Sequence[str]) -> list[dict[str, Any]]:
