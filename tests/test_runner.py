@@ -626,3 +626,29 @@ def test_a_path_is_read_with_the_default_options(tmp_path: Path) -> None:
     summary = run_batch(path, tmp_path / "out.jsonl", policy=Policy(), reward=reward(), config=CONFIG)
     assert summary.ok and summary.total == 3
     assert all(len(d["prompt_id"]) == 16 for d in read_output(tmp_path / "out.jsonl"))  # derived ids
+
+
+def test_an_unreadable_checkpoint_restarts_its_prompt_and_says_so(
+    tmp_path: Path, reference: dict[str, dict[str, Any]]
+) -> None:
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(Crash):
+        batch(rows(10), out, Policy(crash_after=13))
+    path = sidecar_dir(out) / "checkpoints.jsonl"
+    lines = path.read_bytes().splitlines(keepends=True)
+    damaged = json.loads(lines[-1])
+    damaged["schema_version"] = 99  # a checkpoint this tpo cannot read
+    lines[-1] = (json.dumps(damaged) + "\n").encode()
+    path.write_bytes(b"".join(lines))
+    notes = Notes()
+    summary = batch(rows(10), out, Policy(), observer=notes)
+    assert summary.ok
+    assert any(f"checkpoint of prompt {damaged['prompt_id']!r} cannot be read" in n for n in notes.notes), notes.notes
+    assert {d["prompt_id"]: strip_timings(d) for d in read_output(out)} == reference
+
+
+def test_secrets_in_url_queries_are_not_saved(tmp_path: Path) -> None:
+    out = tmp_path / "out.jsonl"
+    batch(rows(1), out, models={"policy": "openai:m", "policy_options": {"base_url": "https://h/v1?key=sk-9&region=eu"}})
+    text = (sidecar_dir(out) / "config.json").read_text()
+    assert "sk-9" not in text and "region=eu" in text

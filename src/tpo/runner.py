@@ -77,6 +77,7 @@ _SECRET_SUFFIXES = ("_api_key", "_apikey", "_api_token", "_access_token", "_auth
                     "_passwd", "_secret", "_secret_key", "_private_key", "_credentials")
 #: The password in a URL's user information: ``https://user:PASSWORD@host``.
 _URL_PASSWORD = re.compile(r"(://[^/@\s:]*):[^/@\s]*@")
+_URL_QUERY_PARAM = re.compile(r"([?&])([^=&#\s]+)=([^&#\s]*)")
 
 
 def sidecar_dir(output: str | os.PathLike[str]) -> Path:
@@ -436,6 +437,8 @@ class _Checkpoints(_GroupLog, Mapping[str, TPOResult]):
         self.entries: dict[str, _Entry] = {}
         self.live_bytes = 0
         self._reader: IO[bytes] | None = None
+        #: Told about a checkpoint that cannot be read back (its prompt then starts over).
+        self.note: Callable[[str], None] = lambda message: None
 
     # Mapping: what the engine resumes from.
     def __getitem__(self, prompt_id: str) -> TPOResult:
@@ -443,7 +446,13 @@ class _Checkpoints(_GroupLog, Mapping[str, TPOResult]):
         if self._reader is None:
             self._reader = self.path.open("rb")
         self._reader.seek(entry.offset)
-        return TPOResult.from_dict(json.loads(self._reader.read(entry.length)))
+        try:
+            return TPOResult.from_dict(json.loads(self._reader.read(entry.length)))
+        except (ValueError, KeyError, TypeError) as e:
+            # Unreadable (another tpo version's schema, a damaged line): the prompt starts over,
+            # and says so, rather than failing the run or vanishing silently.
+            self.note(f"the checkpoint of prompt {prompt_id!r} cannot be read ({type(e).__name__}: {e}); it starts over")
+            raise KeyError(prompt_id) from e
 
     def __contains__(self, prompt_id: object) -> bool:
         return prompt_id in self.entries  # without reading the checkpoint from disk
@@ -575,7 +584,12 @@ def _redact(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     if isinstance(value, str):
-        return _URL_PASSWORD.sub(r"\1:***@", value)
+        value = _URL_PASSWORD.sub(r"\1:***@", value)
+        if "://" in value:  # secrets in a URL's query string: ?key=..., &api_key=...
+            value = _URL_QUERY_PARAM.sub(
+                lambda m: f"{m[1]}{m[2]}=***" if _is_secret(m[2]) or m[2].lower() == "key" else m[0], value
+            )
+        return value
     if value is None or isinstance(value, (int, float, bool)):
         return value
     return str(value)
@@ -666,6 +680,7 @@ class BatchRun:
         self.retry_failed = retry_failed
         self.observer = observer or BatchObserver()
         self._checkpoints = _Checkpoints(self.sidecar / "checkpoints.jsonl", compact_min_bytes)
+        self._checkpoints.note = self.observer.on_note
         self._out = _GroupLog(self.output)
         #: Finished prompt id → True when it failed. Only ids; results are never kept.
         self._finished: dict[str, bool] = {}

@@ -30,7 +30,9 @@ def _key_values(ctx: click.Context, param: click.Parameter, values: Sequence[str
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise click.BadParameter(f"{item!r} is not KEY=VALUE", ctx=ctx, param=param)
-        out[key.strip().replace("-", "_")] = _parse_scalar(raw)
+        # Only the option name is normalised: a reward prefix ("my-plugin.key") keeps its hyphens.
+        prefix, dot, name = key.strip().rpartition(".")
+        out[prefix + dot + name.replace("-", "_")] = _parse_scalar(raw)
     return out
 
 
@@ -130,14 +132,21 @@ class Models:
     reward: RewardModel
 
     async def aclose(self) -> None:
+        """Close the reward, critic and policy, each once; one failing to close does not keep the others open."""
+        import warnings
+
         seen: set[int] = set()
-        for obj in (self.policy, self.critic, self.reward):
+        for obj in (self.reward, self.critic, self.policy):
             if obj is None or id(obj) in seen:
                 continue
             seen.add(id(obj))
             close = getattr(obj, "aclose", None)
-            if close is not None:
+            if close is None:
+                continue
+            try:
                 await close()
+            except Exception as e:  # the work is done; report and go on closing the rest
+                warnings.warn(f"closing {getattr(obj, 'name', obj)!s} failed: {e}", RuntimeWarning, stacklevel=2)
 
 
 def build_models(params: Mapping[str, Any]) -> Models:

@@ -85,6 +85,14 @@ def run_command(prompt: str | None, messages_file: Any, metadata: tuple[str, ...
 
 
 async def _run(conversation: Any, metadata: dict[str, Any], models: Any, config: Any, console: Console | None) -> TPOResult:
+    try:
+        return await _optimize(conversation, metadata, models, config, console)
+    finally:
+        await models.aclose()
+
+
+async def _optimize(conversation: Any, metadata: dict[str, Any], models: Any, config: Any,
+                    console: Console | None) -> TPOResult:
     engine = Engine(models.policy, models.reward, critic=models.critic, config=config)
     shown = 0
     status = console.status(_doing(config, 0), spinner="dots") if console is not None else nullcontext()
@@ -99,14 +107,11 @@ async def _run(conversation: Any, metadata: dict[str, Any], models: Any, config:
         if hasattr(status, "update"):
             status.update(_doing(config, shown))
 
-    try:
-        if console is not None:
-            console.print(f"[bold]{config.mode}[/bold] width {config.width}, depth {config.depth}, seed {config.seed} · "
-                          f"policy {engine.policy.name} · reward {getattr(engine.reward, 'name', '?')}\n")
-        with status:
-            return await engine.optimize(conversation, metadata=metadata, on_step=on_step)
-    finally:
-        await models.aclose()
+    if console is not None:
+        console.print(f"[bold]{config.mode}[/bold] width {config.width}, depth {config.depth}, seed {config.seed} · "
+                      f"policy {escape(engine.policy.name)} · reward {escape(getattr(engine.reward, 'name', '?'))}\n")
+    with status:
+        return await engine.optimize(conversation, metadata=metadata, on_step=on_step)
 
 
 def _doing(config: Any, step: int) -> str:
