@@ -525,3 +525,21 @@ def test_closing_per_loop_connections_reaches_inside_wrappers() -> None:
     wrapped = WeightedReward([CachedReward(inner), loaded])
     asyncio.run(aclose_per_loop(wrapped, inner))
     assert inner.closed == 1 and loaded.closed == 0
+
+
+def test_ctrl_c_inside_a_sync_optimize_many_surfaces_as_keyboard_interrupt() -> None:
+    from tpo.testing import default_reply
+
+    calls = 0
+
+    def reply(request: GenerationRequest) -> list[str]:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise KeyboardInterrupt
+        return default_reply(request)
+
+    policy = ScriptedPolicy(reply, latency_s=0.01)
+    with pytest.raises(KeyboardInterrupt):
+        for _ in tpo.optimize_many(["a", "b", "c"], policy=policy, reward=FunctionReward(lambda m, a: 1.0), depth=1):
+            pass

@@ -170,15 +170,27 @@ def _drive(agen: AsyncGenerator[TPOResult, None], owned: tuple[object, ...]) -> 
     loop = asyncio.new_event_loop()
     try:
         while True:
+            step = loop.create_task(_anext(agen))
             try:
-                yield loop.run_until_complete(agen.__anext__())
+                yield loop.run_until_complete(step)
             except StopAsyncIteration:
                 return
+            except BaseException:
+                # Ctrl-C (or another BaseException) in the middle of a step: finish cancelling that
+                # step first, so the generator is not left running and the caller sees the real cause.
+                if not step.done():
+                    step.cancel()
+                    loop.run_until_complete(asyncio.gather(step, return_exceptions=True))
+                raise
     finally:
         try:
             loop.run_until_complete(agen.aclose())
         finally:
             _close_loop(loop, owned)
+
+
+async def _anext(agen: AsyncGenerator[TPOResult, None]) -> TPOResult:
+    return await agen.__anext__()
 
 
 def _close_loop(loop: asyncio.AbstractEventLoop, owned: tuple[object, ...]) -> None:
