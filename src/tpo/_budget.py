@@ -49,6 +49,7 @@ class ContextBudget:
         self.window = window
         self._backend = backend
         self._limit = window - _SAFETY_TOKENS - window // 100
+        self._empty_message_tokens: int | None = None  # the chat template's cost of one empty turn
 
     def count(self, messages: Sequence[Message]) -> int:
         """Prompt tokens of ``messages``: the backend's count when it can tell, else the estimate."""
@@ -76,8 +77,7 @@ class ContextBudget:
         Returns the messages, the completion token limit that still fits, and the names of
         the values that were shortened.
         """
-        reserve = min(max_tokens, self._limit // 2)
-        prompt_budget = self._limit - reserve
+        reserve, prompt_budget = self._split(max_tokens)
         current = dict(values)
         # Characters kept of each original value; every attempt shortens the original afresh,
         # so a marker never ends up inside another marker.
@@ -121,21 +121,27 @@ class ContextBudget:
         The test ``fit`` applies, so a template that passes here can always be fitted by
         shortening its values. ``what`` names the template and ``owner`` the backend, for the message.
         """
-        reserve = min(max_tokens, self._limit // 2)
+        reserve, prompt_budget = self._split(max_tokens)
         used = self.count(build(empty_values))
-        if used > self._limit - reserve:
+        if used > prompt_budget:
             raise ConfigError(
                 f"{what} does not fit the context window of {self.window} tokens of {owner}: with every value "
                 f"empty it takes about {used} tokens, and {reserve} are kept for the reply "
-                f"(about {self._limit - reserve} are available). Use a model with a larger window, "
+                f"(about {prompt_budget} are available). Use a model with a larger window, "
                 "a lower max_tokens or critic_max_tokens, or a shorter template."
             )
 
+    def _split(self, max_tokens: int) -> tuple[int, int]:
+        """Tokens kept for the reply, and what is left for the prompt."""
+        reserve = min(max_tokens, self._limit // 2)
+        return reserve, self._limit - reserve
+
     def _text_tokens(self, text: str) -> int:
         n = self._backend_count((Message("user", text),))
-        base = self._backend_count((Message("user", ""),))
-        if n is not None and base is not None:
-            return max(1, n - base)
+        if n is not None and self._empty_message_tokens is None:
+            self._empty_message_tokens = self._backend_count((Message("user", ""),))
+        if n is not None and self._empty_message_tokens is not None:
+            return max(1, n - self._empty_message_tokens)
         return max(1, estimate_tokens(text))
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import itertools
+import math
 import time
 from collections.abc import (
     AsyncGenerator,
@@ -281,11 +282,11 @@ class Engine:
         losses = [("loss_tpo", prompts.loss_tpo)] if cfg.mode == "tpo" else []
         losses.append(("loss_revision", prompts.loss_revision))
         for name, loss in losses:
-            budget.check_fits(partial(_loss_messages, loss), empty, critic_tokens, what=f"the {name} prompt template",
+            budget.check_fits(partial(_one_user_message, loss), empty, critic_tokens, what=f"the {name} prompt template",
                               owner=owner)
             budget.check_fits(partial(_gradient_messages, loss, prompts.gradient), empty, critic_tokens,
                               what=f"the gradient prompt template (after {name})", owner=owner)
-        budget.check_fits(partial(_update_messages, prompts.update), empty, cfg.max_tokens,
+        budget.check_fits(partial(_one_user_message, prompts.update), empty, cfg.max_tokens,
                           what="the update prompt template", owner=owner)
 
     # ------------------------------------------------------------------ one prompt
@@ -413,7 +414,7 @@ class Engine:
 
         loss_values = {"conversation": conversation, "chosen": chosen.text, "rejected": rejected.text if rejected else ""}
         pid = chain.prompt.id
-        build_loss = partial(_loss_messages, loss_template)
+        build_loss = partial(_one_user_message, loss_template)
         messages, max_tokens, cut = _fit(budget, pid, build_loss, loss_values, list(loss_values), critic_tokens)
         tally.truncated.update(cut)
         loss_gen = await self._generate(self.critic, tally, messages, n=1, max_tokens=max_tokens, temperature=critic_temp,
@@ -434,7 +435,7 @@ class Engine:
             failures.append("the feedback was empty")
 
         upd_values = {"conversation": conversation, "chosen": chosen.text, "critique": critique, "feedback": feedback, "tag": prompts.tag}
-        build_update = partial(_update_messages, prompts.update)
+        build_update = partial(_one_user_message, prompts.update)
         messages, max_tokens, cut = _fit(budget, pid, build_update, upd_values, ["conversation", "chosen", "critique", "feedback"],
                                          cfg.max_tokens)
         tally.truncated.update(cut)
@@ -633,7 +634,8 @@ def _check_resume(prompt: Prompt, resume_from: TPOResult | None) -> None:
         )
 
 
-def _loss_messages(template: str, values: Mapping[str, str]) -> tuple[Message, ...]:
+def _one_user_message(template: str, values: Mapping[str, str]) -> tuple[Message, ...]:
+    """The loss and update requests: one user turn, the template filled in."""
     return (Message("user", render(template, values)),)
 
 
@@ -645,9 +647,6 @@ def _gradient_messages(loss_template: str, gradient_template: str, values: Mappi
         Message("user", render(gradient_template, values)),
     )
 
-
-def _update_messages(template: str, values: Mapping[str, str]) -> tuple[Message, ...]:
-    return (Message("user", render(template, values)),)
 
 
 def _fit(
@@ -676,8 +675,8 @@ def _at(seq: Sequence[str | None], i: int) -> str | None:
 
 def _finite(x: float) -> bool:
     try:
-        return float(x) - float(x) == 0.0
-    except (TypeError, ValueError):
+        return math.isfinite(x)
+    except TypeError:
         return False
 
 

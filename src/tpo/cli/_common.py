@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -133,20 +134,23 @@ class Models:
 
     async def aclose(self) -> None:
         """Close the reward, critic and policy, each once; one failing to close does not keep the others open."""
-        import warnings
+        await _aclose_each((self.reward, self.critic, self.policy))
 
-        seen: set[int] = set()
-        for obj in (self.reward, self.critic, self.policy):
-            if obj is None or id(obj) in seen:
-                continue
-            seen.add(id(obj))
-            close = getattr(obj, "aclose", None)
-            if close is None:
-                continue
-            try:
-                await close()
-            except Exception as e:  # the work is done; report and go on closing the rest
-                warnings.warn(f"closing {getattr(obj, 'name', obj)!s} failed: {e}", RuntimeWarning, stacklevel=2)
+
+async def _aclose_each(objects: Sequence[Any]) -> None:
+    """``aclose()`` every object once, in order; a failure is reported and the rest still close."""
+    seen: set[int] = set()
+    for obj in objects:
+        if obj is None or id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        close = getattr(obj, "aclose", None)
+        if close is None:
+            continue
+        try:
+            await close()
+        except Exception as e:  # closing after the work (or after a failure): report, go on
+            warnings.warn(f"closing {getattr(obj, 'name', obj)!s} failed: {e}", RuntimeWarning, stacklevel=2)
 
 
 def build_models(params: Mapping[str, Any]) -> Models:
@@ -156,21 +160,8 @@ def build_models(params: Mapping[str, Any]) -> Models:
         return _build_models(params, built)
     except BaseException:
         # A model that failed to build must not leave the ones built before it open.
-        _close_quietly(built)
+        asyncio.run(_aclose_each(built[::-1]))
         raise
-
-
-def _close_quietly(objects: Sequence[Any]) -> None:
-    import asyncio
-
-    for obj in reversed(objects):
-        close = getattr(obj, "aclose", None)
-        if close is None:
-            continue
-        try:
-            asyncio.run(close())
-        except Exception:  # noqa: S110 - already failing: the first error is the one to report
-            pass
 
 
 def _build_models(params: Mapping[str, Any], built: list[Any]) -> Models:
@@ -280,24 +271,3 @@ def with_errors(f: F) -> F:
             sys.exit(1)
 
     return wrapper  # type: ignore[return-value]
-
-
-@contextmanager
-def quiet_stderr_fd() -> Iterator[None]:
-    """Silence C libraries (llama.cpp) that write to file descriptor 2 directly."""
-    import os
-
-    try:
-        fd = sys.stderr.fileno()
-    except (AttributeError, OSError, ValueError):
-        yield
-        return
-    saved = os.dup(fd)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, fd)
-        yield
-    finally:
-        os.dup2(saved, fd)
-        os.close(saved)
-        os.close(devnull)

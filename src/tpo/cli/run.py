@@ -17,6 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..algorithm import Engine
+from ..errors import InputError
 from ..result import TPOResult
 from ._common import DEFAULT_POLICY, build_config, build_models, method_options, model_options, with_errors
 
@@ -49,8 +50,6 @@ def run_command(prompt: str | None, messages_file: Any, metadata: tuple[str, ...
     With no options this runs TPO (depth 2, width 5) on the bundled SmolLM2-135M model with
     the model judging its own answers, offline.
     """
-    from ..errors import InputError
-
     if (prompt is None) == (messages_file is None):
         raise InputError("give a PROMPT argument or --messages FILE (one of them)")
     conversation: Any = prompt
