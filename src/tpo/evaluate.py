@@ -436,12 +436,11 @@ def math_accuracy(results: Sequence[TPOResult], *, reference_field: str = "answe
     from .rewards.verifier import MathReward
 
     checker = MathReward(field=reference_field)
-    with_field = [r for r in results if _has_reference(r.metadata.get(reference_field))]
     # The checker itself says whether a reference is usable: it fails an empty answer only when the
     # reference is missing or cannot be parsed (otherwise an empty answer is simply wrong). Asking it
     # keeps tpo eval and --reward math in agreement, and tells reference problems from answer problems.
-    probes = _run_sync(lambda: _check_each(checker, [_score_request(r, "") for r in with_field]))
-    usable = [r for r, probe in zip(with_field, probes, strict=True) if probe.error is None and probe.value is not None]
+    probes = _run_sync(lambda: _check_each(checker, [_score_request(r, "") for r in results]))
+    usable = [r for r, probe in zip(results, probes, strict=True) if probe.error is None and probe.value is not None]
     answered = [r for r in usable if r.status == "complete" and r.answer is not None]
     scores = _run_sync(lambda: _check_each(checker, [_score_request(r, r.answer or "") for r in answered]))
     correct = sum(1 for s in scores if s.value == 1.0)
@@ -487,12 +486,6 @@ def _run_sync(make: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
 
     with ThreadPoolExecutor(max_workers=1) as pool:
         return pool.submit(lambda: asyncio.run(make())).result()
-
-
-def _has_reference(value: Any) -> bool:
-    if isinstance(value, bool):
-        return False
-    return isinstance(value, (int, float)) or (isinstance(value, str) and bool(value.strip()))
 
 
 # ---------------------------------------------------------------------------------- comparison

@@ -261,10 +261,10 @@ def export_results(
             f"{len(skipped)} of {len(results)} prompts did not finish: {listed}{more}; "
             "resume or rerun them, or export without --strict to skip them"
         )
-    warnings: list[str] = []
     if fmt == "jsonl":
         _write_lines(out_path, jsonl_records(keep))
-        return ExportResult(fmt, out_path, len(keep), tuple(skipped), warnings=tuple(warnings))
+        return ExportResult(fmt, out_path, len(keep), tuple(skipped))
+    warnings: list[str] = []
     if fmt == "alpaca-eval":
         name = model_name or default_model_name(results)
         if out_path.suffix != ".json":
@@ -274,7 +274,7 @@ def export_results(
             warnings.append(
                 f"{multi_turn} prompt(s) have earlier turns; AlpacaEval judges single instructions, so only the last is exported"
             )
-        _write_text(out_path, _dumps(alpaca_eval_records(keep, model_name=name), indent=2) + "\n")
+        _write_text(out_path, dumps_json(alpaca_eval_records(keep, model_name=name), indent=2) + "\n")
         return ExportResult(fmt, out_path, len(keep), tuple(skipped), name, warnings=tuple(warnings))
     version, notes = resolve_arena_hard_version(keep or results, arena_hard_version)
     warnings.extend(notes)
@@ -295,13 +295,8 @@ def export_results(
     return ExportResult(fmt, file_path, len(keep), tuple(skipped), name, version, tuple(warnings))
 
 
-def _dumps(data: Any, *, indent: int | None = None) -> str:
-    """JSON with non-ASCII text as is, or escaped when it holds a lone surrogate (which UTF-8 cannot)."""
-    return dumps_json(data, indent=indent)
-
-
 def _write_lines(path: Path, records: Sequence[Mapping[str, Any]]) -> None:
-    _write_text(path, "".join(_dumps(rec) + "\n" for rec in records))
+    _write_text(path, "".join(dumps_json(rec) + "\n" for rec in records))
 
 
 def _write_text(path: Path, text: str) -> None:

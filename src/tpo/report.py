@@ -214,7 +214,7 @@ def _curves_section(summaries: Sequence[RunSummary], colors: Sequence[str]) -> s
     for s, c in zip(summaries, colors, strict=True):
         pts = [(st.step, st.mean) for st in s.steps if st.mean is not None]
         band = [(st.step, st.mean - st.std, st.mean + st.std) for st in s.steps if st.mean is not None and st.std is not None]
-        mean_series.append(_Series(s.label, c, [(x, y) for x, y in pts if y is not None], band))
+        mean_series.append(_Series(s.label, c, pts, band))
         best_series.append(_Series(s.label, c, [(st.step, st.best_so_far) for st in s.steps if st.best_so_far is not None]))
         std_series.append(_Series(s.label, c, [(st.step, st.std) for st in s.steps if st.std is not None]))
     charts = [
