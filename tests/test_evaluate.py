@@ -413,3 +413,9 @@ def test_eval_command_json_to_stdout_and_its_errors(tpo_run: Run, tmp_path: Path
     bad.write_text("[]\n", encoding="utf-8")
     res = CliRunner().invoke(cli, ["eval", str(bad)])
     assert res.exit_code == 2 and "bad.jsonl:1: not a tpo result" in res.output
+
+
+def test_labels_and_errors_that_look_like_markup_are_shown_as_written(tpo_run: Run) -> None:
+    res = CliRunner().invoke(cli, ["eval", tpo_run.path, "--label", "[/INST] run"])
+    assert res.exit_code == 0, res.output
+    assert "[/INST] run" in res.output

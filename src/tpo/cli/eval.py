@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ..errors import ConfigError
 from ..evaluate import Comparison, Distribution, Evaluation, Interval, RunSummary, evaluate, load_run
+from ..result import dumps_json
 from ._common import with_errors
 
 
@@ -61,7 +62,7 @@ def eval_command(
         seed=seed,
         all_pairs=all_pairs,
     )
-    data = json.dumps(result.to_dict(), ensure_ascii=False, indent=2)
+    data = dumps_json(result.to_dict(), indent=2)
     if json_path is not None and str(json_path) == "-":
         click.echo(data)
         return
@@ -79,7 +80,7 @@ def render(result: Evaluation, console: Console) -> None:
     console.print(_overview(result.runs))
     for run in result.runs:
         for note in run.warnings:
-            console.print(f"[yellow]Warning:[/yellow] {note}")
+            console.print(f"[yellow]Warning:[/yellow] {escape(note)}")
         console.print(_steps(run))
         console.print(_costs(run))
         _failures(run, console)
@@ -108,14 +109,14 @@ def _overview(runs: Sequence[RunSummary]) -> Table:
     for col in ("run", "prompts", "complete", "failed", "final score", "± std", "best initial", "gain", "file"):
         t.add_column(col, justify="left" if col in ("run", "file") else "right")
     for r in runs:
-        t.add_row(r.label, str(r.prompts), str(r.complete), str(r.failures.failed_prompts),
+        t.add_row(escape(r.label), str(r.prompts), str(r.complete), str(r.failures.failed_prompts),
                   _num(r.final_score.mean), _num(r.final_score_std), _num(r.initial_best.mean),
-                  _num(r.gain.mean, 3) if r.gain.mean is None else f"{r.gain.mean:+.3f}", Path(r.path).name)
+                  "-" if r.gain.mean is None else f"{r.gain.mean:+.3f}", escape(Path(r.path).name))
     return t
 
 
 def _steps(run: RunSummary) -> Table:
-    t = Table(title=f"{run.label}: reward per step", title_justify="left",
+    t = Table(title=f"{escape(run.label)}: reward per step", title_justify="left",
               caption="mean and std over the answers of each step, per prompt, averaged over prompts", caption_justify="left")
     for col in ("step", "prompts", "answers", "mean", "std", "std between prompts", "best so far"):
         t.add_column(col, justify="right")
@@ -126,7 +127,7 @@ def _steps(run: RunSummary) -> Table:
 
 
 def _costs(run: RunSummary) -> Table:
-    t = Table(title=f"{run.label}: cost per prompt", title_justify="left")
+    t = Table(title=f"{escape(run.label)}: cost per prompt", title_justify="left")
     for col in ("", "mean", "median", "p90", "total"):
         t.add_column(col, justify="right" if col else "left")
     c = run.costs
@@ -149,9 +150,9 @@ def _failures(run: RunSummary, console: Console) -> None:
         (f.step_failures, "step failure note(s)"),
     ]
     shown = ", ".join(f"{n} {what}" for n, what in parts if n)
-    console.print(f"[bold]{run.label}[/bold] failures: {shown or 'none'}")
+    console.print(f"[bold]{escape(run.label)}[/bold] failures: {shown or 'none'}")
     for error, n in list(f.errors.items())[:5]:
-        console.print(f"  [red]{n}×[/red] {error}")
+        console.print(f"  [red]{n}×[/red] {escape(error)}")
     console.print()
 
 
@@ -163,7 +164,7 @@ def _math(runs: Sequence[RunSummary]) -> Table:
         m = r.math
         if m is None:
             continue
-        t.add_row(r.label, m.reference_field, str(m.checked), str(m.correct), _pct(m.accuracy), _ci(m.interval),
+        t.add_row(escape(r.label), escape(m.reference_field), str(m.checked), str(m.correct), _pct(m.accuracy), _ci(m.interval),
                   str(m.no_answer), str(m.check_failures), str(m.missing_reference))
     return t
 
@@ -178,7 +179,7 @@ def _comparisons(comparisons: Sequence[Comparison]) -> Table:
         t.add_column(col, justify="left" if col == "A vs B" else "right")
     for c in comparisons:
         t.add_row(
-            f"{c.a} vs {c.b}",
+            escape(f"{c.a} vs {c.b}"),
             str(c.paired),
             f"{_pct(c.win_rate)} {_ci(c.win_interval)}",
             f"{_pct(c.tie_rate)} {_ci(c.tie_interval)}",

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from ..evaluate import read_results
 from ..export import ARENA_HARD_VERSIONS, FORMATS, export_results
@@ -40,12 +41,12 @@ def export_command(output: Path, fmt: str, out: Path, model_name: str | None, ar
         results, fmt, out, model_name=model_name, strict=strict, arena_hard_version=arena_hard_version
     )
     for note in [*warnings, *report.warnings]:
-        console.print(f"[yellow]Warning:[/yellow] {note}")
+        console.print(f"[yellow]Warning:[/yellow] {escape(note)}")
     if report.skipped:
         ids = ", ".join(pid for pid, _ in report.skipped[:10])
         more = f" and {len(report.skipped) - 10} more" if len(report.skipped) > 10 else ""
         console.print(f"[yellow]Warning:[/yellow] skipped {len(report.skipped)} prompt(s) that did not finish: "
-                      f"{ids}{more} (--strict makes this an error)")
+                      f"{escape(ids)}{more} (--strict makes this an error)")
     what = fmt if report.arena_hard_version is None else f"{fmt} {report.arena_hard_version}"
     name = f" as {report.model_name!r}" if report.model_name else ""
-    console.print(f"Wrote {report.exported} answer(s){name} in {what} format to {report.path}")
+    console.print(f"Wrote {report.exported} answer(s){escape(name)} in {what} format to {escape(str(report.path))}")
