@@ -37,11 +37,12 @@ from typing import IO, Any, TypeVar
 
 from ._jsonl import ResultLines, is_whole_object, read_result_lines
 from .algorithm import Engine
+from .api import _no_running_loop, aclose_per_loop
 from .config import TPOConfig
 from .datasets import PromptDataset, Source, read_prompts
-from .errors import ConfigError, InputError, RunError, UserError
+from .errors import ConfigError, InputError, RunError
 from .protocols import PolicyBackend, RewardModel
-from .result import TPOResult, Usage
+from .result import TPOResult, Usage, dumps_json
 from .types import Prompt
 
 __all__ = [
@@ -637,14 +638,6 @@ def _name(obj: object | None) -> str | None:
     return None if obj is None else str(getattr(obj, "name", type(obj).__name__))
 
 
-def _no_running_loop(call: str, instead: str) -> None:
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return
-    raise UserError(f"{call} was called inside a running event loop; use '{instead}' there instead")
-
-
 # ---------------------------------------------------------------------------- the run
 
 
@@ -705,10 +698,15 @@ class BatchRun:
         A new run writes its fingerprint; an existing one must have the same fingerprint
         (else ``ConfigError`` lists what differs), unless ``restart`` removes its output
         and checkpoints first. Takes the run's lock until ``arun`` ends or ``close()``.
-        Returns what was removed, for the user to see.
+        Returns what was removed, for the user to see; notes the invalid rows the dataset skipped.
         """
         if self._lock_file is not None:
             return []
+        problems = self.dataset.problem_count
+        if problems:
+            listed = "\n  ".join(str(p) for p in self.dataset.problems[:5])
+            more = f"\n  … and {problems - 5} more" if problems > 5 else ""
+            self.observer.on_note(f"skipped {problems} invalid row(s):\n  {listed}{more}")
         fp_path = self.sidecar / "fingerprint.json"
         if not restart and not fp_path.exists() and self.output.exists() and self.output.stat().st_size > 0:
             raise ConfigError(
@@ -744,7 +742,7 @@ class BatchRun:
                     stale.unlink()
                 _write_atomic(fp_path, (json.dumps(self.fingerprint, indent=2) + "\n").encode())
             self._load()
-            record = json.dumps(self._config_record(), indent=2, ensure_ascii=False) + "\n"
+            record = dumps_json(self._config_record(), indent=2) + "\n"
             _write_atomic(self.sidecar / "config.json", record.encode("utf-8"))
         except BaseException:
             self.close()
@@ -865,7 +863,7 @@ class BatchRun:
 
     def run(self, policy: PolicyBackend, reward: RewardModel, *, critic: PolicyBackend | None = None) -> BatchSummary:
         """Run every unfinished prompt (blocking); see ``arun``."""
-        _no_running_loop("BatchRun.run()", "await run.arun(...)")
+        _no_running_loop("runner.BatchRun.run", "runner.BatchRun.arun")
         return asyncio.run(_closing(self.arun(policy, reward, critic=critic), policy, critic, reward))
 
     async def arun(self, policy: PolicyBackend, reward: RewardModel, *, critic: PolicyBackend | None = None) -> BatchSummary:
@@ -1010,10 +1008,6 @@ async def arun_batch(
         models = {"policy": _name(policy), "critic": _name(critic), "reward": _name(reward)}
     run = BatchRun(dataset, output, config=config, models=models, settings=settings, retry_failed=retry_failed,
                    observer=observer, compact_min_bytes=compact_min_bytes)
-    if dataset.problem_count:
-        shown = "; ".join(str(p) for p in dataset.problems[:5])
-        more = f" (and {dataset.problem_count - 5} more)" if dataset.problem_count > 5 else ""
-        run.observer.on_note(f"skipped {dataset.problem_count} invalid row(s): {shown}{more}")
     for line in run.open(restart=restart):
         run.observer.on_note(f"removed {line}")
     return await run.arun(policy, reward, critic=critic)
@@ -1046,7 +1040,7 @@ def run_batch(
     policy, critic and reward in the fingerprint: give every option that changes results.
     Inside a running event loop, use ``await arun_batch(...)``.
     """
-    _no_running_loop("tpo.runner.run_batch()", "await tpo.runner.arun_batch(...)")
+    _no_running_loop("runner.run_batch", "runner.arun_batch")
     return asyncio.run(
         _closing(
             arun_batch(
@@ -1064,8 +1058,6 @@ T = TypeVar("T")
 
 async def _closing(work: Awaitable[T], *objects: object) -> T:
     """Await ``work``, then close the connections the backends opened on this (private) event loop."""
-    from .api import aclose_per_loop
-
     try:
         return await work
     finally:

@@ -72,10 +72,6 @@ def batch_command(input_path: str, output: Path, **params: Any) -> None:
         seed=config.seed if params["shuffle_seed"] is None else params["shuffle_seed"],
         skip_invalid=params["skip_invalid"],
     )
-    if dataset.problem_count:
-        listed = "\n  ".join(str(p) for p in dataset.problems[:5])
-        more = f"\n  … and {dataset.problem_count - 5} more" if dataset.problem_count > 5 else ""
-        observer.on_note(f"skipped {dataset.problem_count} invalid row(s):\n  {listed}{more}")
     run = BatchRun(dataset, output, config=config, models=_models_fingerprint(params),
                    settings=_settings(input_path, output, params), retry_failed=params["retry_failed"], observer=observer)
     for line in run.open(restart=params["restart"]):
