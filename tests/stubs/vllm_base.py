@@ -84,9 +84,6 @@ class FakeTokenizer:
             words = [w for w in words if w not in ("<pad>", "<bos>", "<eos>")]
         return " ".join(words)
 
-    def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
-        return [self._words.get(i, f"<{i}>") for i in ids]
-
     def _id(self, word: str) -> int:
         if word == "<bos>" and self.bos_token_id is not None:
             return self.bos_token_id
@@ -98,9 +95,8 @@ class FakeTokenizer:
 class ModelConfig:
     """vLLM's ``ModelConfig``: the fields tpo reads."""
 
-    def __init__(self, max_model_len: int, runner_type: str = "generate") -> None:
+    def __init__(self, max_model_len: int) -> None:
         self.max_model_len = max_model_len
-        self.runner_type = runner_type
 
 
 class Engine:
@@ -109,9 +105,6 @@ class Engine:
     def __init__(self, model_config: ModelConfig, tokenizer: FakeTokenizer) -> None:
         self.model_config = model_config
         self._tokenizer = tokenizer
-
-    def get_model_config(self) -> ModelConfig:
-        return self.model_config
 
     def get_tokenizer(self) -> FakeTokenizer:
         return self._tokenizer

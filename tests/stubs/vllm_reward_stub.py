@@ -52,22 +52,13 @@ VERSIONS = ("current", "0.10", "0.8")
 
 
 class FakeTensor:
-    """Just enough of a torch tensor: ``tolist()``, ``shape`` and ``dim()``."""
+    """Just enough of a torch tensor: ``tolist()``."""
 
     def __init__(self, values: Any) -> None:
         self._values = values
 
     def tolist(self) -> Any:
         return self._values
-
-    def dim(self) -> int:
-        return 2 if self._values and isinstance(self._values[0], list) else 1
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        if self.dim() == 2:
-            return (len(self._values), len(self._values[0]))
-        return (len(self._values),)
 
 
 @dataclass
@@ -165,7 +156,7 @@ def _make_classes(state: FakeVLLM) -> dict[str, Any]:
             self.model = model
             self.engine_args = dict(kwargs)
             self._tokenizer = FakeTokenizer(**state.tokenizer_kwargs)
-            config = ModelConfig(kwargs.get("max_model_len") or state.max_model_len, runner_type="pooling")
+            config = ModelConfig(kwargs.get("max_model_len") or state.max_model_len)
             self.llm_engine = Engine(config, self._tokenizer)
             if version != "0.8":  # ``LLM.model_config`` came with 0.10
                 self.model_config = config

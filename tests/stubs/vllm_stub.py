@@ -24,9 +24,8 @@ What it mirrors (checked against vLLM's ``vllm/entrypoints/llm.py``, ``vllm/outp
   ``RequestOutput`` per conversation with ``n`` ``CompletionOutput`` s (``text``,
   ``token_ids``, ``finish_reason`` "stop"/"length", ``logprobs`` as a list of
   ``{token_id: Logprob}`` per generated token when ``SamplingParams.logprobs`` is set).
-* ``LLM.generate``, ``LLM.reward`` / ``LLM.encode`` (``PoolingRequestOutput``, ``.outputs.data``
-  a tensor), ``LLM.classify`` (``.outputs.probs``), ``LLM.embed`` (``.outputs.embedding``),
-  ``LLM.score`` (``.outputs.score``).
+* ``LLM.reward`` (``PoolingRequestOutput``, ``.outputs.data`` a tensor), ``LLM.classify``
+  (``.outputs.probs``), ``LLM.embed`` (``.outputs.embedding``), ``LLM.score`` (``.outputs.score``).
 * ``llm.get_tokenizer()``: the whitespace tokenizer of ``vllm_base.py`` (no BOS in its template).
 
 Every method call is recorded in ``fake.calls`` (method name, positional and keyword
@@ -281,7 +280,7 @@ class FakeVLLM:
     _failures: dict[str, list[BaseException]] = field(default_factory=dict)
 
     def calls_to(self, method: str) -> list[Call]:
-        """The calls of one method (``"chat"``, ``"generate"``, ``"reward"``, ...), in order."""
+        """The calls of one method (``"chat"``, ``"reward"``, ``"classify"``, ...), in order."""
         return [c for c in self.calls if c.method == method]
 
     def fail_next(self, method: str, error: BaseException) -> None:
@@ -372,25 +371,6 @@ def _make_llm_class(state: FakeVLLM) -> type:
             ]
             return [self._complete(text, conv, p) for (text, conv), p in zip(prompts, params, strict=True)]
 
-        def generate(
-            self,
-            prompts: Any,
-            sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-            *,
-            use_tqdm: Any = True,
-            lora_request: Any = None,
-            priority: list[int] | None = None,
-            tokenization_kwargs: dict[str, Any] | None = None,
-        ) -> list[RequestOutput]:
-            self._record("generate", (prompts,), {"sampling_params": sampling_params, "use_tqdm": use_tqdm})
-            seq = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
-            params = self._params_for(sampling_params, len(seq))
-            out = []
-            for prompt, p in zip(seq, params, strict=True):
-                text = prompt if isinstance(prompt, str) else str(prompt.get("prompt", ""))
-                out.append(self._complete(text, [{"role": "user", "content": text}], p))
-            return out
-
         def _params_for(self, sampling_params: Any, count: int) -> list[SamplingParams]:
             if sampling_params is None:
                 return [SamplingParams()] * count
@@ -434,21 +414,6 @@ def _make_llm_class(state: FakeVLLM) -> type:
             return out
 
         # -------------------------------------------------------------- pooling
-
-        def encode(
-            self,
-            prompts: Any,
-            pooling_params: Any = None,
-            *,
-            truncate_prompt_tokens: int | None = None,
-            use_tqdm: Any = True,
-            lora_request: Any = None,
-            pooling_task: str | None = None,
-            tokenization_kwargs: dict[str, Any] | None = None,
-        ) -> list[PoolingRequestOutput]:
-            self._record("encode", (prompts,), {"pooling_params": pooling_params, "pooling_task": pooling_task,
-                                                 "use_tqdm": use_tqdm, "truncate_prompt_tokens": truncate_prompt_tokens})
-            return self._pool(prompts, lambda v: PoolingOutput(_tensor(v)), PoolingRequestOutput)
 
         def reward(
             self,

@@ -283,10 +283,6 @@ class OpenAIPolicy:
         self.name = f"openai:{self.model}"
         self.max_concurrency = _int_at_least("max_concurrency", max_concurrency, 1)
         self.timeout_s = _positive("timeout_s", timeout_s)
-        self.max_retries = _int_at_least("max_retries", max_retries, 0)
-        self.backoff_s = _positive("backoff_s", backoff_s, allow_zero=True)
-        self.max_backoff_s = _positive("max_backoff_s", max_backoff_s, allow_zero=True)
-        self.max_retry_after_s = _positive("max_retry_after_s", max_retry_after_s, allow_zero=True)
         self.probe_timeout_s = _positive("probe_timeout_s", probe_timeout_s)
         if native_n is not None and not isinstance(native_n, bool):
             raise ConfigError(f"native_n must be true, false or unset, not {native_n!r}")
@@ -315,11 +311,12 @@ class OpenAIPolicy:
         self.stats = OpenAIStats()
         if rng is not None and not isinstance(rng, random.Random):
             raise ConfigError(f"rng must be a random.Random, not {type(rng).__name__}")
+        # Checks max_retries and the three waits itself.
         self._retry = RetryPolicy(
-            max_retries=self.max_retries,
-            backoff_s=self.backoff_s,
-            max_backoff_s=self.max_backoff_s,
-            max_retry_after_s=self.max_retry_after_s,
+            max_retries=max_retries,
+            backoff_s=backoff_s,
+            max_backoff_s=max_backoff_s,
+            max_retry_after_s=max_retry_after_s,
             # Jitter only spreads retries of many clients in time; it never changes a result.
             rng=rng if rng is not None else random.Random(),  # noqa: S311 - not for security
         )
@@ -691,8 +688,7 @@ def _httpx_modules(openai_module: Any) -> list[Any]:
     """The httpx flavours whose clients ``openai`` takes: its own (httpx2 or httpx), then httpx if imported."""
     modules = []
     try:
-        base = next(c for c in openai_module.DefaultAsyncHttpxClient.__mro__ if c.__name__ == "AsyncClient")
-        modules.append(importlib.import_module(base.__module__.split(".")[0]))
+        modules.append(_openai_httpx(openai_module))
     except Exception:  # noqa: S110 - an unfamiliar openai version: fall back to httpx alone
         pass
     # A client or transport made with httpx means httpx is imported already.
@@ -700,6 +696,12 @@ def _httpx_modules(openai_module: Any) -> list[Any]:
     if legacy is not None and legacy not in modules:
         modules.append(legacy)
     return modules
+
+
+def _openai_httpx(openai_module: Any) -> Any:
+    """The httpx flavour (httpx2 or httpx) whose ``AsyncClient`` openai's default client extends."""
+    base = next(c for c in openai_module.DefaultAsyncHttpxClient.__mro__ if c.__name__ == "AsyncClient")
+    return importlib.import_module(base.__module__.split(".")[0])
 
 
 def _check_http(openai_module: Any, http_client: Any, transport: Any) -> tuple[Any, Any]:
@@ -727,9 +729,7 @@ def _new_http_client(openai_module: Any, transport: Any, connections: int, timeo
             return cls(transport=transport, timeout=timeout_s)  # with openai's own defaults
         return module.AsyncClient(transport=transport, timeout=timeout_s, follow_redirects=True)
     try:
-        base = next(c for c in cls.__mro__ if c.__name__ == "AsyncClient")
-        httpx_module = importlib.import_module(base.__module__.split(".")[0])
-        limits = httpx_module.Limits(max_connections=connections, max_keepalive_connections=connections)
+        limits = _openai_httpx(openai_module).Limits(max_connections=connections, max_keepalive_connections=connections)
         return cls(limits=limits, timeout=timeout_s)
     except Exception:  # an unfamiliar openai or httpx version: its defaults will do
         return None
@@ -773,10 +773,10 @@ def _int_at_least(name: str, value: Any, low: int) -> int:
     return value
 
 
-def _positive(name: str, value: Any, *, allow_zero: bool = False) -> float:
+def _positive(name: str, value: Any) -> float:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} number of seconds, not {value!r}")
+    if not ok or value <= 0:
+        raise ConfigError(f"{name} must be a positive number of seconds, not {value!r}")
     return float(value)
 
 
