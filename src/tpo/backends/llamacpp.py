@@ -16,6 +16,7 @@ without keeping the logits of every prompt position in memory.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import ctypes
 import math
 import os
@@ -413,6 +414,7 @@ class LlamaCppPolicy:
         llm.set_seed(seed)
         tokens: list[int] = []
         pieces: list[bytes] = []
+        scanner = _StopScanner(stops) if stops else None
         finish = "length"
         logprobs: list[TokenLogprob] = []
         for token in llm.generate(
@@ -434,11 +436,10 @@ class LlamaCppPolicy:
             pieces.append(piece)
             if recorder is not None:
                 logprobs.append(recorder.entry(token, piece, self._piece))
-            if stops:
+            cut = scanner.feed(piece) if scanner is not None else None
+            if cut is not None:
                 text = b"".join(pieces).decode("utf-8", errors="ignore")
-                cut = _first_stop(text, stops)
-                if cut is not None:
-                    return _Sample(text[:cut], len(tokens), "stop", _trim_logprobs(logprobs, cut) if recorder else None)
+                return _Sample(text[:cut], len(tokens), "stop", _trim_logprobs(logprobs, cut) if recorder else None)
             if len(tokens) >= max_tokens:
                 break
         text = b"".join(pieces).decode("utf-8", errors="ignore")
@@ -504,6 +505,34 @@ def _decode_piece(piece: bytes) -> str:
 def _first_stop(text: str, stops: Sequence[str]) -> int | None:
     found = [i for i in (text.find(s) for s in stops) if i >= 0]
     return min(found) if found else None
+
+
+class _StopScanner:
+    """Finds the first stop string in text that arrives a token at a time.
+
+    Each token's text is searched together with just enough of the text before it to catch
+    a stop string that straddles the two, so a long reply costs linear time, not quadratic.
+    The text is decoded as ``bytes.decode("utf-8", errors="ignore")`` decodes the whole reply.
+    """
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self._stops = stops
+        self._overlap = max(len(s) for s in stops) - 1
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="ignore")
+        self._tail = ""  # the last ``_overlap`` characters so far
+        self._length = 0  # characters so far
+
+    def feed(self, piece: bytes) -> int | None:
+        """Add one token's bytes; the offset of the first stop string in the text so far, if any."""
+        new = self._decoder.decode(piece)
+        if not new:
+            return None
+        window = self._tail + new
+        start = self._length - len(self._tail)
+        self._length += len(new)
+        self._tail = window[-self._overlap:] if self._overlap else ""
+        cut = _first_stop(window, self._stops)
+        return None if cut is None else start + cut
 
 
 def _trim_logprobs(logprobs: Sequence[TokenLogprob], keep_chars: int) -> tuple[TokenLogprob, ...]:

@@ -319,10 +319,10 @@ class TransformersPolicy:
         if cut is not None:
             body, count, reason = tokens[:cut], cut + 1, "stop"
         else:
-            body = tokens
-            while body and body[-1] == self._pad_id:  # rows that ended early on a stop string are padded
-                body = body[:-1]
-            count = len(body)
+            count = len(tokens)
+            while count and tokens[count - 1] == self._pad_id:  # rows that ended early on a stop string are padded
+                count -= 1
+            body = tokens[:count]
             reason = "length" if count >= max_new else "stop"
         text = self._tokenizer.decode(body, skip_special_tokens=True)
         if stop:

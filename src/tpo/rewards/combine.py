@@ -202,15 +202,14 @@ class WeightedReward:
             else:
                 self._references.move_to_end(prompt_id)
             for k in range(len(self.rewards)):
-                values = {i: columns[k][i].value for i in rows if columns[k][i].error is None and columns[k][i].value is not None}
+                values = {i: float(v) for i in rows if columns[k][i].error is None and (v := columns[k][i].value) is not None}
                 if not values:
                     continue
                 ref = refs[k]
                 if ref is None:
-                    ref = refs[k] = self._reference([float(v) for v in values.values() if v is not None])
+                    ref = refs[k] = self._reference(list(values.values()))
                 for i, v in values.items():
-                    if v is not None:
-                        out[k][i] = ref.apply(float(v))
+                    out[k][i] = ref.apply(v)
         return out
 
     def _reference(self, values: list[float]) -> _Reference:

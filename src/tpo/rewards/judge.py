@@ -275,6 +275,14 @@ class JudgeReward:
         self._window = context_window
         self._owns_policy = owns_policy
         self._budget: ContextBudget | None = None
+        # The opening and the worked examples are the same for every answer: rendered once.
+        self._opening = render(self.instructions, {"rubric": self.rubric}).rstrip() + "\n\n"
+        shots: list[Message] = []
+        if examples:
+            for question, reply, rating in JUDGE_EXAMPLES:
+                text = render(self.case, {"conversation": question, "answer": reply})
+                shots += [Message("user", text if shots else self._opening + text), Message("assistant", f"Rating: {rating}")]
+        self._shots = tuple(shots)
 
     @classmethod
     def from_spec(
@@ -301,15 +309,8 @@ class JudgeReward:
 
     def messages(self, conversation: str, answer: str) -> tuple[Message, ...]:
         """The judge's prompt for one answer; ``conversation`` is already rendered as text."""
-        opening = render(self.instructions, {"rubric": self.rubric}).rstrip() + "\n\n"
-        out: list[Message] = []
-        if self.examples:
-            for question, reply, rating in JUDGE_EXAMPLES:
-                text = render(self.case, {"conversation": question, "answer": reply})
-                out += [Message("user", text if out else opening + text), Message("assistant", f"Rating: {rating}")]
         text = render(self.case, {"conversation": conversation, "answer": answer})
-        out.append(Message("user", text if out else opening + text))
-        return tuple(out)
+        return (*self._shots, Message("user", text if self._shots else self._opening + text))
 
     async def score(self, requests: Sequence[ScoreRequest]) -> list[Score]:
         """Rate every answer: one ``generate`` call for all of them, and one more for any retries."""

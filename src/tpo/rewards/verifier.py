@@ -71,6 +71,8 @@ class MathReward:
         except ImportError as e:
             raise MissingDependencyError("math-verify", "math", "The math reward") from e
         self._mv = math_verify
+        # One extraction for answers and references alike (a boxed result takes priority).
+        self._extraction = (math_verify.LatexExtractionConfig(boxed_match_priority=0), math_verify.ExprExtractionConfig())
         self._fields = (field,) if field is not None else DEFAULT_FIELDS
         self._timeout_s = float(timeout_s)
         # math-verify's alarm takes whole seconds.
@@ -117,7 +119,7 @@ class MathReward:
         mv = self._mv
         predicted = mv.parse(
             request.answer,
-            extraction_config=[mv.LatexExtractionConfig(boxed_match_priority=0), mv.ExprExtractionConfig()],
+            extraction_config=self._extraction,
             parsing_timeout=self._alarm_s if alarms else None,
         )
         correct = bool(predicted) and bool(
@@ -144,8 +146,6 @@ class MathReward:
                 self._gold.move_to_end(cache_key)
                 return self._gold[cache_key]
         text = reference.rsplit("####", 1)[1].strip() if "####" in reference else reference.strip()
-        mv = self._mv
-        config = [mv.LatexExtractionConfig(boxed_match_priority=0), mv.ExprExtractionConfig()]
         timeout = self._alarm_s if alarms else None
         has_delimiters = any(d in text for d in ("$", "\\(", "\\[", "\\boxed"))
         # A bare reference like "\frac{\sqrt{3}}{2}" is only found as LaTeX inside delimiters; but
@@ -154,7 +154,7 @@ class MathReward:
         attempts = [text] if has_delimiters or not looks_like_math else [f"${text}$", text]
         gold: list[Any] = []
         for attempt in attempts:
-            gold = mv.parse(attempt, extraction_config=config, parsing_timeout=timeout)
+            gold = self._mv.parse(attempt, extraction_config=self._extraction, parsing_timeout=timeout)
             if gold:
                 break
         with self._gold_lock:
