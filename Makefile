@@ -5,7 +5,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-EXTRAS ?= local,openai,hf,math,data,dev
+EXTRAS ?= local,openai,hf,math,data,serve,ray,dev
 comma := ,
 PROMPT ?= Explain in two sentences why the sky is blue.
 

@@ -17,8 +17,8 @@ from pathlib import Path
 from plugin_fixture.reward import score  # this script's folder, tests/, is first on sys.path
 from plugin_fixture.tpo_test_plugin import CALL_LOG_ENV, ScriptedBackend
 from tpo import TPOConfig
-from tpo.datasets import read_prompts
-from tpo.runner import run_batch
+from tpo.batch.datasets import read_prompts
+from tpo.batch.runner import run_batch
 from tpo.testing import FunctionReward
 
 CONFIG = TPOConfig(width=3, depth=2, seed=11, max_concurrent_prompts=8)

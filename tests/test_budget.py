@@ -9,7 +9,7 @@ import pytest
 import tpo
 from conftest import TAG, hash_score, pure_reply
 from tpo import GenerationRequest, Message
-from tpo._budget import ContextBudget, estimate_messages, estimate_tokens, shorten_middle
+from tpo.engine._budget import ContextBudget, estimate_messages, estimate_tokens, shorten_middle
 from tpo.testing import FunctionReward, ScriptedPolicy
 
 MARKER = "characters omitted to fit the context window"

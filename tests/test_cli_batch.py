@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
+import click
 import pytest
 from click.testing import CliRunner, Result
 
 import tpo.cli.batch as batch_cli
 from conftest import hash_score, pure_reply
 from tpo import BackendError, GenerationRequest
+from tpo.batch.runner import sidecar_dir
 from tpo.cli import cli
 from tpo.cli._common import Models
-from tpo.runner import sidecar_dir
 from tpo.testing import FunctionReward, ScriptedPolicy
 
 
@@ -265,3 +270,243 @@ def test_a_new_option_is_fingerprinted_unless_declared_not_to_matter() -> None:
     # Every option of the command is either fingerprinted here, fingerprinted elsewhere, or declared harmless.
     names = {p.name for p in batch_cli.batch_command.params if p.name not in ("input_path", "output")}
     assert set(batch_cli.NOT_FINGERPRINTED) <= names
+
+
+# ---------------------------------------------------------------------------- prompt ids
+
+
+def test_an_id_field_every_row_has_is_used_and_said(tmp_path: Path, models: Models_) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"Question {i}?"}) + "\n" for i in range(3)))
+    out = tmp_path / "out.jsonl"
+    result = invoke(path, "-o", out, "-n", 1, "-d", 0)
+    assert result.exit_code == 0, result.output
+    assert sorted(d["prompt_id"] for d in lines(out)) == ["p0", "p1", "p2"]
+    assert "note: prompt ids are the field 'id', which every row has" in result.stderr
+    assert saved_config(out)["input"]["id_field"] == "id"
+    # --id-field none: hashes of the rows, whatever they hold.
+    hashed = tmp_path / "hashed.jsonl"
+    result = invoke(path, "-o", hashed, "-n", 1, "-d", 0, "--id-field", "none")
+    assert result.exit_code == 0, result.output
+    assert all(len(d["prompt_id"]) == 16 for d in lines(hashed)) and "prompt ids are" not in result.stderr
+    # A run that began with row hashes keeps them when resumed without the option (not "a different run").
+    again = invoke(path, "-o", hashed, "-n", 1, "-d", 0)
+    assert again.exit_code == 0, again.output
+    assert "3 of 3 prompts complete" in again.stderr and "different configuration" not in again.stderr
+    # Duplicate ids are caught now, with where they are.
+    path.write_text(path.read_text() + json.dumps({"id": "p1", "prompt": "Another question?"}) + "\n")
+    result = invoke(path, "-o", tmp_path / "dup.jsonl", "-n", 1, "-d", 0)
+    assert result.exit_code == 2
+    assert "in.jsonl line 4: repeats the id 'p1' of line 2" in result.stderr
+
+
+def test_a_lone_surrogate_is_an_invalid_row_not_a_backend_error(tmp_path: Path, models: Models_) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"prompt": "fine"}\n{"prompt": "broken \\ud800"}\n')
+    out = tmp_path / "out.jsonl"
+    result = invoke(path, "-o", out, "-n", 1, "-d", 0)
+    assert result.exit_code == 2 and models.built == []
+    assert "in.jsonl line 2: field 'prompt' holds a lone UTF-16 surrogate (U+D800 at character 8)" in result.stderr
+    lenient = invoke(path, "-o", out, "-n", 1, "-d", 0, "--skip-invalid")
+    assert lenient.exit_code == 0, lenient.output
+    assert [d["status"] for d in lines(out)] == ["complete"]
+    assert "1 of 1 prompts complete; 1 invalid input row(s) skipped" in lenient.stderr
+
+
+# ---------------------------------------------------------------------------- exit statuses and files
+
+
+def test_a_run_locked_by_another_process_exits_2_also_through_a_symlink(
+    tmp_path: Path, data: Path, models: Models_
+) -> None:
+    from tpo.batch.durable import _lock
+
+    out, link = tmp_path / "out.jsonl", tmp_path / "link.jsonl"
+    link.symlink_to(out)
+    assert invoke(data, "-o", out, "-n", 1, "-d", 0, "--limit", 2).exit_code == 0
+    held = _lock(sidecar_dir(out) / "lock")  # as the other process would hold it
+    try:
+        for target in (out, link):
+            result = invoke(data, "-o", target, "-n", 1, "-d", 0, "--limit", 2)
+            assert result.exit_code == 2, (target, result.output)
+            assert "Error: another process is writing this run right now" in result.stderr
+    finally:
+        held.close()
+    assert len(lines(out)) == 2 and not (tmp_path / "link.jsonl.tpo").exists()
+
+
+def test_an_output_folder_that_is_a_file_is_a_one_line_error(tmp_path: Path, data: Path, models: Models_) -> None:
+    (tmp_path / "taken").write_text("a file\n")
+    result = invoke(data, "-o", tmp_path / "taken" / "out.jsonl", "-n", 1, "-d", 0)
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (
+        f"Error: cannot write {tmp_path / 'taken' / 'out.jsonl'}: {tmp_path / 'taken'} is a file, not a folder"
+    )
+
+
+class Unhandled(BaseException):
+    """SIGTERM reached the test's own handler: the command did not handle it."""
+
+
+@pytest.fixture
+def sigterm_guard() -> Any:
+    """A SIGTERM the command does not handle fails the test, rather than killing the test process."""
+    import signal
+
+    def unhandled(signum: int, frame: object) -> None:
+        raise Unhandled("SIGTERM was not handled by the command")
+
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    yield unhandled
+    signal.signal(signal.SIGTERM, previous)
+
+
+def test_sigterm_stops_like_ctrl_c_and_the_next_run_resumes(
+    tmp_path: Path, data: Path, models: Models_, sigterm_guard: Any
+) -> None:
+    import os
+    import signal
+
+    out = tmp_path / "out.jsonl"
+    real_reply = models.reply
+
+    def terminated_after_six_calls(request: GenerationRequest) -> list[str]:
+        if models.calls == 6:
+            os.kill(os.getpid(), signal.SIGTERM)  # as docker stop would
+        return real_reply(request)
+
+    models.reply = terminated_after_six_calls  # type: ignore[method-assign]
+    result = invoke(data, "-o", out, "-n", 2, "-d", 1, "--concurrency", 1)
+    assert result.exit_code == 143, result.output
+    done = len(lines(out))
+    assert 0 < done < 5
+    assert f"Stopped by SIGTERM: {done} of 5 prompts are finished in {out}. Run the same command again" in result.stderr
+    assert signal.getsignal(signal.SIGTERM) is sigterm_guard  # the command's handler is gone with it
+    models.reply = real_reply  # type: ignore[method-assign]
+    again = invoke(data, "-o", out, "-n", 2, "-d", 1, "--concurrency", 1)
+    assert again.exit_code == 0, again.output
+    assert f"resuming: {done} of 5 prompts already finished" in again.stderr and "repaired" not in again.stderr
+    ids = [d["prompt_id"] for d in lines(out)]
+    assert len(ids) == len(set(ids)) == 5
+
+
+def test_sigterm_before_the_run_starts_exits_143_with_a_message(
+    tmp_path: Path, data: Path, models: Models_, monkeypatch: pytest.MonkeyPatch, sigterm_guard: Any
+) -> None:
+    import os
+    import signal
+
+    real = batch_cli.read_prompts
+
+    def read_then_terminated(*args: Any, **kwargs: Any) -> Any:
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(batch_cli, "read_prompts", read_then_terminated)
+    result = invoke(data, "-o", tmp_path / "out.jsonl")
+    assert result.exit_code == 143
+    assert "Stopped by SIGTERM before any prompt ran" in result.stderr and models.built == []
+
+
+# ---------------------------------------------------------------------------- files that cannot be read or written
+#
+# Root ignores file modes, and these tests run as root: the command runs in a subprocess without the
+# capabilities that let root do so (setpriv --bounding-set), so that read-only means read-only.
+
+FIXTURE = Path(__file__).parent / "plugin_fixture"
+TPO = Path(sys.executable).parent / "tpo"
+_NO_OVERRIDE = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--"]
+MODEL_ARGS = ["--policy", "scripted", "--policy-option", "latency_s=0",
+              "--reward", f"python:{FIXTURE / 'reward.py'}:score", "-n", "1", "-d", "0", "--log", "plain"]
+
+
+def _subprocess_tpo(*args: Any, unprivileged: bool = False) -> subprocess.CompletedProcess[str]:
+    prefix = _NO_OVERRIDE if unprivileged and os.geteuid() == 0 else []
+    env = {**os.environ, "PYTHONPATH": str(FIXTURE)}
+    return subprocess.run([*prefix, str(TPO), "batch", *map(str, args)], env=env, capture_output=True, text=True,
+                          timeout=120, check=False)
+
+
+@pytest.fixture
+def file_modes_apply(tmp_path: Path) -> None:
+    """Skip unless a subprocess can be made to respect file modes."""
+    if os.name != "posix":
+        pytest.skip("file modes are POSIX")
+    if os.geteuid() != 0:
+        return
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root, and setpriv (util-linux) is missing to drop root's file-permission override")
+    probe = tmp_path / "probe"
+    probe.mkdir(mode=0o555)
+    tried = subprocess.run([*_NO_OVERRIDE, sys.executable, "-c", f"open({str(probe / 'x')!r}, 'w')"],
+                           capture_output=True, text=True, check=False)
+    probe.chmod(0o755)
+    if tried.returncode == 0 or "PermissionError" not in tried.stderr:
+        pytest.skip(f"cannot drop root's file-permission override here (setpriv: {tried.stderr.strip()[-200:]!r})")
+
+
+def _one_line_error(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, result.stderr
+    return errors[0]
+
+
+def _stopped_run(tmp_path: Path, data: Path) -> Path:
+    """A run stopped after its first prompt: the output holds one line, and four prompts are left to do."""
+    out = tmp_path / "run" / "out.jsonl"
+    finished = _subprocess_tpo(data, "-o", out, *MODEL_ARGS)
+    assert finished.returncode == 0, finished.stderr
+    out.write_text(out.read_text().splitlines(keepends=True)[0])
+    return out
+
+
+def test_a_read_only_output_folder_is_a_one_line_error(tmp_path: Path, data: Path, file_modes_apply: None) -> None:
+    folder = tmp_path / "ro"
+    folder.mkdir(mode=0o555)
+    result = _subprocess_tpo(data, "-o", folder / "out.jsonl", *MODEL_ARGS, unprivileged=True)
+    assert _one_line_error(result) == f"Error: cannot write {folder / 'out.jsonl.tpo'}: Permission denied"
+
+
+def test_a_read_only_output_file_is_a_one_line_error(tmp_path: Path, data: Path, file_modes_apply: None) -> None:
+    out = _stopped_run(tmp_path, data)
+    before = out.read_bytes()
+    out.chmod(0o444)
+    result = _subprocess_tpo(data, "-o", out, *MODEL_ARGS, unprivileged=True)
+    assert _one_line_error(result) == f"Error: cannot write {out}: Permission denied"
+    assert out.read_bytes() == before
+
+
+def test_a_read_only_sidecar_folder_is_a_one_line_error(tmp_path: Path, data: Path, file_modes_apply: None) -> None:
+    out = _stopped_run(tmp_path, data)
+    sidecar_dir(out).chmod(0o555)
+    result = _subprocess_tpo(data, "-o", out, *MODEL_ARGS, unprivileged=True)
+    message = _one_line_error(result)
+    assert message.startswith(f"Error: cannot write {sidecar_dir(out)}/") and message.endswith(": Permission denied")
+
+
+def test_an_unreadable_input_is_a_one_line_error(tmp_path: Path, data: Path, file_modes_apply: None) -> None:
+    data.chmod(0o000)
+    result = _subprocess_tpo(data, "-o", tmp_path / "out.jsonl", *MODEL_ARGS, unprivileged=True)
+    assert _one_line_error(result) == f"Error: cannot read {data}: Permission denied"
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_a_file_error_no_library_call_wrapped_is_still_one_line_naming_the_file() -> None:
+    from tpo.cli._common import with_errors
+
+    @click.command()
+    @with_errors
+    def command() -> None:
+        raise PermissionError(13, "Permission denied", "/data/rubric.txt")
+
+    @click.command()
+    @with_errors
+    def unnamed() -> None:
+        raise OSError("no file to name")
+
+    result = CliRunner().invoke(command, [])
+    assert result.exit_code == 2 and result.stderr == "Error: cannot use /data/rubric.txt: Permission denied\n"
+    with pytest.raises(OSError, match="no file to name"):  # not a file error: a bug to see whole
+        CliRunner().invoke(unnamed, [], catch_exceptions=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -14,7 +15,8 @@ import jsonschema
 import pytest
 from click.testing import CliRunner, Result
 
-import tpo.cli._common
+import tpo
+import tpo.models
 from tpo import GenerationRequest, derive_seed
 from tpo.cli import cli
 from tpo.cli.run import DEMO_MAX_TOKENS
@@ -49,7 +51,7 @@ def built(monkeypatch: pytest.MonkeyPatch) -> Built:
         record.policy = ScriptedPolicy(judged_reply, batching=True, name=f"fake:{spec}")
         return record.policy
 
-    monkeypatch.setattr(tpo.cli._common, "policy_from_spec", fake_policy_from_spec)
+    monkeypatch.setattr(tpo.models, "policy_from_spec", fake_policy_from_spec)
     return record
 
 
@@ -90,7 +92,7 @@ def test_model_text_that_looks_like_markup_is_shown_as_written(monkeypatch: pyte
             return texts[: request.n]
         return judged_reply(request)
 
-    monkeypatch.setattr(tpo.cli._common, "policy_from_spec",
+    monkeypatch.setattr(tpo.models, "policy_from_spec",
                         lambda spec, **options: ScriptedPolicy(reply, batching=True, name="fake"))
     result = run("Q", "--depth", "0", "--width", "2")
     assert result.exit_code == 0, result.output
@@ -175,7 +177,7 @@ def test_a_judge_that_never_rates_fails_the_run_with_status_1(monkeypatch: pytes
     def never(request: GenerationRequest) -> list[str]:
         return ["I will not rate that."] if request.purpose == "judge" else default_reply(request)
 
-    monkeypatch.setattr(tpo.cli._common, "policy_from_spec", lambda spec, **o: ScriptedPolicy(never))
+    monkeypatch.setattr(tpo.models, "policy_from_spec", lambda spec, **o: ScriptedPolicy(never))
     result = run("Count to ten.", "-d", "1", "-n", "2")
     assert result.exit_code == 1
     assert "Failed:" in result.stderr and "no rating from 1 to 10" in result.stderr
@@ -188,10 +190,10 @@ def test_a_judge_that_never_rates_fails_the_run_with_status_1(monkeypatch: pytes
         (["--depth", "-1"], "Invalid value for '--depth'"),
         (["--mode", "greedy"], "Invalid value for '--mode'"),
         (["--max-tokens", "many"], "Invalid value for '--max-tokens'"),
-        (["--temperature", "9"], "temperature must be in [0.0, 5.0]"),
-        (["--top-p", "0"], "top_p must be in (0.0, 1.0]"),
-        (["--prefer", " "], "preference text (prefer) is empty"),
-        (["--reward-option", "temprature=0.1"], "does not take the option(s) temprature"),
+        (["--temperature", "9"], "temperature must be a number in [0, 5], got 9.0"),
+        (["--top-p", "0"], "top_p must be a number in (0, 1], got 0.0"),
+        (["--prefer", " "], "judge: prefer must be a non-empty string, got ' '"),
+        (["--reward-option", "temprature=0.1"], "judge: unknown option 'temprature'; it takes: prefer,"),
         (["--policy-option", "broken"], "is not KEY=VALUE"),
     ],
 )
@@ -210,9 +212,78 @@ def test_a_prompt_is_required(built: Built) -> None:
 def test_bad_llamacpp_options_fail_before_loading_the_model() -> None:
     # Real model requests are forbidden in this test, so reaching the model would fail differently.
     result = run("Hi", "--policy-option", "n_ctx=tiny")
-    assert result.exit_code == 2 and "n_ctx must be an integer" in result.stderr
+    assert result.exit_code == 2 and "llamacpp: n_ctx must be an integer >= 16, got 'tiny'" in result.stderr
     result = run("Hi", "--policy", "llamacpp:/nowhere/model.gguf")
     assert result.exit_code == 2 and "does not exist" in result.stderr
+
+
+def test_config_file_gives_defaults_that_the_command_line_overrides(built: Built, tmp_path: Path) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text("prompt: Count to ten.\nwidth: 3\ndepth: 1\nseed: 7\njson: true\n"
+                      "policy: openai:some-model\npolicy-option: {timeout_s: 30}\n")
+    result = run("--config", str(config), "--width", "2")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert (data["config"]["width"], data["config"]["depth"], data["seed"]) == (2, 1, 7)  # the command line wins
+    assert data["messages"] == [{"role": "user", "content": "Count to ten."}]
+    assert built.specs == [("openai:some-model", {"timeout_s": 30})]
+    # A prompt on the command line replaces the file's.
+    assert json.loads(run("--config", str(config), "Say hi.").stdout)["messages"][0]["content"] == "Say hi."
+
+
+def test_config_file_toml_with_the_demo_model_and_messages(built: Built, tmp_path: Path) -> None:
+    conversation = tmp_path / "conversation.json"
+    conversation.write_text(json.dumps([{"role": "user", "content": "From the file."}]), encoding="utf-8")
+    config = tmp_path / "run.toml"
+    config.write_text(f'messages = "{conversation.as_posix()}"\nmax_tokens = 100\ndepth = 0\nwidth = 1\njson = true\n')
+    data = json.loads(run("--config", str(config)).stdout)
+    assert data["messages"][0]["content"] == "From the file."
+    # A value from the file is the user's choice, not a default: the demo's token limit gives way to it.
+    assert data["config"]["max_tokens"] == 100 and built.specs == [("llamacpp", {})]
+
+
+def test_config_file_errors_exit_with_status_2(built: Built, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("widht: 3\n")
+    result = run("Hi", "--config", str(bad))
+    assert result.exit_code == 2 and "unknown option 'widht'" in result.stderr and "messages" in result.stderr
+    bad.write_text("width: [1, 2]\n")
+    result = run("Hi", "--config", str(bad))
+    assert result.exit_code == 2 and "'width' takes a single value, not a list" in result.stderr
+    assert built.specs == []
+    assert "--config FILE" in run("--help").output
+
+
+# ---------------------------------------------------------------------- the command group
+
+
+def test_version_as_V_or_version() -> None:
+    for flag in ("-V", "--version"):
+        result = CliRunner().invoke(cli, [flag], prog_name="tpo")
+        assert result.exit_code == 0 and result.output == f"tpo, version {tpo.__version__}\n"
+
+
+def tpo_main(**env: str) -> subprocess.CompletedProcess[str]:
+    """The ``tpo`` entry point (``tpo.cli:main``) in a fresh process, with ``env`` added to the environment."""
+    return subprocess.run([sys.executable, "-c", "from tpo.cli import main; main()"], env={**os.environ, **env},
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120, check=False)
+
+
+@pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])
+def test_shell_completion_script_is_produced(shell: str) -> None:
+    # The README's `eval "$(_TPO_COMPLETE=bash_source tpo)"`, and its zsh and fish twins.
+    done = tpo_main(_TPO_COMPLETE=f"{shell}_source")
+    assert done.returncode == 0, done.stderr
+    assert f"_TPO_COMPLETE={shell}_complete" in done.stdout and "tpo" in done.stdout
+
+
+def test_shell_completion_completes_commands_options_and_choices() -> None:
+    done = tpo_main(_TPO_COMPLETE="bash_complete", COMP_WORDS="tpo ex", COMP_CWORD="1")
+    assert done.stdout.split() == ["plain,export"]
+    done = tpo_main(_TPO_COMPLETE="bash_complete", COMP_WORDS="tpo run --conf", COMP_CWORD="2")
+    assert done.stdout.split() == ["plain,--config"]
+    done = tpo_main(_TPO_COMPLETE="bash_complete", COMP_WORDS="tpo run --mode ", COMP_CWORD="3")
+    assert done.stdout.split() == ["plain,tpo", "plain,revision", "plain,bon"]
 
 
 # ---------------------------------------------------------------------- the real bundled model

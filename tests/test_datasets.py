@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from tpo import ConfigError, InputError, Message
-from tpo.datasets import MAX_LISTED_PROBLEMS, read_prompts
+from tpo.batch.datasets import MAX_LISTED_PROBLEMS, read_prompts
 
 ROWS = [
     {"prompt": "What is 2+2?", "answer": "4", "category": "math"},
@@ -345,3 +345,88 @@ def test_json_list_problems_name_line_and_item(tmp_path: Path) -> None:
         read_prompts(path)
     assert "in.json line 3 (item 2): expected a JSON object, got a string" in str(e.value)
     assert "in.json line 4 (item 3): the prompt field 'prompt' is empty" in str(e.value)
+
+
+def test_a_lone_surrogate_is_refused_at_the_check_with_file_and_line(tmp_path: Path) -> None:
+    # Valid JSON (json.loads accepts it), but no UTF-8 text can hold it: no model could ever be sent it.
+    path = tmp_path / "in.jsonl"
+    path.write_text(
+        '{"prompt": "fine"}\n'
+        '{"prompt": "bad \\ud800 text"}\n'
+        '{"prompt": "ok", "note": ["x", {"deep": "\\udfff"}]}\n'
+        '{"prompt": "ok too", "\\ud83d": 1}\n'
+        '{"prompt": "a pair is fine: \\ud83d\\ude00"}\n',
+        encoding="utf-8",
+    )
+    with pytest.raises(InputError) as e:
+        read_prompts(path)
+    message = str(e.value)
+    assert "in.jsonl line 2: field 'prompt' holds a lone UTF-16 surrogate (U+D800 at character 5)" in message
+    assert "in.jsonl line 3: field 'note[1].deep' holds a lone UTF-16 surrogate (U+DFFF" in message
+    assert "in.jsonl line 4: a field name holds a lone UTF-16 surrogate (U+D83D" in message
+    assert "3 of 5 rows are invalid" in message
+    ds = read_prompts(path, skip_invalid=True)
+    assert [p.messages[0].content for p in ds] == ["fine", "a pair is fine: \U0001f600"]
+    # A conversation in a CSV cell is JSON text too.
+    csv_path = tmp_path / "in.csv"
+    csv_path.write_text('prompt\n"[{""role"": ""user"", ""content"": ""x \\udc00""}]"\n', encoding="utf-8")
+    with pytest.raises(InputError, match=r"in.csv line 2: field 'prompt\[0\].content' holds a lone UTF-16 surrogate"):
+        read_prompts(csv_path)
+    with pytest.raises(InputError, match=r"row 1: field 'prompt' holds a lone UTF-16 surrogate"):
+        read_prompts([{"prompt": "\ud800"}])
+
+
+# ---------------------------------------------------------------------------- the id field, found automatically
+
+
+def test_the_id_field_is_found_when_every_row_has_exactly_one(tmp_path: Path) -> None:
+    rows = [{"question_id": 10 + i, **r} for i, r in enumerate(ROWS)]
+    ds = read_prompts(write_jsonl(tmp_path / "in.jsonl", rows))
+    assert ds.ids == ["10", "11", "12"] and ds.id_field == "question_id" and ds.describe()["id_field"] == "question_id"
+    assert ds.id_note is not None and "prompt ids are the field 'question_id', which every row has" in ds.id_note
+    assert "--id-field none" in ds.id_note
+    assert all("question_id" not in p.metadata for p in ds)
+    # None asks for row hashes, whatever the rows hold.
+    hashed = read_prompts(write_jsonl(tmp_path / "in.jsonl", rows), id_field=None)
+    assert hashed.id_field is None and hashed.id_note is None and all(len(i) == 16 for i in hashed.ids)
+    # No such field: row hashes, and nothing to say.
+    plain = read_prompts(ROWS)
+    assert plain.id_field is None and plain.id_note is None
+
+
+@pytest.mark.parametrize("rows, why", [
+    ([{"id": "a", "prompt": "x"}, {"prompt": "y"}], "1 of 2 rows have no field 'id'"),
+    ([{"id": "a", "prompt": "x"}, {"uid": "b", "prompt": "y"}],
+     "the rows differ in which of the fields 'id' or 'uid' they have"),
+    ([{"id": "a", "uid": "u", "prompt": "x"}, {"id": "b", "prompt": "y"}],
+     "1 of 2 rows have more than one of the fields 'id' or 'uid'"),
+])
+def test_no_id_field_is_guessed_when_rows_disagree(rows: list[dict[str, Any]], why: str) -> None:
+    ds = read_prompts(rows)
+    assert ds.id_field is None and all(len(i) == 16 for i in ds.ids)
+    assert ds.id_note == f"prompt ids are derived from each row, because {why}; name the id field with --id-field"
+
+
+def test_an_id_field_found_automatically_is_checked_like_a_named_one(tmp_path: Path) -> None:
+    rows = [{"id": "a", "prompt": "x"}, {"id": "b", "prompt": "y"}, {"id": "a", "prompt": "z"},
+            {"id": None, "prompt": "w"}]
+    path = write_jsonl(tmp_path / "in.jsonl", rows)
+    with pytest.raises(InputError) as e:
+        read_prompts(path)
+    message = str(e.value)
+    # A repeated id is what finding the field is for: without it the three rows would pass as distinct.
+    assert "in.jsonl line 3: repeats the id 'a' of line 1 (ids from the field 'id', found in every row;" in message
+    assert "in.jsonl line 4: the id field 'id' must be a non-empty string or an integer, not None" in message
+    assert "--id-field none derives ids from the rows" in message
+    assert read_prompts(path, skip_invalid=True).ids == ["a", "b"]
+    assert len(read_prompts(path, id_field=None).ids) == 4
+    with pytest.raises(ConfigError, match=r"the id field must be a field name, 'auto' or None"):
+        read_prompts(path, id_field="")
+
+
+def test_an_input_that_goes_away_during_the_run_is_an_input_error_naming_it(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "in.jsonl", ROWS)
+    ds = read_prompts(path)
+    path.unlink()
+    with pytest.raises(InputError, match=r"cannot read .*in.jsonl: No such file or directory"):
+        list(ds)

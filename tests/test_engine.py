@@ -880,7 +880,7 @@ def test_a_batching_reward_raising_fails_the_answers_of_that_call() -> None:
 
 
 def test_submit_many_keeps_run_errors_per_item_and_lets_cancellation_and_user_errors_through() -> None:
-    from tpo._dispatch import Dispatcher
+    from tpo.engine._dispatch import Dispatcher
 
     async def call(items: Sequence[str]) -> list[str]:
         (item,) = items

@@ -1,4 +1,4 @@
-"""``tpo eval`` and ``tpo.evaluate``: step curves, best so far, costs, failures, paired comparisons, math accuracy.
+"""``tpo eval`` and ``tpo.analysis.evaluate``: step curves, best so far, costs, failures, paired comparisons, math accuracy.
 
 The runs are real: ``tpo.optimize_many`` with a scripted policy whose answers carry their
 own reward (``score=N``), so every expected number below can be worked out by hand.
@@ -9,7 +9,10 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,8 +22,7 @@ from click.testing import CliRunner
 
 import tpo
 from tpo import BackendError, GenerationRequest, InputError
-from tpo.cli import cli
-from tpo.evaluate import (
+from tpo.analysis.evaluate import (
     Run,
     compare_runs,
     evaluate,
@@ -31,6 +33,7 @@ from tpo.evaluate import (
     summarize_run,
     wilson_interval,
 )
+from tpo.cli import cli
 from tpo.testing import FunctionReward, ScriptedPolicy
 
 TAG = tpo.DEFAULT_PROMPTS.tag
@@ -413,6 +416,48 @@ def test_eval_command_json_to_stdout_and_its_errors(tpo_run: Run, tmp_path: Path
     bad.write_text("[]\n", encoding="utf-8")
     res = CliRunner().invoke(cli, ["eval", str(bad)])
     assert res.exit_code == 2 and "bad.jsonl:1: not a tpo result" in res.output
+
+
+#: A label too long for an 80-column table.
+LONG_LABEL = "TPO D2-N5 on Llama-3.1-70B-Instruct judged by Skywork-Reward-V2-Llama-3.1-8B, seed 0, temperature 0.7"
+
+
+def test_eval_tables_are_not_cut_at_80_columns_when_piped(tpo_run: Run, tmp_path: Path) -> None:
+    other = bon_run(tmp_path, "B", {"a": 1, "b": 5, "c": 0})
+    # CliRunner's standard output is not a terminal, as in `tpo eval ... > summary.txt` or `| less -S`.
+    res = CliRunner().invoke(cli, ["eval", tpo_run.path, other.path, "--label", LONG_LABEL, "--label", "BoN"])
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    assert any(LONG_LABEL in line for line in lines)  # whole, on one line
+    assert any(f"{LONG_LABEL} vs BoN" in line for line in lines)
+    assert "…" not in res.output and max(map(len, lines)) > 80
+    # Each table still takes only the width it needs: the cost table stays narrow.
+    cost_title = next(i for i, line in enumerate(lines) if line.startswith("BoN: cost per prompt"))
+    assert len(lines[cost_title + 1].rstrip()) < 80
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="opens a pseudo-terminal")
+def test_eval_tables_fit_the_terminal_on_a_terminal(tpo_run: Run) -> None:
+    import pty
+
+    leader, follower = pty.openpty()
+    env = {**os.environ, "COLUMNS": "80", "LINES": "50", "NO_COLOR": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", "from tpo.cli import main; main()", "eval", tpo_run.path,
+                             "--label", LONG_LABEL], stdin=subprocess.DEVNULL, stdout=follower, stderr=follower, env=env)
+    os.close(follower)
+    chunks = []
+    try:
+        while chunk := os.read(leader, 65536):
+            chunks.append(chunk)
+    except OSError:  # the terminal closes with the process
+        pass
+    finally:
+        os.close(leader)
+    assert proc.wait(timeout=60) == 0
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(chunks).decode("utf-8"))
+    lines = text.replace("\r\n", "\n").splitlines()
+    assert max(map(len, lines)) <= 80 and "Runs" in text
+    assert not any(LONG_LABEL in line for line in lines)  # wrapped to fit, as rich lays tables out on a terminal
 
 
 def test_labels_and_errors_that_look_like_markup_are_shown_as_written(tpo_run: Run) -> None:

@@ -333,9 +333,9 @@ def test_only_a_judge_that_owns_its_backend_closes_it() -> None:
 def test_from_spec_errors_are_configuration_errors() -> None:
     with pytest.raises(ConfigError, match="needs a model"):
         JudgeReward.from_spec("")
-    with pytest.raises(ConfigError, match="does not take the option"):
+    with pytest.raises(ConfigError, match="judge: unknown option 'temprature'; it takes: prefer, instructions,"):
         JudgeReward.from_spec("", policy=ScriptedPolicy(), temprature=0.1)
-    with pytest.raises(ConfigError, match="max_tokens"):
+    with pytest.raises(ConfigError, match="judge: max_tokens must be an integer >= 1, got 0"):
         JudgeReward.from_spec("", policy=ScriptedPolicy(), max_tokens=0)
     with pytest.raises(ConfigError, match="empty"):
         JudgeReward(ScriptedPolicy(), prefer="  ")

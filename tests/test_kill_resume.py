@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -193,3 +194,44 @@ def test_kill_9_during_checkpoint_compactions_of_run_batch(tmp_path: Path) -> No
                                          ("more", 25), ("time", rng.uniform(0.3, 1.0))]
     kills = _kill_and_resume(start, output, log, schedule)
     _check(output, reference, log, kills)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_sigterm_stops_a_real_tpo_batch_process_cleanly_and_a_rerun_resumes(tmp_path: Path) -> None:
+    """SIGTERM (docker stop, systemd, Kubernetes) is Ctrl-C: checkpoints in hand written, a message, exit 143."""
+    input_path = tmp_path / "prompts.jsonl"
+    _write_input(input_path)
+    start = _cli(input_path)
+    reference = tmp_path / "reference.jsonl"
+    _finish(start(reference, None))
+
+    output = tmp_path / "out.jsonl"
+    proc = start(output, None)
+    started = time.monotonic()
+    while proc.poll() is None and _complete_lines(output) < 10 and time.monotonic() - started < 30:
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run ended before it could be stopped"
+    proc.send_signal(signal.SIGTERM)
+    _, raw_err = proc.communicate(timeout=30)
+    err = raw_err.decode()
+    assert proc.returncode == 143, err
+    found = re.search(r"Stopped by SIGTERM: (\d+) of 100 prompts are finished in .*out\.jsonl\. "
+                      r"Run the same command again to continue\.", err)
+    assert found, err
+    done = int(found.group(1))
+    # Every line whole: the results and checkpoints in hand were written before the process ended.
+    assert 10 <= done < PROMPTS and output.read_bytes().endswith(b"\n") and _complete_lines(output) == done
+    checkpoints = (output.parent / (output.name + ".tpo") / "checkpoints.jsonl").read_bytes()
+    assert checkpoints == b"" or checkpoints.endswith(b"\n")
+    for line in checkpoints.splitlines():
+        json.loads(line)
+
+    proc = start(output, None)
+    _, raw_err = proc.communicate(timeout=90)
+    err = raw_err.decode()
+    assert proc.returncode == 0, err
+    assert f"resuming: {done} of 100 prompts already finished" in err and "repaired" not in err
+    expected = {d["prompt_id"]: _strip_timings(d) for d in map(json.loads, reference.read_text().splitlines())}
+    got = [json.loads(line) for line in output.read_text().splitlines()]
+    assert len(got) == PROMPTS and {d["prompt_id"]: _strip_timings(d) for d in got} == expected

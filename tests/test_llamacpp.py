@@ -95,9 +95,9 @@ def test_a_missing_or_wrong_model_file_is_a_clear_error(tmp_path: Path, allow_re
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"n_ctxx": 512}, "does not take the option"),
-        ({"n_ctx": "big"}, "n_ctx must be an integer"),
-        ({"n_ctx": 4}, "n_ctx must be an integer of at least 16"),
+        ({"n_ctxx": 512}, "llamacpp: unknown option 'n_ctxx'; it takes: n_ctx, n_threads,"),
+        ({"n_ctx": "big"}, "llamacpp: n_ctx must be an integer >= 16, got 'big'"),
+        ({"n_ctx": 4}, "llamacpp: n_ctx must be an integer >= 16, got 4"),
         ({"n_threads": 0}, "n_threads"),
         ({"top_k": -1}, "top_k"),
         ({"min_p": 2}, "min_p"),

@@ -26,7 +26,7 @@ import tpo
 from servers.fake_openai import Call, FakeOpenAIServer, Reply, completion, free_port, honour_n
 from servers.llama_server import MODEL_ALIAS, LlamaServer, bundled_gguf
 from tpo import BackendError, ConfigError, Generation, GenerationRequest, Message, SamplingParams
-from tpo._loopback import exempt_from_guard, is_loopback_host
+from tpo._http.loopback import exempt_from_guard, is_loopback_host
 from tpo.backends.openai_server import MalformedResponseError, OpenAIPolicy
 from tpo.registry import BACKENDS_GROUP, list_plugins, policy_from_spec
 from tpo.testing import FunctionReward, forbid_real_requests
@@ -121,7 +121,7 @@ def test_from_spec_reads_base_url_and_key_from_the_environment(monkeypatch: pyte
         ("m", {"base_url": "http://h/v1", "max_concurrency": 0}, "max_concurrency"),
         ("m", {"base_url": "http://h/v1", "timeout_s": -1}, "timeout_s"),
         ("m", {"base_url": "http://h/v1", "extra_body": "top_k=5"}, "extra_body"),
-        ("m", {"base_url": "http://h/v1", "temperature": 0.2}, "does not take the option(s) temperature"),
+        ("m", {"base_url": "http://h/v1", "temperature": 0.2}, "openai: unknown option 'temperature'; it takes:"),
         ("m", {}, "needs an API key"),
     ],
 )
@@ -536,7 +536,7 @@ def test_bad_http_options_are_config_errors(options: dict[str, Any], message: st
 
 
 def test_http_options_are_not_for_the_command_line() -> None:
-    with pytest.raises(ConfigError, match="does not take the option"):
+    with pytest.raises(ConfigError, match="openai: unknown option 'transport'"):
         OpenAIPolicy.from_spec("m", base_url="http://127.0.0.1:9/v1", transport=httpx.MockTransport(lambda r: httpx.Response(200)))
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from tpo._per_loop import PerLoop
+from tpo._http.per_loop import PerLoop
 
 
 @dataclass

@@ -14,7 +14,7 @@ import pytest
 
 import tpo
 from tpo import DEFAULT_PROMPTS, Message, PromptSet, PromptTemplateError, extract_answer
-from tpo.prompts import placeholders, render, render_conversation
+from tpo.engine.prompts import placeholders, render, render_conversation
 from tpo.testing import FunctionReward, ScriptedPolicy
 
 SNAPSHOTS = Path(__file__).parent / "snapshots"

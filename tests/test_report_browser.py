@@ -23,8 +23,9 @@ from typing import Any
 import pytest
 
 import tpo
-from tpo.evaluate import load_run
-from tpo.report import build_report
+from tpo.analysis.evaluate import load_run
+from tpo.analysis.judge import JudgeRun, read_verdicts, summarize_verdicts
+from tpo.analysis.report import build_report
 from tpo.testing import FunctionReward, ScriptedPolicy, default_reply
 
 
@@ -347,3 +348,79 @@ def test_a_report_of_1000_prompts_opens_and_searches(browser: Browser, tmp_path:
     assert _visible_ids(browser) == ["q-0777"]
     assert browser.errors() == []
     assert load_s < 30  # generous: the box is shared; a slow page takes minutes, not seconds
+
+
+# --------------------------------------------------------------------------- the paper's analyses
+
+
+def _judge_file(path: Path, a: Path, b: Path) -> Path:
+    def prefers_improved(request: tpo.GenerationRequest) -> list[str]:
+        text = request.messages[-1].content
+        first = text.split("<reply_1>", 1)[1].split("</reply_1>", 1)[0]
+        return ["Reply 1 is better.\nWinner: 1" if "Improved" in first else "Reply 2 is better.\nWinner: 2"]
+
+    JudgeRun(load_run(a), load_run(b), path, judge={"spec": "scripted"}).run(ScriptedPolicy(prefers_improved))
+    return path
+
+
+@pytest.fixture(scope="module")
+def analyses_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("analyses")
+    prompts = _prompts(10)
+    paths = [
+        _write_run(d / "tpo-d1-n3.jsonl", prompts, width=3, depth=1, policy_params=1e9),
+        _write_run(d / "tpo-d2-n3.jsonl", prompts, width=3, depth=2, policy_params=1e9),
+        _write_run(d / "tpo-d2-n5.jsonl", prompts, width=5, depth=2, policy_params=1e9),
+        _write_run(d / "bon.jsonl", prompts, mode="bon", width=30, policy_params=1e9),
+    ]
+    verdicts = _judge_file(d / "verdicts.jsonl", paths[2], paths[3])
+    page = build_report([load_run(p) for p in paths], judgements=[summarize_verdicts(read_verdicts(verdicts)[0])])
+    path = d / "analyses.html"
+    path.write_text(page, encoding="utf-8")
+    return path
+
+
+def _extent(browser: Browser, selector: str) -> list[list[float]]:
+    return browser.js(  # type: ignore[no-any-return]
+        f"Array.from(document.querySelectorAll({json.dumps(selector)})).map(e => {{"
+        " const b = e.getBoundingClientRect(); return [b.width, b.height]; })"
+    )
+
+
+def test_the_figures_of_the_paper_s_analyses_are_drawn(browser: Browser, analyses_file: Path, tmp_path: Path) -> None:
+    browser.goto(analyses_file.as_uri())
+    assert browser.errors() == []
+    assert browser.network_requests() == []
+
+    # Reward against compute: the best-of-n curve is a real line, each TPO configuration a point.
+    (curve,) = _extent(browser, "#chart-compute path.series:not([stroke-dasharray])")
+    assert curve[0] > 150 and curve[1] > 20
+    assert browser.js("document.querySelectorAll('#chart-compute circle.point').length") == 3
+    assert browser.js("document.querySelectorAll('#chart-compute path.series[stroke-dasharray]').length") == 3
+    # Every run recorded FLOPs (--policy-params), so the same figure is drawn against FLOPs too.
+    assert browser.js("document.querySelectorAll('#chart-flops circle.point').length") == 3
+    assert browser.js("document.querySelectorAll('#matched tbody tr').length") == 3
+
+    # Width and depth: a line through the widths 3 and 5 at depth 2, and through the depths 1 and 2 at width 3.
+    widths = _extent(browser, "#chart-width path.series")
+    depths = _extent(browser, "#chart-depth path.series")
+    assert len(widths) == 1 and widths[0][0] > 50 and len(depths) == 1 and depths[0][0] > 50
+    ticks = browser.js("Array.from(document.querySelectorAll('#chart-depth text.tick')).map(t => t.textContent)")
+    assert "1" in ticks and "2" in ticks and "1.5" not in ticks
+
+    # The stability analysis: the spread of each step's rewards.
+    assert len(_extent(browser, "#chart-std path.series")) == 3
+
+    # The judge's verdicts: bars that fill the width, the win rate with its interval, the length-controlled rate.
+    bars = _extent(browser, "#chart-judge rect.bar")
+    assert bars and sum(w for w, _ in bars) > 300
+    assert browser.js("document.querySelectorAll('#chart-judge .judge-mark').length") == 1
+    assert browser.js("document.querySelectorAll('#chart-judge .judge-lc').length") == 1
+    text = browser.js("document.getElementById('judge').textContent")
+    assert "TPO D2-N5 vs BoN-30" in text and "100.0%" in text
+
+    shot = tmp_path / "analyses.png"
+    browser.screenshot(shot)
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if os.environ.get("TPO_REPORT_SCREENSHOT"):
+        shutil.copy(shot, os.environ["TPO_REPORT_SCREENSHOT"] + ".analyses.png")

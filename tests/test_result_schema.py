@@ -110,16 +110,40 @@ def test_the_results_cover_every_shape() -> None:
     assert details[0] is not None and details[0]["rating"] == 0 and details[1] == {"reply": "Hard to say.", "attempts": 2}
 
 
+#: Fields added within schema version 1: always written now, optional in the schema so older results still validate.
+ADDED_IN_VERSION_1 = {
+    "step": {"cumulative"},
+    "usage": {"prompt_flops", "completion_flops"},
+    "config": {"policy_params", "critic_params"},
+}
+
+
 def test_the_schema_lists_exactly_the_fields_the_code_writes(schema: dict[str, Any]) -> None:
     data = RESULTS["d2n5"].to_dict()
     defs = schema["$defs"]
     assert set(schema["required"]) == set(schema["properties"]) == set(data)
     assert set(defs["candidate"]["required"]) == set(defs["candidate"]["properties"]) == set(data["candidates"][0])
-    assert set(defs["step"]["required"]) == set(defs["step"]["properties"]) == set(data["steps"][1])
-    assert set(defs["usage"]["required"]) == set(defs["usage"]["properties"]) == set(data["usage"])
-    assert set(defs["config"]["required"]) == set(defs["config"]["properties"]) == set(data["config"])
+    for name, written in (("step", data["steps"][1]), ("usage", data["usage"]), ("config", data["config"])):
+        assert set(defs[name]["properties"]) == set(written)
+        assert set(defs[name]["required"]) == set(written) - ADDED_IN_VERSION_1[name]
     prompts = defs["config"]["properties"]["prompts"]
     assert set(prompts["required"]) == set(data["config"]["prompts"])
+
+
+def test_a_result_written_before_the_added_fields_still_validates_and_reads(schema: dict[str, Any]) -> None:
+    document = copy.deepcopy(RESULTS["d2n5"].to_dict())
+    for step in document["steps"]:
+        del step["cumulative"]
+        for key in ADDED_IN_VERSION_1["usage"]:
+            del step["usage"][key]
+    for key in ADDED_IN_VERSION_1["usage"]:
+        del document["usage"][key]
+    for key in ADDED_IN_VERSION_1["config"]:
+        del document["config"][key]
+    _validate(schema, document)
+    result = TPOResult.from_dict(document)
+    assert result.steps[1].cumulative is None and result.usage.flops is None
+    assert result.usage.completion_tokens == RESULTS["d2n5"].usage.completion_tokens
 
 
 @pytest.mark.parametrize(

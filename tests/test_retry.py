@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from tpo import ConfigError
-from tpo._retry import RetryPolicy
+from tpo._http.retry import RetryPolicy
 
 NOW = 1_700_000_000.0  # a whole second, so that HTTP dates (whole seconds) land exactly
 

@@ -160,7 +160,7 @@ def test_long_conversations_lose_their_oldest_turns_and_a_hopeless_answer_fails_
     out = run(reward, ScoreRequest(long_chat, "fine", {}, "a"), ScoreRequest(long_chat, "word " * limit, {}, "b"),
               ScoreRequest(CONVERSATION, "ok", {}, "c"))
     assert out[0].value == pytest.approx(short / 10)
-    assert out[0].details == {"dropped_turns": 1}
+    assert out[0].details == {"dropped_turns": 2}  # messages, as the hf reward counts them: one user-assistant exchange
     assert out[1].value is None and out[1].error is not None
     assert f"more than the model's {limit} (max_model_len)" in out[1].error
     assert out[2].value is not None and out[2].details is None
@@ -205,20 +205,20 @@ def test_missing_vllm_names_the_package(monkeypatch: pytest.MonkeyPatch) -> None
     ("target", "options", "message"),
     [
         ("", {}, "needs a model"),
-        ("rm", {"method": "embed"}, "method must be one of classify, reward"),
-        ("rm", {"raw": "yes"}, "raw must be true or false"),
-        ("rm", {"batch_size": 8}, "does not take the option"),
+        ("rm", {"method": "embed"}, "the vllm reward: method must be one of classify, reward, got 'embed'"),
+        ("rm", {"raw": "yes"}, "raw must be true or false, got 'yes'"),
+        ("rm", {"batch_size": 8}, "the vllm reward: unknown option 'batch_size'; it takes: "),
         ("rm", {"engine_args": {"not_an_engine_arg": 1}}, "vLLM rejected the engine arguments"),
         ("rm", {"max_model_len": 1024, "engine_args": {"max_model_len": 512}}, "given both as an option and in engine_args"),
         ("rm", {"engine_args": {"model": "x"}}, "not in engine_args"),
-        ("rm", {"gpu_memory_utilization": 1.5}, "gpu_memory_utilization must be a fraction"),
+        ("rm", {"gpu_memory_utilization": 1.5}, r"gpu_memory_utilization must be a number in \(0, 1\], got 1.5"),
         # The same checks of the engine options as the vllm policy backend's (they share them).
         ("rm", {"tensor_parallel_size": "two"}, "tensor_parallel_size must be an integer"),
         ("rm", {"seed": "7"}, "seed must be an integer"),
-        ("rm", {"dtype": 16}, "dtype must be a name"),
+        ("rm", {"dtype": 16}, "dtype must be a non-empty string, got 16"),
         ("rm", {"trust_remote_code": "yes"}, "trust_remote_code must be true or false"),
         ("rm", {"engine_args": "enforce_eager=true"}, "engine_args must be a mapping"),
-        ("rm", {"enable_prefix_caching": False}, "does not take the option"),
+        ("rm", {"enable_prefix_caching": False}, "unknown option 'enable_prefix_caching'"),
     ],
 )
 def test_bad_configuration(monkeypatch: pytest.MonkeyPatch, target: str, options: dict[str, Any], message: str) -> None:

@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
-import tpo.runner as runner_module
+import tpo.batch.durable as durable_module
 from conftest import hash_score, pure_reply, strip_timings
 from tpo import BackendError, ConfigError, GenerationRequest, InputError, RunError, TPOConfig, TPOResult
-from tpo.datasets import read_prompts
-from tpo.runner import BatchObserver, BatchRun, BatchState, BatchSummary, run_batch, sidecar_dir
+from tpo.batch.datasets import read_prompts
+from tpo.batch.runner import BatchObserver, BatchRun, BatchState, BatchSummary, run_batch, sidecar_dir
 from tpo.testing import FunctionReward, ScriptedPolicy
 
 CONFIG = TPOConfig(width=2, depth=2, seed=5, max_concurrent_prompts=3)
@@ -209,7 +209,7 @@ def test_a_write_torn_by_a_kill_is_cut_off_on_resume(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reference: dict[str, dict[str, Any]], target: str, at_write: int
 ) -> None:
     out = tmp_path / "out.jsonl"
-    real_append = runner_module._append
+    real_append = durable_module._append
     writes = 0
     dead = False
 
@@ -228,10 +228,10 @@ def test_a_write_torn_by_a_kill_is_cut_off_on_resume(
                 raise Crash()
         real_append(f, data)
 
-    monkeypatch.setattr(runner_module, "_append", torn_append)
+    monkeypatch.setattr(durable_module, "_append", torn_append)
     with pytest.raises(Crash):
         batch(rows(10), out)
-    monkeypatch.setattr(runner_module, "_append", real_append)
+    monkeypatch.setattr(durable_module, "_append", real_append)
     torn_file = out if target == "out.jsonl" else sidecar_dir(out) / target
     assert not torn_file.read_bytes().endswith(b"\n")
     observer = Notes()
@@ -246,7 +246,7 @@ def test_a_failed_write_is_taken_back_so_later_lines_stay_whole(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reference: dict[str, dict[str, Any]]
 ) -> None:
     out = tmp_path / "out.jsonl"
-    real_append = runner_module._append
+    real_append = durable_module._append
     failed = False
 
     def disk_full_once(f: Any, data: bytes) -> None:
@@ -258,10 +258,10 @@ def test_a_failed_write_is_taken_back_so_later_lines_stay_whole(
             raise OSError(28, "No space left on device")
         real_append(f, data)
 
-    monkeypatch.setattr(runner_module, "_append", disk_full_once)
+    monkeypatch.setattr(durable_module, "_append", disk_full_once)
     with pytest.raises(RunError, match=r"could not write .*checkpoints.jsonl: \[Errno 28\] No space left"):
         batch(rows(10), out)
-    monkeypatch.setattr(runner_module, "_append", real_append)
+    monkeypatch.setattr(durable_module, "_append", real_append)
     for line in (sidecar_dir(out) / "checkpoints.jsonl").read_text().splitlines():
         json.loads(line)  # every line whole, including those other prompts wrote after the failure
     assert batch(rows(10), out).ok
@@ -370,12 +370,36 @@ def test_two_processes_cannot_write_one_run(tmp_path: Path) -> None:
     first.open()
     try:
         second = BatchRun(dataset, out, config=CONFIG, models={"policy": "a"})
-        with pytest.raises(RunError, match=r"another process is writing this run"):
+        # The caller's to sort out (wait, or choose another output), not a failure that retrying fixes.
+        with pytest.raises(ConfigError, match=r"another process is writing this run"):
             second.open()
     finally:
         first.close()
     summary = BatchRun(dataset, out, config=CONFIG, models={"policy": "a"}).run(Policy(), reward())
     assert summary.ok
+
+
+def test_a_symlink_to_the_output_is_the_same_run_with_the_same_lock(tmp_path: Path) -> None:
+    out, link = tmp_path / "out.jsonl", tmp_path / "link.jsonl"
+    link.symlink_to(out.name)  # dangling until a run creates out.jsonl
+    dataset = read_prompts(rows(3), id_field="id")
+    first = BatchRun(dataset, out, config=CONFIG, models={"policy": "a"})
+    first.open()
+    try:
+        second = BatchRun(dataset, link, config=CONFIG, models={"policy": "a"})
+        with pytest.raises(ConfigError, match=r"another process is writing this run"):
+            second.open()
+    finally:
+        first.close()
+    assert not sidecar_dir(link).name.startswith("link") and not (tmp_path / "link.jsonl.tpo").exists()
+    # Through the link the run resumes (here: retries its failed prompt) beside the target; the link stays a link.
+    assert batch(rows(3), out, Policy(fail=lambda r: r.prompt_id == "q01")).failed == 1
+    notes = Notes()
+    summary = batch(rows(3), link, observer=notes)
+    assert summary.ok and summary.finished_before == 2 and summary.output == out
+    assert link.is_symlink() and sorted(d["prompt_id"] for d in read_output(out)) == ["q00", "q01", "q02"]
+    assert any(f"{link} leads to {out}" in n for n in notes.notes)
+    assert not (tmp_path / "link.jsonl.tpo").exists()
 
 
 def test_secrets_are_not_saved(tmp_path: Path) -> None:
@@ -478,7 +502,7 @@ def test_a_whole_last_line_missing_only_its_newline_is_kept(tmp_path: Path, refe
 
 
 def test_a_repeated_id_in_the_output_counts_its_last_line_as_tpo_eval_does(tmp_path: Path) -> None:
-    from tpo.evaluate import read_results
+    from tpo.analysis.evaluate import read_results
 
     out = tmp_path / "out.jsonl"
     assert batch(rows(3), out).ok
@@ -509,7 +533,7 @@ def test_checkpoints_are_fsynced_in_groups_off_the_event_loop_before_the_chain_g
     import threading
 
     out = tmp_path / "out.jsonl"
-    real_append = runner_module._append
+    real_append = durable_module._append
     writes: list[tuple[str, bool, int]] = []  # (file, on the main thread, lines)
     durable: set[tuple[str, int]] = set()  # (prompt, steps) whose checkpoint is on disk
 
@@ -531,7 +555,7 @@ def test_checkpoints_are_fsynced_in_groups_off_the_event_loop_before_the_chain_g
                 early.append((request.prompt_id, request.step, request.purpose))
             return super()._reply(request)
 
-    monkeypatch.setattr(runner_module, "_append", watched_append)
+    monkeypatch.setattr(durable_module, "_append", watched_append)
     config = CONFIG.with_options(max_concurrent_prompts=10)
     assert batch(rows(10), out, Checked(), config=config).ok
     assert early == []

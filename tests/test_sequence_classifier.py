@@ -360,7 +360,7 @@ def test_output_index_picks_a_head_of_a_multi_output_model(models: dict[str, Pat
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"batch_size": 8}, "does not take"),
+        ({"batch_size": 8}, "the hf reward: unknown option 'batch_size'; it takes: device,"),
         ({"device": "tpu"}, "device"),
         ({"device": "cuda"}, "CUDA"),
         ({"dtype": "int3"}, "dtype"),

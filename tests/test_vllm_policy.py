@@ -94,7 +94,7 @@ def test_prefix_caching_can_be_switched_off_explicitly(fake: Any, options: dict[
         ({"engine_args": {"max_num_seqz": 3}}, "max_num_seqz"),  # vLLM's own TypeError, as a ConfigError
         ({"enable_prefix_caching": "yes"}, "enable_prefix_caching"),
         ({"seed": "7"}, "seed must be an integer"),
-        ({"dtype": 16}, "dtype must be a name"),
+        ({"dtype": 16}, "the vllm policy backend: dtype must be a non-empty string, got 16"),
         ({"trust_remote_code": "yes"}, "trust_remote_code must be true or false"),
     ],
 )

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
-from .algorithm import Engine, derive_seed
+from . import _aliases
 from .api import aoptimize, aoptimize_many, optimize, optimize_many
 from .config import TPOConfig
+from .engine import (
+    DEFAULT_PROMPTS,
+    Candidate,
+    CandidateStore,
+    Engine,
+    PromptSet,
+    answer_id,
+    derive_seed,
+    extract_answer,
+)
 from .errors import (
     BackendError,
     ConfigError,
     InputError,
+    MalformedResponseError,
     MissingDependencyError,
     PromptTemplateError,
     RewardError,
@@ -16,13 +27,14 @@ from .errors import (
     TPOError,
     UserError,
 )
-from .prompts import DEFAULT_PROMPTS, PromptSet, extract_answer
+from .models import Models, build_models
 from .protocols import PolicyBackend, RewardModel
 from .result import StepRecord, TPOResult, Usage
-from .store import Candidate, CandidateStore, answer_id
 from .types import Generation, GenerationRequest, Message, Prompt, SamplingParams, Score, ScoreRequest, TokenLogprob
 
 __version__ = "0.1.0"
+
+_aliases.install()
 
 __all__ = [
     "DEFAULT_PROMPTS",
@@ -34,7 +46,9 @@ __all__ = [
     "Generation",
     "GenerationRequest",
     "InputError",
+    "MalformedResponseError",
     "Message",
+    "Models",
     "MissingDependencyError",
     "PolicyBackend",
     "Prompt",
@@ -55,6 +69,7 @@ __all__ = [
     "UserError",
     "__version__",
     "answer_id",
+    "build_models",
     "aoptimize",
     "aoptimize_many",
     "derive_seed",

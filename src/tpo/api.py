@@ -8,14 +8,14 @@ import warnings
 from collections.abc import AsyncGenerator, AsyncIterable, Generator, Iterable, Mapping
 from typing import Any
 
-from .algorithm import Engine, StepCallback
+from .engine.algorithm import Engine, StepCallback
 from .config import TPOConfig
 from .errors import UserError
 from .protocols import PolicyBackend, RewardModel
 from .result import TPOResult
 from .types import PromptLike
 
-__all__ = ["aclose_per_loop", "aoptimize", "aoptimize_many", "optimize", "optimize_many"]
+__all__ = ["aclose_per_loop", "aoptimize", "aoptimize_many", "apreflight", "optimize", "optimize_many"]
 
 
 def _config(config: TPOConfig | None, options: Mapping[str, Any]) -> TPOConfig:
@@ -163,6 +163,30 @@ async def aclose_per_loop(*objects: object) -> None:
         except Exception as e:  # cleanup after the work: a result must not be lost to it
             name = getattr(obj, "name", type(obj).__name__)
             warnings.warn(f"closing {name} failed: {type(e).__name__}: {e}", RuntimeWarning, stacklevel=2)
+
+
+async def apreflight(*objects: object) -> None:
+    """Run the cheap checks of backends and reward models before any prompt, each object once.
+
+    Awaits ``preflight()`` on every object that has one (see ``tpo.protocols``), and looks
+    inside a wrapper without one through its ``parts``. The first failure is raised as is: a
+    server that cannot be reached (``BackendError``, ``RewardError``), a key it refuses or a
+    reward function with the wrong parameters (``ConfigError``). Objects without checks pass.
+    ``tpo batch``'s runner and ``tpo run`` call this before their first prompt, so that such
+    a mistake costs seconds instead of every prompt's retries.
+    """
+    seen: set[int] = set()
+    stack = list(reversed(objects))
+    while stack:
+        obj = stack.pop()
+        if obj is None or id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        check = getattr(obj, "preflight", None)
+        if check is None:
+            stack.extend(reversed(list(getattr(obj, "parts", ()))))
+            continue
+        await check()
 
 
 def _drive(agen: AsyncGenerator[TPOResult, None], owned: tuple[object, ...]) -> Generator[TPOResult, None, None]:

@@ -10,6 +10,7 @@
     │   └── MissingDependencyError  an optional extra is not installed (names the extra)
     └── RunError                  something failed while running: retrying may help
         ├── BackendError          a policy backend failed (server down, bad response, ...)
+        │   └── MalformedResponseError  the server answered, but not with a reply tpo can read
         └── RewardError           a reward model failed to score
 
 ``UserError`` is raised before any model work where possible. ``RunError`` subclasses
@@ -22,6 +23,7 @@ __all__ = [
     "BackendError",
     "ConfigError",
     "InputError",
+    "MalformedResponseError",
     "MissingDependencyError",
     "PromptTemplateError",
     "RewardError",
@@ -74,6 +76,10 @@ class BackendError(RunError):
         self.backend = backend
         self.status = status
         super().__init__(message)
+
+
+class MalformedResponseError(BackendError):
+    """The server answered, but not with a reply tpo can read (not JSON, no choices, no text)."""
 
 
 class RewardError(RunError):

@@ -18,10 +18,18 @@ engine also uses these members when an object has them (see ``KnowsContextWindow
   it, a conservative estimate).
 * ``max_batch_size: int | None``: on a batching backend or reward model, the most requests
   one call may carry; more wait for the next call. ``None`` (or no attribute): no limit.
+* ``parameter_count: float | None``: on a policy backend, its model's number of parameters,
+  for the FLOPs estimates in ``Usage`` (``TPOConfig.policy_params`` and ``critic_params``
+  take precedence). ``None`` (or no attribute): unknown, and no estimates are made.
 * ``async aclose()``: release what the object holds. The engine never calls it; the caller
   owns the objects, except as follows.
 * ``parts``: a wrapper (a weighted or cached reward, a judge) lists the objects it wraps, so
-  closing per-loop connections reaches them.
+  closing per-loop connections and the pre-flight checks reach them.
+* ``async preflight()``: a cheap check, made once before a run's first prompt
+  (``tpo.api.apreflight``), of what would otherwise fail every prompt: a server that does
+  not answer, a key it refuses, a reward function with the wrong parameters. It raises the
+  error the run would have met (``BackendError``, ``RewardError``, ``ConfigError``) and must
+  not change any result; whatever cannot be checked cheaply is left to the run.
 * ``closes_per_loop = True``: ``aclose()`` only releases what belongs to the running event
   loop (HTTP connections) and the object opens them again when used on another loop. The
   synchronous ``tpo.optimize`` and ``tpo.optimize_many`` run a private event loop each, and
@@ -36,7 +44,7 @@ from typing import Protocol, runtime_checkable
 
 from .types import Generation, GenerationRequest, Message, Score, ScoreRequest
 
-__all__ = ["ClosesPerLoop", "CountsTokens", "KnowsContextWindow", "PolicyBackend", "RewardModel"]
+__all__ = ["ClosesPerLoop", "CountsTokens", "KnowsContextWindow", "PolicyBackend", "Preflights", "RewardModel"]
 
 
 @runtime_checkable
@@ -89,6 +97,15 @@ class ClosesPerLoop(Protocol):
 
     async def aclose(self) -> None:
         """Close the connections of the running event loop; the next use opens new ones."""
+        ...
+
+
+@runtime_checkable
+class Preflights(Protocol):
+    """Optional for a backend or reward model: a cheap check before a run's first prompt."""
+
+    async def preflight(self) -> None:
+        """Raise the error every request would meet (server unreachable, key refused, wrong signature)."""
         ...
 
 

@@ -15,7 +15,11 @@ plugins. An entry point names a class with a ``from_spec`` class method::
         @classmethod
         def from_spec(cls, target: str, **options) -> "MyBackend": ...
 
-Options a class does not know must raise ``ConfigError`` (``take_options`` helps).
+Options a class does not know must raise ``ConfigError``. The way to get that, and the same
+messages as the built-in plugins, is to declare the options once as a ``tpo.options.PluginOptions``
+dataclass, name it in the class attribute ``options_class`` (``tpo backends --verbose`` lists
+it) and check what ``from_spec`` receives with ``options_class.from_options(options)``.
+``take_options`` is the older, undeclared way: a mapping of names to defaults.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from importlib.metadata import entry_points
 from typing import Any
 
 from .errors import ConfigError, MissingDependencyError
+from .options import OptionInfo, describe_options, unknown_options_error
 from .protocols import PolicyBackend, RewardModel
 
 __all__ = [
@@ -54,6 +59,8 @@ class PluginInfo:
     description: str
     capabilities: Mapping[str, Any]
     error: str | None = None
+    #: The options the plugin declares (its ``options_class``); empty when it declares none.
+    options: tuple[OptionInfo, ...] = ()
 
 
 def split_spec(spec: str) -> tuple[str, str]:
@@ -116,14 +123,13 @@ def reward_from_spec(spec: str, *, policy: PolicyBackend | None = None, **option
 def take_options(options: Mapping[str, Any], allowed: Mapping[str, Any], *, owner: str) -> dict[str, Any]:
     """Options for ``owner`` with defaults from ``allowed``; unknown names raise ``ConfigError``.
 
-    Options whose value is ``None`` count as not given.
+    Options whose value is ``None`` count as not given. Values are not checked: a
+    ``tpo.options.PluginOptions`` declaration checks them too.
     """
     given = {k: v for k, v in options.items() if v is not None}
-    unknown = set(given) - set(allowed)
+    unknown = sorted(set(given) - set(allowed))
     if unknown:
-        raise ConfigError(
-            f"{owner} does not take the option(s) {', '.join(sorted(unknown))}; it takes {', '.join(sorted(allowed)) or 'none'}"
-        )
+        raise unknown_options_error(unknown, list(allowed), owner=owner)
     return {**allowed, **given}
 
 
@@ -142,5 +148,14 @@ def list_plugins(group: str) -> list[PluginInfo]:
         doc = (getattr(cls, "description", None) or (cls.__doc__ or "").strip().splitlines() or [""])
         description = doc if isinstance(doc, str) else doc[0]
         caps = {c: getattr(cls, c) for c in _CAPABILITIES if hasattr(cls, c)}
-        out.append(PluginInfo(name, group, ep.value, description, caps))
+        out.append(PluginInfo(name, group, ep.value, description, caps, options=_declared_options(cls)))
     return out
+
+
+def _declared_options(cls: Any) -> tuple[OptionInfo, ...]:
+    """The options a plugin declares through ``options_class``; none when it declares none (or not as a dataclass)."""
+    declared = getattr(cls, "options_class", None)
+    try:
+        return describe_options(declared) if isinstance(declared, type) else ()
+    except TypeError:  # not a dataclass
+        return ()

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 from .errors import InputError
-from .store import Candidate
+from .engine.store import Candidate
 
 __all__ = ["SCHEMA_VERSION", "StepRecord", "TPOResult", "Usage", "dumps_json"]
 
@@ -38,7 +38,14 @@ def dumps_json(data: Any, *, indent: int | None = None, compact: bool = False, a
 
 @dataclass(frozen=True, slots=True)
 class Usage:
-    """Work done: policy requests and sequences, tokens, answers scored, wall time."""
+    """Work done: policy requests and sequences, tokens, answers scored, wall time, and estimated FLOPs.
+
+    ``prompt_flops`` and ``completion_flops`` estimate the inference compute as 2 ×
+    parameters × tokens, for the prompt tokens and the generated tokens apart; they are
+    ``None`` when the parameter count of a model the run used is unknown (see
+    ``TPOConfig.policy_params``). In a sum, ``None`` counts as nothing, so ``Usage()``
+    adds to estimates without losing them.
+    """
 
     policy_calls: int = 0
     sequences: int = 0
@@ -47,18 +54,43 @@ class Usage:
     reward_calls: int = 0
     reward_failures: int = 0
     wall_time_s: float = 0.0
+    prompt_flops: float | None = None
+    completion_flops: float | None = None
+
+    @property
+    def tokens(self) -> int:
+        """Prompt and generated tokens together."""
+        return self.prompt_tokens + self.completion_tokens
+
+    @property
+    def flops(self) -> float | None:
+        """The estimated FLOPs of prompt and generated tokens together; ``None`` when unknown."""
+        if self.prompt_flops is None or self.completion_flops is None:
+            return None
+        return self.prompt_flops + self.completion_flops
 
     def __add__(self, other: Usage) -> Usage:
-        return Usage(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+        return Usage(*(_add(getattr(self, f.name), getattr(other, f.name)) for f in fields(self)))
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON form: every counter by name."""
+        """The JSON form: every counter by name (the FLOPs estimates ``None`` when unknown)."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Usage:
-        """Rebuild usage from ``to_dict()``; a missing counter is 0."""
-        return cls(**{f.name: d.get(f.name, 0) for f in fields(cls)})
+        """Rebuild usage from ``to_dict()``; a missing counter is 0 and a missing FLOPs estimate ``None``."""
+        return cls(**{f.name: d.get(f.name, None if f.name in _ESTIMATES else 0) for f in fields(cls)})
+
+
+_ESTIMATES = frozenset({"prompt_flops", "completion_flops"})
+
+
+def _add(a: Any, b: Any) -> Any:  # a counter (int or float), or an estimate that may be None
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a + b
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +102,9 @@ class StepRecord:
     because chosen and rejected were the same answer. ``candidate_ids`` lists the answers the
     step produced, in order, repeats included. ``extraction`` counts how each rewrite was
     taken out of the reply (``tagged`` or a fallback); ``failures`` describes every rewrite
-    that produced no scored candidate.
+    that produced no scored candidate. ``usage`` is the work of this step; ``cumulative``
+    the prompt's work up to the end of this step (earlier sessions of a resumed prompt
+    included), or ``None`` in results written before tpo recorded it.
     """
 
     step: int
@@ -86,6 +120,7 @@ class StepRecord:
     truncated: tuple[str, ...] = ()
     best_score: float | None = None
     usage: Usage = Usage()
+    cumulative: Usage | None = None
 
     @property
     def fallbacks(self) -> int:
@@ -109,6 +144,7 @@ class StepRecord:
             "truncated": list(self.truncated),
             "best_score": self.best_score,
             "usage": self.usage.to_dict(),
+            "cumulative": self.cumulative.to_dict() if self.cumulative is not None else None,
         }
 
     @classmethod
@@ -128,6 +164,7 @@ class StepRecord:
             truncated=tuple(d.get("truncated", ())),
             best_score=d.get("best_score"),
             usage=Usage.from_dict(d.get("usage", {})),
+            cumulative=Usage.from_dict(d["cumulative"]) if d.get("cumulative") is not None else None,
         )
 
 

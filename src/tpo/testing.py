@@ -23,7 +23,7 @@ from types import TracebackType
 from typing import Any
 
 from . import _guard
-from ._budget import estimate_messages
+from .engine._budget import estimate_messages
 from .errors import ConfigError
 from .types import Generation, GenerationRequest, Message, Score, ScoreRequest
 

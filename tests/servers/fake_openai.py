@@ -57,6 +57,8 @@ class Call:
     headers: Mapping[str, str]
     json: Any
     received_at: float
+    #: The raw query string (``"api-version=1&key=..."``), empty when there is none.
+    query: str = ""
 
     @property
     def n(self) -> int:
@@ -154,7 +156,8 @@ class FakeOpenAIServer:
         except ValueError:
             payload = raw.decode("utf-8", "replace")
         with self._lock:
-            call = Call(len(self.calls), request.method, request.url.path, dict(request.headers), payload, time.monotonic())
+            call = Call(len(self.calls), request.method, request.url.path, dict(request.headers), payload,
+                        time.monotonic(), query=request.url.query)
             self.calls.append(call)
         if call.path in self.routes:
             reply = self.routes[call.path]

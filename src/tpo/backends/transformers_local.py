@@ -17,34 +17,35 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import re
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from .._guard import check_real_request_allowed
+from .._local.torch import DEVICE_OPTION, DTYPE_OPTION, dtype_keyword, resolve_device, resolve_dtype
 from ..errors import BackendError, ConfigError, MissingDependencyError, TPOError
-from ..registry import take_options
+from ..options import PluginOptions, flag, integer, option
 from ..types import Generation, GenerationRequest, Message, TokenLogprob
 
-__all__ = ["TransformersPolicy"]
+__all__ = ["TransformersOptions", "TransformersPolicy"]
 
 _OWNER = "the hf policy backend"
+#: Options that only ``from_spec`` uses, to load the model.
+_LOADING = ("device", "dtype", "trust_remote_code")
 
-_OPTIONS: dict[str, Any] = {
-    "device": "auto",
-    "dtype": "auto",
-    "trust_remote_code": False,
-    "batch_size": 16,
-    "max_batch_tokens": None,
-}
 
-_DTYPE_NAMES = {
-    "float32": "float32", "fp32": "float32", "float": "float32",
-    "float16": "float16", "fp16": "float16", "half": "float16",
-    "bfloat16": "bfloat16", "bf16": "bfloat16",
-}
+@dataclass(frozen=True)
+class TransformersOptions(PluginOptions):
+    """The options of ``TransformersPolicy`` (``--policy-option NAME=VALUE``); the first three are for loading."""
+
+    owner: ClassVar[str] = _OWNER
+
+    device: str = option("auto", DEVICE_OPTION, "where the model runs (auto: CUDA, else MPS, else the CPU)")
+    dtype: str = option("auto", DTYPE_OPTION, "the weights' dtype (auto: bfloat16 on a recent GPU, float32 elsewhere)")
+    trust_remote_code: bool = option(False, flag(), "run the model repository's own code")
+    batch_size: int = option(16, integer(min=1), "sequences (prompts x n) per generate() call")
+    max_batch_tokens: int | None = option(None, integer(min=1), "cap on sequences x (longest prompt + new tokens)")
 
 #: Tokenizers report this (or larger) as ``model_max_length`` when they do not know.
 _UNKNOWN_LENGTH = 10**7
@@ -89,6 +90,7 @@ class TransformersPolicy:
     supports_logprobs = True
     counts_tokens = True
     knows_context_window = True
+    options_class = TransformersOptions
 
     def __init__(
         self,
@@ -96,12 +98,17 @@ class TransformersPolicy:
         tokenizer: Any,
         *,
         name: str | None = None,
-        batch_size: int = 16,
-        max_batch_tokens: int | None = None,
+        options: TransformersOptions | None = None,
+        **kwargs: Any,
     ) -> None:
-        _check_int("batch_size", batch_size, 1)
-        if max_batch_tokens is not None:
-            _check_int("max_batch_tokens", max_batch_tokens, 1)
+        """Wrap a loaded model and tokenizer; ``batch_size`` and ``max_batch_tokens`` as keywords or in ``options``."""
+        loading = [k for k in _LOADING if kwargs.get(k) is not None]
+        if loading:
+            raise ConfigError(
+                f"{_OWNER}: {', '.join(loading)} apply when from_spec loads the model; "
+                "the constructor takes a model already loaded"
+            )
+        opts = self.options = TransformersOptions.from_options(kwargs, base=options)
         if not getattr(tokenizer, "chat_template", None):
             raise ConfigError(
                 f"{_OWNER}: the tokenizer has no chat template; tpo needs a chat (instruct) model "
@@ -110,8 +117,8 @@ class TransformersPolicy:
         self._torch, _ = _import_torch_transformers()
         self._model = model
         self._tokenizer = tokenizer
-        self._batch_size = batch_size
-        self._max_batch_tokens = max_batch_tokens
+        self._batch_size = opts.batch_size
+        self._max_batch_tokens = opts.max_batch_tokens
         self._eos_ids = _eos_ids(model, tokenizer)
         if not self._eos_ids:
             raise ConfigError(f"{_OWNER}: neither the tokenizer nor the model's generation config names an end-of-sequence token")
@@ -127,26 +134,22 @@ class TransformersPolicy:
         """Load ``target`` (a model id or a local directory) with ``AutoModelForCausalLM`` and ``AutoTokenizer``.
 
         Options: ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:1``, ``mps``), ``dtype``
-        (``auto``: bfloat16 on a GPU, float32 on the CPU; or ``float32``, ``float16``,
-        ``bfloat16``), ``trust_remote_code``, ``batch_size``, ``max_batch_tokens``.
+        (``auto``: bfloat16 on CUDA, or float16 on a GPU without native bfloat16, float32 on the
+        CPU and MPS; or ``float32``, ``float16``, ``bfloat16``), ``trust_remote_code``,
+        ``batch_size``, ``max_batch_tokens``.
         """
         if not target.strip():
             raise ConfigError("the hf policy backend needs a model: --policy hf:MODEL_OR_PATH")
-        opts = take_options(options, _OPTIONS, owner=_OWNER)
-        if not isinstance(opts["trust_remote_code"], bool):
-            raise ConfigError(f"{_OWNER}: trust_remote_code must be true or false, not {opts['trust_remote_code']!r}")
-        _check_int("batch_size", opts["batch_size"], 1)
-        if opts["max_batch_tokens"] is not None:
-            _check_int("max_batch_tokens", opts["max_batch_tokens"], 1)
+        opts = TransformersOptions.from_options(options)
         torch, transformers = _import_torch_transformers()
-        device = _resolve_device(torch, opts["device"])
-        dtype = _resolve_dtype(torch, opts["dtype"], device)
-        trust = opts["trust_remote_code"]
+        device = resolve_device(torch, opts.device, owner=_OWNER)
+        dtype = resolve_dtype(torch, opts.dtype, device, owner=_OWNER)
+        trust = opts.trust_remote_code
         check_real_request_allowed(_OWNER)
         try:
             tokenizer = transformers.AutoTokenizer.from_pretrained(target, trust_remote_code=trust)
             model = transformers.AutoModelForCausalLM.from_pretrained(
-                target, trust_remote_code=trust, **{_dtype_keyword(transformers): dtype}
+                target, trust_remote_code=trust, **{dtype_keyword(transformers): dtype}
             )
         except (OSError, ValueError, KeyError) as e:  # no such model or path, or not a causal LM
             raise ConfigError(f"{_OWNER}: could not load {target!r} as a causal language model: {e}") from e
@@ -157,8 +160,7 @@ class TransformersPolicy:
         except Exception as e:  # e.g. out of GPU memory
             raise BackendError(f"could not move {target!r} to {device}: {type(e).__name__}: {e}", backend=f"hf:{target}") from e
         model.eval()
-        return cls(model, tokenizer, name=f"hf:{target}", batch_size=opts["batch_size"],
-                   max_batch_tokens=opts["max_batch_tokens"])
+        return cls(model, tokenizer, name=f"hf:{target}", options=opts)
 
     # ------------------------------------------------------------------ the protocol
 
@@ -408,48 +410,3 @@ def _eos_ids(model: Any, tokenizer: Any) -> tuple[int, ...]:
 def _model_device(torch: Any, model: Any) -> Any:
     device = getattr(model, "device", None)
     return device if device is not None else torch.device("cpu")
-
-
-def _resolve_device(torch: Any, name: Any) -> Any:
-    if not isinstance(name, str):
-        raise ConfigError(f"{_OWNER}: device must be auto, cpu, cuda, cuda:N or mps, not {name!r}")
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        if mps is not None and mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", name):
-        raise ConfigError(f"{_OWNER}: device must be auto, cpu, cuda, cuda:N or mps, not {name!r}")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"{_OWNER}: device {name!r} was asked for, but torch sees no CUDA GPU")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"{_OWNER}: device 'mps' was asked for, but torch has no MPS support here")
-    return device
-
-
-def _resolve_dtype(torch: Any, name: Any, device: Any) -> Any:
-    if name == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        if device.type == "mps":
-            return torch.float16
-        return torch.float32
-    if not isinstance(name, str) or name.lower() not in _DTYPE_NAMES:
-        known = ", ".join(["auto", *sorted(set(_DTYPE_NAMES.values()))])
-        raise ConfigError(f"{_OWNER}: dtype must be one of {known}, not {name!r}")
-    return getattr(torch, _DTYPE_NAMES[name.lower()])
-
-
-def _dtype_keyword(transformers: Any) -> str:
-    """``from_pretrained`` takes ``dtype`` from Transformers 4.56 and only ``torch_dtype`` before."""
-    numbers = [int(x) for x in re.findall(r"\d+", str(getattr(transformers, "__version__", "0")))[:2]]
-    return "dtype" if tuple(numbers) >= (4, 56) else "torch_dtype"
-
-
-def _check_int(name: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"{_OWNER}: {name} must be an integer of at least {low}, not {value!r}")
-

@@ -22,19 +22,26 @@ import functools
 import gc
 import threading
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
-from .. import _vllm
+from .._local import vllm as _vllm
 from ..errors import BackendError, ConfigError
-from ..registry import take_options
+from ..options import flag, option
 from ..types import Generation, GenerationRequest, Message, TokenLogprob
 
-__all__ = ["VLLMPolicy"]
+__all__ = ["VLLMPolicy", "VLLMPolicyOptions"]
 
 _OWNER = "the vllm policy backend"
 
-#: Named options and their defaults; ``None`` leaves vLLM's own default in place.
-_OPTIONS: dict[str, Any] = {**_vllm.ENGINE_OPTIONS, "enable_prefix_caching": True}
+
+@dataclass(frozen=True)
+class VLLMPolicyOptions(_vllm.EngineOptions):
+    """The options of ``VLLMPolicy.from_spec`` (``--policy-option NAME=VALUE``): vLLM engine options."""
+
+    owner: ClassVar[str] = _OWNER
+
+    enable_prefix_caching: bool = option(True, flag(), "share the KV cache of common prompt prefixes")
 
 
 def _import_vllm() -> Any:
@@ -57,6 +64,7 @@ class VLLMPolicy:
     supports_logprobs = True
     counts_tokens = True
     knows_context_window = True
+    options_class = VLLMPolicyOptions
 
     def __init__(self, llm: Any, *, name: str | None = None) -> None:
         self._llm: Any = llm
@@ -78,9 +86,9 @@ class VLLMPolicy:
         """
         if not target.strip():
             raise ConfigError("the vllm policy backend needs a model: --policy vllm:MODEL_OR_PATH")
-        opts = take_options(options, _OPTIONS, owner=_OWNER)
+        opts = VLLMPolicyOptions.from_options(options)
         explicit = {k for k, v in options.items() if v is not None}
-        engine_kwargs = _vllm.engine_kwargs(opts, explicit=explicit, owner=_OWNER)
+        engine_kwargs = _vllm.engine_kwargs(opts, explicit=explicit)
         vllm = _import_vllm()
         name = f"vllm:{target}"
         llm = _vllm.load_llm(vllm, target, engine_kwargs, name=name, error=functools.partial(BackendError, backend=name))

@@ -2,27 +2,25 @@
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import sys
-import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
+from .._replica_report import describe_replicas
 from ..config import MODES, TPOConfig
+from ..engine.prompts import PromptSet
 from ..errors import ConfigError, RunError, UserError
-from ..prompts import PromptSet
-from ..protocols import PolicyBackend, RewardModel
-from ..registry import BACKENDS_GROUP, load_plugin, policy_from_spec, reward_from_spec, split_spec
+from ..models import DEFAULT_POLICY, DEFAULT_REWARD, Models
+from ..models import build_models as _build_models
+from ._config_file import config_file_option
+from ._terminal import for_terminal
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-DEFAULT_POLICY = "llamacpp"
-DEFAULT_REWARD = "judge"
 
 
 def _key_values(ctx: click.Context, param: click.Parameter, values: Sequence[str]) -> dict[str, Any]:
@@ -46,9 +44,16 @@ def _parse_scalar(raw: str) -> Any:
         return raw
 
 
+def _urls(ctx: click.Context, param: click.Parameter, values: Sequence[str]) -> str | None:
+    # Several --base-url, and OPENAI_BASE_URL=URL1,URL2, become one comma-separated list.
+    urls = [u.strip() for value in values for u in value.split(",") if u.strip()]
+    return ",".join(urls) if urls else None
+
+
 def model_options(f: F) -> F:
-    """Policy, critic and reward selection."""
+    """``--config FILE``, then policy, critic and reward selection: every command that takes models takes a config file."""
     decorators = [
+        config_file_option,
         click.option("--policy", "policy_spec", default=DEFAULT_POLICY, show_default=True, metavar="SPEC",
                      help="Model that samples answers: llamacpp[:FILE.gguf], openai:MODEL, vllm:MODEL, hf:MODEL, or a plugin."),
         click.option("--critic", "critic_spec", default=None, metavar="SPEC",
@@ -60,8 +65,11 @@ def model_options(f: F) -> F:
                      help="Your preference, in words, for the judge reward (replaces its default rubric)."),
         click.option("--prefer-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
                      help="Read the judge's rubric from a file."),
-        click.option("--base-url", default=None, envvar="OPENAI_BASE_URL", show_envvar=True,
-                     help="Server URL for openai: policies."),
+        click.option("--base-url", multiple=True, envvar="OPENAI_BASE_URL", show_envvar=True, callback=_urls,
+                     help="Server URL for openai: policies. Repeat it (or separate URLs with commas) for several "
+                          "replicas of one model: requests go to the least busy."),
+        click.option("--ray-address", default=None, envvar="RAY_ADDRESS", show_envvar=True, metavar="ADDRESS",
+                     help="The Ray cluster for ray: models (auto, ray://HOST:10001); default: a local Ray instance."),
         click.option("--api-key-env", default=None, metavar="NAME",
                      help="Environment variable holding the API key (default OPENAI_API_KEY). The key is never printed or saved."),
         click.option("--policy-option", "policy_options", multiple=True, callback=_key_values, metavar="KEY=VALUE",
@@ -106,6 +114,11 @@ def method_options(f: F) -> F:
                      help="Override the model's context window (tokens)."),
         click.option("--prompts", "prompts_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
                      help="A .toml or .json file overriding the loss/gradient/update templates."),
+        click.option("--policy-params", type=click.FloatRange(min=0, min_open=True), default=None, metavar="N",
+                     help="Parameters of the policy model (e.g. 8e9), for FLOPs estimates (default: the backend's own count, "
+                          "if it reports one)."),
+        click.option("--critic-params", type=click.FloatRange(min=0, min_open=True), default=None, metavar="N",
+                     help="Parameters of the --critic model, for FLOPs estimates (default: the policy's when it is the critic)."),
     ]
     for d in reversed(decorators):
         f = d(f)
@@ -113,7 +126,8 @@ def method_options(f: F) -> F:
 
 
 _METHOD_KEYS = ("mode", "width", "depth", "seed", "temperature", "top_p", "max_tokens", "critic_temperature", "critic_max_tokens",
-                "rejected_from", "final_from", "early_stop_score", "early_stop_patience", "context_window")
+                "rejected_from", "final_from", "early_stop_score", "early_stop_patience", "context_window", "policy_params",
+                "critic_params")
 
 
 def build_config(params: Mapping[str, Any]) -> TPOConfig:
@@ -124,150 +138,72 @@ def build_config(params: Mapping[str, Any]) -> TPOConfig:
     return TPOConfig().with_options(**options)
 
 
-@dataclass
-class Models:
-    """The backends a command runs with."""
-
-    policy: PolicyBackend
-    critic: PolicyBackend | None
-    reward: RewardModel
-
-    async def aclose(self) -> None:
-        """Close the reward, critic and policy, each once; one failing to close does not keep the others open."""
-        await _aclose_each((self.reward, self.critic, self.policy))
-
-
-async def _aclose_each(objects: Sequence[Any]) -> None:
-    """``aclose()`` every object once, in order; a failure is reported and the rest still close."""
-    seen: set[int] = set()
-    for obj in objects:
-        if obj is None or id(obj) in seen:
-            continue
-        seen.add(id(obj))
-        close = getattr(obj, "aclose", None)
-        if close is None:
-            continue
-        try:
-            await close()
-        except Exception as e:  # closing after the work (or after a failure): report, go on
-            warnings.warn(f"closing {getattr(obj, 'name', obj)!s} failed: {e}", RuntimeWarning, stacklevel=2)
-
-
 def build_models(params: Mapping[str, Any]) -> Models:
-    """Policy, critic and reward from the model options."""
-    built: list[Any] = []
-    try:
-        return _build_models(params, built)
-    except BaseException:
-        # A model that failed to build must not leave the ones built before it open.
-        asyncio.run(_aclose_each(built[::-1]))
-        raise
-
-
-def _build_models(params: Mapping[str, Any], built: list[Any]) -> Models:
-    server = {k: params[k] for k in ("base_url", "api_key_env") if params.get(k) is not None}
-    policy = _policy(params["policy_spec"], dict(params.get("policy_options") or {}), server)
-    built.append(policy)
-    critic = None
-    critic_spec = params.get("critic_spec")
-    critic_opts: dict[str, Any] = dict(params.get("critic_options") or {})
-    # A critic with the same spec (and no options of its own) is the policy: never load one model twice.
-    if critic_spec and (critic_spec != params["policy_spec"] or critic_opts):
-        critic = _policy(critic_spec, critic_opts, server)
-        built.append(critic)
-    elif critic_opts:
-        raise ConfigError("--critic-option needs --critic")
+    """Policy, critic and reward from the command's model options, through ``tpo.build_models``."""
     rubric = params.get("prefer")
     if params.get("prefer_file") is not None:
         if rubric is not None:
             raise ConfigError("give either --prefer or --prefer-file, not both")
         rubric = Path(params["prefer_file"]).read_text(encoding="utf-8")
-    specs = list(params.get("reward_specs") or ()) or [DEFAULT_REWARD]
-    names = [spec.split(":", 1)[0] for spec in specs]
-    per_reward = _split_reward_options(dict(params.get("reward_options") or {}), names)
-    rewards = []
-    for i, spec in enumerate(specs):
-        opts = per_reward[i]
-        if names[i] == "judge" and rubric is not None:
-            opts["prefer"] = rubric
-        if names[i] == "judge" and ":" in spec:
-            _forward_server_options(spec.split(":", 1)[1], opts, server)
-        rewards.append(reward_from_spec(spec, policy=policy, **opts))
-        built.append(rewards[-1])
     weights = params.get("reward_weights")
-    normalize = params.get("reward_normalize") or "none"
-    if rubric is not None and "judge" not in names:
-        raise ConfigError("--prefer and --prefer-file set the judge's rubric; add --reward judge to use them")
-    if len(rewards) == 1:
-        if weights or normalize != "none":
-            raise ConfigError("--reward-weights and --reward-normalize need more than one --reward")
-        return Models(policy, critic, rewards[0])
-    from ..rewards.combine import WeightedReward  # only needed for several rewards
-
     parsed = None
     if weights:
         try:
             parsed = [float(w) for w in str(weights).split(",")]
         except ValueError as e:
             raise ConfigError(f"--reward-weights {weights!r} is not a comma-separated list of numbers") from e
-    return Models(policy, critic, WeightedReward(rewards, weights=parsed, normalize=normalize))
+    return _build_models(
+        params["policy_spec"],
+        reward=list(params.get("reward_specs") or ()) or DEFAULT_REWARD,
+        critic=params.get("critic_spec"),
+        policy_options=params.get("policy_options"),
+        critic_options=params.get("critic_options"),
+        reward_options=params.get("reward_options"),
+        reward_weights=parsed,
+        reward_normalize=params.get("reward_normalize") or "none",
+        prefer=rubric,
+        base_url=params.get("base_url"),
+        api_key_env=params.get("api_key_env"),
+        ray_address=params.get("ray_address"),
+    )
 
 
-def _policy(spec: str, options: dict[str, Any], server: Mapping[str, Any]) -> PolicyBackend:
-    """A policy backend; --base-url and --api-key-env (also read from the environment) go only to server backends."""
-    cls = load_plugin(BACKENDS_GROUP, split_spec(spec)[0])
-    for key in getattr(cls, "server_options", ()):
-        if key in server:
-            options.setdefault(key, server[key])
-    return policy_from_spec(spec, **options)
-
-
-def _forward_server_options(judge_target: str, opts: dict[str, Any], server: Mapping[str, Any]) -> None:
-    """--base-url and --api-key-env also reach a judge on a server (judge:openai:MODEL), as they reach the policy."""
-    if not server or not judge_target.strip():
-        return
-    cls = load_plugin(BACKENDS_GROUP, split_spec(judge_target)[0])
-    wanted = {k: v for k, v in server.items() if k in getattr(cls, "server_options", ())}
-    if wanted:
-        given = opts.get("backend_options") or {}
-        opts["backend_options"] = {**wanted, **(given if isinstance(given, Mapping) else {})}
-
-
-def _split_reward_options(options: Mapping[str, Any], names: Sequence[str]) -> list[dict[str, Any]]:
-    """Options per reward: ``key`` goes to every reward, ``name.key`` or ``position.key`` (1-based) to one."""
-    out: list[dict[str, Any]] = [{} for _ in names]
-    for key, value in options.items():
-        target, dot, rest = key.partition(".")
-        if not dot:
-            for opts in out:
-                opts[key] = value
-            continue
-        if target.isdigit():
-            pos = int(target)
-            if not 1 <= pos <= len(names):
-                raise ConfigError(f"--reward-option {key}: there is no reward number {pos} (there are {len(names)})")
-            out[pos - 1][rest] = value
-            continue
-        matches = [i for i, name in enumerate(names) if name == target]
-        if not matches:
-            raise ConfigError(f"--reward-option {key}: no --reward named {target!r} (rewards: {', '.join(names)})")
-        for i in matches:
-            out[i][rest] = value
+def replica_lines(models: Models) -> list[str]:
+    """One line per replica of each model spread over several (servers or Ray actors): where, and the work it did."""
+    out: list[str] = []
+    seen: set[int] = set()
+    for what, top in (("policy", models.policy), ("critic", models.critic), ("reward", models.reward)):
+        stack = [top]
+        while stack:
+            obj = stack.pop()
+            if obj is None or id(obj) in seen:
+                continue
+            seen.add(id(obj))
+            reports = getattr(obj, "replica_reports", None)
+            if callable(reports):
+                out += describe_replicas(what, reports())
+            stack.extend(reversed(list(getattr(obj, "parts", ()))))  # inside a combined reward or a judge
     return out
 
 
 def with_errors(f: F) -> F:
-    """Turn tpo's errors into a message and an exit status (2: your input; 1: a failure while running)."""
+    """Turn tpo's errors into a message and an exit status (2: your input or files; 1: a failure while running)."""
 
     @functools.wraps(f)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return f(*args, **kwargs)
         except UserError as e:
-            click.echo(f"Error: {e}", err=True)
+            click.echo(f"Error: {for_terminal(str(e))}", err=True)
             sys.exit(2)
         except RunError as e:
-            click.echo(f"Failed: {e}", err=True)
+            click.echo(f"Failed: {for_terminal(str(e))}", err=True)
             sys.exit(1)
+        except OSError as e:
+            # A file the library did not wrap (a --prefer-file that cannot be read, say): named, without a traceback.
+            if e.filename is None:
+                raise
+            click.echo(f"Error: cannot use {for_terminal(str(e.filename))}: {e.strerror or e}", err=True)
+            sys.exit(2)
 
     return wrapper  # type: ignore[return-value]

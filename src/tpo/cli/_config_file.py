@@ -96,7 +96,11 @@ def _apply(ctx: click.Context, param: click.Parameter, value: Path | None) -> Pa
         return None
     names = _names(ctx.command)
     defaults: dict[str, Any] = {}
-    for key, raw in load_config_file(value).items():
+    try:
+        data = load_config_file(value)
+    except MissingDependencyError as e:  # raised while parsing, before the command's own error handling
+        raise click.BadParameter(str(e), ctx=ctx, param=param) from e
+    for key, raw in data.items():
         found = names.get(str(key).replace("-", "_"))
         if found is None:
             known = ", ".join(sorted(n.replace("_", "-") for n in names))

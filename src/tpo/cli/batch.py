@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
+import json
+import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import fields
@@ -17,14 +21,65 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
 
 from ..config import TPOConfig
-from ..datasets import FORMATS, read_prompts
+from ..batch.datasets import AUTO, AUTO_ID_FIELDS, FORMATS, read_prompts
 from ..result import TPOResult
-from ..runner import BatchObserver, BatchRun, BatchState, BatchSummary
-from ._common import DEFAULT_REWARD, build_config, build_models, method_options, model_options, with_errors
-from ._config_file import config_file_option
+from ..batch.fail_fast import DEFAULT_FAIL_FAST_AFTER
+from ..batch.runner import BatchObserver, BatchRun, BatchState, BatchSummary, sidecar_dir
+from ._common import DEFAULT_REWARD, build_config, build_models, method_options, model_options, replica_lines, with_errors
+from ._terminal import for_terminal
 
 #: Seconds between the progress lines of ``--log plain``.
 PLAIN_LOG_INTERVAL_S = 30.0
+
+
+# ---------------------------------------------------------------------------- SIGTERM
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C raises ``KeyboardInterrupt``: the command stops the same way."""
+
+
+class _SigtermHandler:
+    """Makes SIGTERM (``docker stop``, systemd, Kubernetes) stop ``tpo batch`` as Ctrl-C does.
+
+    While the run's task is on the event loop, the signal cancels it, as asyncio does on Ctrl-C,
+    so the run writes the checkpoints in hand and closes its files; ``_run`` then raises
+    ``_Terminated``. Elsewhere (reading the input, loading models) the handler raises it at once.
+    """
+
+    def __init__(self) -> None:
+        self.received = False
+        self.task: asyncio.Task[Any] | None = None
+
+    def __call__(self, signum: int, frame: object) -> None:
+        self.received = True
+        task = self.task
+        if task is None or task.done():
+            raise _Terminated
+        task.get_loop().call_soon_threadsafe(task.cancel)
+
+
+_SIGTERM = _SigtermHandler()
+
+
+def _stop_on_sigterm(command: Any) -> Any:
+    """Handle SIGTERM while ``command`` runs (on the main thread; signals go nowhere else)."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if threading.current_thread() is not threading.main_thread():
+            return command(*args, **kwargs)
+        _SIGTERM.received, _SIGTERM.task = False, None
+        previous = signal.signal(signal.SIGTERM, _SIGTERM)
+        try:
+            return command(*args, **kwargs)
+        except _Terminated:  # before the run began: nothing of this session to keep
+            click.echo("Stopped by SIGTERM before any prompt ran. Run the same command again to start.", err=True)
+            sys.exit(143)
+        finally:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+    return wrapper
 
 
 @click.command("batch")
@@ -33,7 +88,9 @@ PLAIN_LOG_INTERVAL_S = 30.0
               help="The JSONL file of results (its checkpoints go in OUTPUT.tpo/ beside it).")
 @click.option("--prompt-field", default="prompt", show_default=True,
               help="The field holding the prompt: text or a list of OpenAI-style messages.")
-@click.option("--id-field", default=None, help="The field holding a unique prompt id (default: a hash of the row).")
+@click.option("--id-field", default=None, metavar="FIELD|none",
+              help=f"The field holding a unique prompt id. Default: whichever of {', '.join(AUTO_ID_FIELDS)} every row "
+                   "has (and only that one; a note says which), else a hash of the row. 'none': always the hash.")
 @click.option("--split", default=None, help="The split of a Hugging Face dataset.")
 @click.option("--input-format", type=click.Choice(FORMATS), default=None,
               help="The input's format (default: from the file extension; a folder is a Hugging Face dataset).")
@@ -46,20 +103,27 @@ PLAIN_LOG_INTERVAL_S = 30.0
               help="On resuming, run the prompts that failed again (from their last finished step).")
 @click.option("--concurrency", type=click.IntRange(min=1), default=None,
               help="Prompts in progress at once (default 256).")
+@click.option("--fail-fast", "fail_fast", type=click.IntRange(min=0), default=DEFAULT_FAIL_FAST_AFTER, show_default=True,
+              metavar="K", help="Stop the run when its first K prompts all fail with the same error (0: never).")
 @click.option("--log", "log_mode", type=click.Choice(["auto", "rich", "plain", "quiet"]), default="auto", show_default=True,
               help="Progress display: rich (interactive), plain (one line per prompt), quiet; auto picks rich on a terminal.")
-@config_file_option
 @model_options
 @method_options
 @with_errors
+@_stop_on_sigterm
 def batch_command(input_path: str, output: Path, **params: Any) -> None:
     """Optimise every prompt of INPUT and append one JSON line per prompt to OUTPUT.
 
     INPUT is a JSONL, JSON (a list), CSV, TSV or Parquet file, a folder holding a Hugging Face
     dataset, or a Hub dataset name. Every row is checked before any model work. Each prompt
     is checkpointed after every step: run the same command again after an interruption
-    (even kill -9) and it continues where it stopped. The exit status is 1 when any prompt
-    failed. The line format is described in docs/batch.md.
+    (even kill -9) and it continues where it stopped; Ctrl-C and SIGTERM stop it after
+    writing the checkpoints in hand. The line format is described in docs/batch.md.
+
+    Exit status: 0 every prompt complete; 1 some prompts failed (rerun to retry them) or the
+    run stopped on a failure (models that would not load, a full disk); 2 bad usage, input or
+    options, a file that cannot be read or written, or an output another process is writing;
+    130 Ctrl-C; 143 SIGTERM.
     """
     config = build_config(params)
     if params["concurrency"] is not None:
@@ -67,15 +131,18 @@ def batch_command(input_path: str, output: Path, **params: Any) -> None:
     console = Console(stderr=True, highlight=False)
     observer = _observer(params["log_mode"], console)
     dataset = read_prompts(
-        input_path, prompt_field=params["prompt_field"], id_field=params["id_field"], split=params["split"],
+        input_path, prompt_field=params["prompt_field"], split=params["split"],
+        id_field=_id_field(params["id_field"], output, restart=params["restart"]),
         input_format=params["input_format"], limit=params["limit"], shuffle=params["shuffle"],
         seed=config.seed if params["shuffle_seed"] is None else params["shuffle_seed"],
         skip_invalid=params["skip_invalid"],
     )
     run = BatchRun(dataset, output, config=config, models=_models_fingerprint(params),
-                   settings=_settings(input_path, output, params), retry_failed=params["retry_failed"], observer=observer)
+                   settings=_settings(input_path, output, params), retry_failed=params["retry_failed"], observer=observer,
+                   fail_fast_after=params["fail_fast"])
     for line in run.open(restart=params["restart"]):
         observer.on_note(f"removed {line}")
+    replicas: list[str] = []
     try:
         if run.unfinished == 0:
             summary = run.summary()
@@ -83,32 +150,64 @@ def batch_command(input_path: str, output: Path, **params: Any) -> None:
             with console.status("Loading models…", spinner="dots") if observer.interactive else nullcontext():
                 models = build_models(params)
             summary = asyncio.run(_run(run, models))
-    except KeyboardInterrupt:
+            replicas = replica_lines(models)
+    except KeyboardInterrupt as e:
         observer.close()
         done = run.summary()
-        click.echo(f"Interrupted: {done.done} of {done.total} prompts are finished in {output}. "
+        how = "Stopped by SIGTERM" if isinstance(e, _Terminated) else "Interrupted"
+        click.echo(f"{how}: {done.done} of {done.total} prompts are finished in {output}. "
                    "Run the same command again to continue.", err=True)
-        sys.exit(130)
+        sys.exit(143 if isinstance(e, _Terminated) else 130)
     finally:
         run.close()
         observer.close()
     _print_summary(summary)
+    for line in replicas:
+        click.echo(for_terminal(line), err=True)
     if summary.failed:
         sys.exit(1)
 
 
 async def _run(run: BatchRun, models: Any) -> BatchSummary:
+    _SIGTERM.task = asyncio.current_task()
     try:
         return await run.arun(models.policy, models.reward, critic=models.critic)
+    except asyncio.CancelledError:
+        if _SIGTERM.received:
+            raise _Terminated from None
+        raise
     finally:
-        await models.aclose()
+        try:
+            await models.aclose()
+        finally:
+            _SIGTERM.task = None
+
+
+def _id_field(option: str | None, output: Path, *, restart: bool) -> str | None:
+    """What ``--id-field`` asks ``read_prompts`` for: the field, None (row hashes) for ``none``, else ``AUTO``.
+
+    Without the option, resuming a run whose ids are row hashes keeps them (one begun before ids
+    were found automatically, say): finding an ``id`` field now would make it a different run.
+    """
+    if option is not None:
+        return None if option.lower() == "none" else option
+    if not restart:
+        try:
+            recorded = json.loads((sidecar_dir(output) / "fingerprint.json").read_text(encoding="utf-8"))["input"]
+        except (OSError, ValueError, KeyError, TypeError):
+            recorded = None  # no earlier run, or one BatchRun.open() will report on
+        if isinstance(recorded, dict) and "id_field" in recorded and recorded["id_field"] is None:
+            return None
+    return AUTO
 
 
 #: Options that cannot change any result, so a resumed run may change them: why, for each.
 NOT_FINGERPRINTED: dict[str, str] = {
     "base_url": "a server that moved still serves the same model",
     "api_key_env": "which variable holds the key does not change the model",
+    "ray_address": "which Ray cluster runs the replicas does not change the model",
     "concurrency": "how many prompts run at once changes no result",
+    "fail_fast": "when to give up on a run whose prompts all fail alike",
     "log_mode": "the progress display",
     "retry_failed": "whether failed prompts are retried, not how",
     "restart": "what to do with an earlier run",
@@ -176,7 +275,7 @@ class _Display(BatchObserver):
         self.console = console
 
     def on_note(self, message: str) -> None:
-        self.console.print(f"[yellow]note:[/yellow] {escape(message)}", markup=True, highlight=False)
+        self.console.print(f"[yellow]note:[/yellow] {escape(for_terminal(message))}", markup=True, highlight=False)
 
     def close(self) -> None:
         """Stop any live display (before printing the summary, or on an interruption)."""
@@ -211,10 +310,11 @@ def _duration(seconds: float) -> str:
 
 
 def _outcome(result: TPOResult) -> str:
+    # Ids come from the dataset and errors from servers: either may carry terminal escape sequences.
     if result.status != "complete":
-        return f"FAILED {result.prompt_id}: {result.error}"
+        return for_terminal(f"FAILED {result.prompt_id}: {result.error}")
     score = f"{result.score:.4g}" if result.score is not None else "none"
-    return f"done {result.prompt_id}: score {score}, {len(result.steps)} steps, {result.usage.wall_time_s:.1f}s"
+    return f"done {for_terminal(result.prompt_id)}: score {score}, {len(result.steps)} steps, {result.usage.wall_time_s:.1f}s"
 
 
 class _RichDisplay(_Display):
@@ -259,7 +359,7 @@ class _PlainDisplay(_Display):
         click.echo(text, err=True)
 
     def on_note(self, message: str) -> None:
-        self._echo(f"note: {message}")
+        self._echo(f"note: {for_terminal(message)}")
 
     def on_start(self, state: BatchState) -> None:
         self._last = time.monotonic()
@@ -284,7 +384,7 @@ class _PlainDisplay(_Display):
 def _print_summary(summary: BatchSummary) -> None:
     head = f"{summary.complete} of {summary.total} prompts complete"
     if summary.failed:
-        shown = ", ".join(summary.failed_ids[:10]) + (", …" if len(summary.failed_ids) > 10 else "")
+        shown = for_terminal(", ".join(summary.failed_ids[:10])) + (", …" if len(summary.failed_ids) > 10 else "")
         head += f", {summary.failed} failed ({shown})"
     if summary.invalid_rows:
         head += f"; {summary.invalid_rows} invalid input row(s) skipped"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,9 +12,11 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..errors import ConfigError
-from ..evaluate import Comparison, Distribution, Evaluation, Interval, RunSummary, evaluate, load_run
+from ..analysis.compute import MatchedComparison
+from ..analysis.evaluate import Comparison, Distribution, Evaluation, Interval, RunSummary, evaluate, load_run
 from ..result import dumps_json
 from ._common import with_errors
+from ._terminal import for_terminal
 
 
 @click.command("eval")
@@ -66,7 +69,7 @@ def eval_command(
     if json_path is not None and str(json_path) == "-":
         click.echo(data)
         return
-    render(result, Console(highlight=False))
+    render(result, _stdout_console())
     if json_path is not None:
         try:
             json_path.write_text(data + "\n", encoding="utf-8")
@@ -75,19 +78,33 @@ def eval_command(
         Console(stderr=True, highlight=False, soft_wrap=True).print(f"[dim]Wrote {json_path}[/dim]")
 
 
+#: The width given to the tables when standard output is not a terminal: enough that none is cut
+#: or wrapped (rich would otherwise lay them out in 80 columns); each still takes only the width it needs.
+PIPED_WIDTH = 10_000
+
+
+def _stdout_console() -> Console:
+    """Standard output at the terminal's width; piped or redirected, at the tables' full width."""
+    return Console(highlight=False, width=None if sys.stdout.isatty() else PIPED_WIDTH)
+
+
 def render(result: Evaluation, console: Console) -> None:
     """Print the evaluation as rich tables."""
     console.print(_overview(result.runs))
     for run in result.runs:
         for note in run.warnings:
-            console.print(f"[yellow]Warning:[/yellow] {escape(note)}")
+            console.print(f"[yellow]Warning:[/yellow] {escape(for_terminal(note))}")
         console.print(_steps(run))
         console.print(_costs(run))
+        if run.compute:
+            console.print(_compute(run))
         _failures(run, console)
     if any(run.math for run in result.runs):
         console.print(_math(result.runs))
     if result.comparisons:
         console.print(_comparisons(result.comparisons))
+    if result.matched:
+        console.print(_matched(result.matched))
 
 
 def _num(x: float | None, digits: int = 3) -> str:
@@ -152,7 +169,7 @@ def _failures(run: RunSummary, console: Console) -> None:
     shown = ", ".join(f"{n} {what}" for n, what in parts if n)
     console.print(f"[bold]{escape(run.label)}[/bold] failures: {shown or 'none'}")
     for error, n in list(f.errors.items())[:5]:
-        console.print(f"  [red]{n}×[/red] {escape(error)}")
+        console.print(f"  [red]{n}×[/red] {escape(for_terminal(error))}")
     console.print()
 
 
@@ -187,5 +204,48 @@ def _comparisons(comparisons: Sequence[Comparison]) -> Table:
             f"{_pct(c.win_rate_ties_half)} {_ci(c.win_rate_ties_half_interval)}",
             "-" if c.mean_difference is None else f"{c.mean_difference:+.3f} {_ci(c.mean_difference_interval, pct=False)}",
             str(c.only_a + c.only_b + c.unfinished),
+        )
+    return t
+
+
+def _compute(run: RunSummary) -> Table:
+    """Reward against cumulative cost: per step, or for best-of-N the expected best-of-n at a few n."""
+    bon = run.mode == "bon"
+    points = run.compute
+    if bon:  # n = 1, 2, 4, ... and N: the curve's shape without sixty rows
+        largest = points[-1].n or 0
+        shown = {n for n in (1 << k for k in range(12)) if n <= largest} | {largest}
+        points = tuple(p for p in points if p.n in shown)
+    title = (f"{escape(run.label)}: expected best-of-n against cost" if bon
+             else f"{escape(run.label)}: best reward so far against cumulative cost")
+    caption = ("exact expectation over the n-subsets of each prompt's samples; cost per prompt" if bon
+               else "mean per finished prompt, up to the end of each step")
+    t = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
+    for col in ("n" if bon else "step", "prompts", "reward", "generated tokens", "tokens", "FLOPs"):
+        t.add_column(col, justify="right")
+    for p in points:
+        flops = "-" if p.flops is None else f"{p.flops:.3g}"
+        t.add_row(str(p.n if bon else p.step), str(p.prompts), _num(p.reward), _num(p.generated_tokens, 0),
+                  _num(p.tokens, 0), flops)
+    return t
+
+
+def _matched(matched: Sequence[MatchedComparison]) -> Table:
+    first = matched[0]
+    unit = "generated tokens" if first.basis == "completion_tokens" else "answers generated"
+    t = Table(title=f"At matched cost: each run against the best-of-n of nearest {unit} per prompt", title_justify="left",
+              caption=f"best-of-n expected from {escape(first.best_of_run)}; {100 * first.confidence:g}% bootstrap "
+                      f"intervals over prompts ({first.bootstrap_samples} resamples, seed {first.seed}); "
+                      f"win rate counts ties as half", caption_justify="left")
+    for col in ("run", "cost", "best-of-n", "its cost", "pairs", "reward", "best-of-n reward", "run − best-of-n",
+                "win (ties ½)"):
+        t.add_column(col, justify="left" if col == "run" else "right")
+    for m in matched:
+        short = " (N too small)" if m.best_of_too_small else ""
+        t.add_row(
+            escape(m.run), _num(m.run_cost, 0), f"BoN-{m.n}{short}", _num(m.best_of_cost, 0), str(m.paired),
+            _num(m.run_reward), _num(m.best_of_reward),
+            "-" if m.mean_difference is None else f"{m.mean_difference:+.3f} {_ci(m.mean_difference_interval, pct=False)}",
+            f"{_pct(m.win_rate_ties_half)} {_ci(m.win_rate_ties_half_interval)}",
         )
     return t

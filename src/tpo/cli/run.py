@@ -16,10 +16,12 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from ..algorithm import Engine
+from ..api import apreflight
+from ..engine.algorithm import Engine
 from ..errors import InputError
 from ..result import TPOResult
-from ._common import DEFAULT_POLICY, build_config, build_models, method_options, model_options, with_errors
+from ._common import DEFAULT_POLICY, build_config, build_models, method_options, model_options, replica_lines, with_errors
+from ._terminal import for_terminal
 
 #: New tokens per reply when the bundled demo model runs without --max-tokens. The paper's 2048
 #: let a 135M model loop for thousands of tokens: a default run then takes twenty minutes on
@@ -79,12 +81,16 @@ def run_command(prompt: str | None, messages_file: Any, metadata: tuple[str, ...
         click.echo(result.to_json(indent=2))
     else:
         _render_final(result, console)
+    for line in replica_lines(models):
+        console.print(f"[dim]{escape(for_terminal(line))}[/dim]")
     if result.status == "failed":
         sys.exit(1)
 
 
 async def _run(conversation: Any, metadata: dict[str, Any], models: Any, config: Any, console: Console | None) -> TPOResult:
     try:
+        # An unreachable server or a reward that cannot be called fails here, in seconds, not after every retry.
+        await apreflight(models.policy, models.critic, models.reward)
         return await _optimize(conversation, metadata, models, config, console)
     finally:
         await models.aclose()
@@ -108,7 +114,8 @@ async def _optimize(conversation: Any, metadata: dict[str, Any], models: Any, co
 
     if console is not None:
         console.print(f"[bold]{config.mode}[/bold] width {config.width}, depth {config.depth}, seed {config.seed} · "
-                      f"policy {escape(engine.policy.name)} · reward {escape(getattr(engine.reward, 'name', '?'))}\n")
+                      f"policy {escape(for_terminal(engine.policy.name))} · "
+                      f"reward {escape(for_terminal(getattr(engine.reward, 'name', '?')))}\n")
     with status:
         return await engine.optimize(conversation, metadata=metadata, on_step=on_step)
 
@@ -149,7 +156,7 @@ def _render_step(result: TPOResult, record: Any, console: Console) -> None:
         if c.id == result.best_id:
             score = f"[bold green]{score}[/bold green]"
         # Model text is never rich markup: "[/INST]" or "arr[i]" must show as written.
-        table.add_row(cid[:8], score, Text(c.text.replace("\n", " ")))
+        table.add_row(cid[:8], score, Text(for_terminal(c.text).replace("\n", " ")))
     console.print(table)
     notes = []
     if record.fallbacks:
@@ -158,7 +165,7 @@ def _render_step(result: TPOResult, record: Any, console: Console) -> None:
     if record.truncated:
         notes.append("shortened to fit the context window: " + ", ".join(record.truncated))
     for note in notes:
-        console.print(f"  [yellow]· {escape(note)}[/yellow]")
+        console.print(f"  [yellow]· {escape(for_terminal(note))}[/yellow]")
     best = f"{record.best_score:.3f}" if record.best_score is not None else "none"
     console.print(f"  best so far: {best} · {record.usage.wall_time_s:.1f}s\n")
 
@@ -169,15 +176,16 @@ def _score(value: float | None) -> str:
 
 def _render_final(result: TPOResult, console: Console) -> None:
     if result.stopped_early:
-        console.print(f"[dim]Stopped early: {escape(result.stopped_early)}[/dim]")
+        console.print(f"[dim]Stopped early: {escape(for_terminal(result.stopped_early))}[/dim]")
     if result.error:
-        console.print(f"[red]Failed:[/red] {escape(result.error)}")
+        console.print(f"[red]Failed:[/red] {escape(for_terminal(result.error))}")
     u = result.usage
     console.print(f"[dim]{u.policy_calls} policy calls, {u.sequences} sequences, {u.prompt_tokens} prompt + "
                   f"{u.completion_tokens} completion tokens, {u.reward_calls} answers scored, {u.wall_time_s:.1f}s[/dim]")
     if result.answer is None:
         return
-    console.print(Panel(Text(result.answer), title=f"best answer · score {result.score:.3f}", title_align="left"))
-    # The answer itself also goes to standard output, so `tpo run ... > answer.txt` works.
+    title = f"best answer · score {result.score:.3f}"
+    console.print(Panel(Text(for_terminal(result.answer)), title=title, title_align="left"))
+    # The answer itself also goes to standard output, exactly as written, so `tpo run ... > answer.txt` works.
     if not sys.stdout.isatty():
-        click.echo(result.answer)
+        click.echo(result.answer, color=True)  # color=True: click would strip escape sequences from the file

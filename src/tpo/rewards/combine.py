@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigError, TPOError
+from ..options import check_value, integer, one_of
 from ..protocols import RewardModel
 from ..types import Score, ScoreRequest
 
@@ -95,10 +96,8 @@ class WeightedReward:
                 raise ConfigError(f"reward weights must be finite numbers, not {w!r}")
         if not any(w != 0 for w in weights):
             raise ConfigError("at least one reward weight must be non-zero")
-        if normalize not in NORMALIZATIONS:
-            raise ConfigError(f"normalize must be one of {', '.join(NORMALIZATIONS)}, not {normalize!r}")
-        if isinstance(max_prompts, bool) or not isinstance(max_prompts, int) or max_prompts < 1:
-            raise ConfigError(f"max_prompts must be a whole number >= 1, not {max_prompts!r}")
+        normalize = check_value("normalize", normalize, one_of(*NORMALIZATIONS), owner="WeightedReward")
+        max_prompts = check_value("max_prompts", max_prompts, integer(min=1), owner="WeightedReward")
         self.rewards = rewards
         self.weights = [float(w) for w in weights]
         self.normalize = normalize
@@ -241,8 +240,7 @@ class CachedReward:
     def __init__(self, reward: RewardModel, *, max_entries: int = 100_000) -> None:
         if not callable(getattr(reward, "score", None)):
             raise ConfigError(f"CachedReward needs a reward with a score() method, got {type(reward).__name__}")
-        if isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 1:
-            raise ConfigError(f"max_entries must be a whole number >= 1, not {max_entries!r}")
+        max_entries = check_value("max_entries", max_entries, integer(min=1), owner="CachedReward")
         self.reward = reward
         self.max_entries = max_entries
         self.name = str(getattr(reward, "name", type(reward).__name__))

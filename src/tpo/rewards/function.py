@@ -37,14 +37,15 @@ import math
 import numbers
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from ..errors import ConfigError
-from ..registry import take_options
+from ..options import PluginOptions, flag, integer, option
 from ..types import Score, ScoreRequest
 
-__all__ = ["PythonReward", "batched", "load_function"]
+__all__ = ["PythonReward", "PythonRewardOptions", "batched", "load_function"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -53,6 +54,17 @@ def batched(fn: F) -> F:
     """Mark a reward function as batched: ``fn(list_of_messages, list_of_answers) -> list[float]``."""
     fn.batched = True  # type: ignore[attr-defined]
     return fn
+
+
+@dataclass(frozen=True)
+class PythonRewardOptions(PluginOptions):
+    """The options of ``PythonReward`` (``--reward-option NAME=VALUE``); see the class for what each does."""
+
+    owner: ClassVar[str] = "the python reward"
+
+    batched: bool | None = option(None, flag(), "call fn(list_of_messages, list_of_answers) (default: @batched)")
+    concurrency: int | None = option(None, integer(min=1), "calls at once (default: 1, unlimited for async functions)",
+                                     affects_results=False)
 
 
 class PythonReward:
@@ -69,19 +81,21 @@ class PythonReward:
     supports_n = False
     supports_logprobs = False
     description = "Your own Python function fn(messages, answer) -> float, from a module or a .py file."
+    options_class = PythonRewardOptions
 
     def __init__(
         self,
         fn: Callable[..., Any],
         *,
-        batched: bool | None = None,
-        concurrency: int | None = None,
+        options: PythonRewardOptions | None = None,
         name: str | None = None,
+        **kwargs: Any,
     ) -> None:
+        """Score with ``fn``; ``batched`` and ``concurrency`` as keywords or in ``options``."""
+        opts = self.options = PythonRewardOptions.from_options(kwargs, base=options)
+        batched, concurrency = opts.batched, opts.concurrency
         if not callable(fn):
             raise ConfigError(f"PythonReward needs a callable, got {type(fn).__name__}")
-        if concurrency is not None and (isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1):
-            raise ConfigError(f"concurrency must be a whole number of at least 1, not {concurrency!r}")
         self._fn = fn
         self._batched = bool(getattr(fn, "batched", False)) if batched is None else bool(batched)
         self._is_async = inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(type(fn).__call__)
@@ -94,12 +108,8 @@ class PythonReward:
     @classmethod
     def from_spec(cls, target: str, **options: Any) -> PythonReward:
         """``MODULE:FUNCTION`` or ``PATH.py:FUNCTION``; options ``batched`` and ``concurrency``."""
-        opts = take_options(options, {"batched": None, "concurrency": None}, owner="the python reward")
-        fn = load_function(target)
-        batched_opt = opts["batched"]
-        if batched_opt is not None and not isinstance(batched_opt, bool):
-            raise ConfigError(f"the python reward's option batched must be true or false, not {batched_opt!r}")
-        return cls(fn, batched=batched_opt, concurrency=opts["concurrency"], name=f"python:{target.strip()}")
+        opts = PythonRewardOptions.from_options(options)
+        return cls(load_function(target), options=opts, name=f"python:{target.strip()}")
 
     async def score(self, requests: Sequence[ScoreRequest]) -> list[Score]:
         """One score per request; a failure of the function is recorded on the answers it concerned."""
@@ -108,6 +118,28 @@ class PythonReward:
         if self._batched:
             return await self._score_batch(list(requests))
         return list(await asyncio.gather(*(self._score_one(r) for r in requests)))
+
+    async def preflight(self) -> None:
+        """Check, before a run, that the function takes the arguments tpo passes it (without calling it).
+
+        A function with the wrong parameters would otherwise fail every score, and only after
+        every prompt had sampled. Raises ``ConfigError`` naming the expected form.
+        """
+        try:
+            signature = inspect.signature(self._fn)
+        except (TypeError, ValueError):  # a builtin that does not say: its first call will tell
+            return
+        messages = [{"role": "user", "content": "Say hello."}]
+        args: tuple[Any, ...] = ([messages], ["Hello!"]) if self._batched else (messages, "Hello!")
+        kwargs: dict[str, Any] = {"metadata": [{}] if self._batched else {}} if self._wants_metadata else {}
+        try:
+            signature.bind(*args, **kwargs)
+        except TypeError as e:
+            form = "fn(list_of_messages, list_of_answers)" if self._batched else "fn(messages, answer)"
+            raise ConfigError(
+                f"the reward {self.name} cannot be called as tpo calls it, {form} (with metadata=... when it has a "
+                f"parameter named metadata): {e}; its signature is {signature}"
+            ) from e
 
     async def _score_one(self, request: ScoreRequest) -> Score:
         kwargs: dict[str, Any] = {"metadata": dict(request.metadata)} if self._wants_metadata else {}

@@ -43,15 +43,16 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
-from .._budget import DEFAULT_CONTEXT_WINDOW, ContextBudget
-from ..algorithm import derive_seed
+from ..engine._budget import DEFAULT_CONTEXT_WINDOW, ContextBudget
+from ..engine.algorithm import derive_seed
+from ..engine.prompts import placeholders, render, render_conversation
+from ..engine.store import answer_id
 from ..errors import ConfigError, PromptTemplateError, TPOError
-from ..prompts import placeholders, render, render_conversation
+from ..options import PluginOptions, flag, integer, mapping, number, option, string
 from ..protocols import PolicyBackend
-from ..registry import policy_from_spec, take_options
-from ..store import answer_id
+from ..registry import policy_from_spec
 from ..types import Generation, GenerationRequest, Message, SamplingParams, Score, ScoreRequest, TokenLogprob
 
 __all__ = [
@@ -59,6 +60,7 @@ __all__ = [
     "JUDGE_CASE",
     "JUDGE_EXAMPLES",
     "JUDGE_INSTRUCTIONS",
+    "JudgeOptions",
     "JudgeReward",
     "expected_rating",
     "parse_rating",
@@ -93,19 +95,25 @@ JUDGE_EXAMPLES: tuple[tuple[str, str, int], ...] = (
     ("Give me a tip for sleeping better.", "Try to go to bed at the same time every night.", 7),
 )
 
-_OPTIONS: dict[str, Any] = {
-    "prefer": None,
-    "instructions": None,
-    "case": None,
-    "examples": True,
-    "max_tokens": 16,
-    "temperature": 0.2,
-    "retry_temperature": 0.8,
-    "seed": 0,
-    "top_logprobs": 20,
-    "context_window": None,
-    "backend_options": None,
-}
+
+
+@dataclass(frozen=True)
+class JudgeOptions(PluginOptions):
+    """The options of ``JudgeReward`` (``--reward-option NAME=VALUE``); see the class for what each does."""
+
+    owner: ClassVar[str] = "judge"
+
+    prefer: str | None = option(None, string(), "your preference in words, replacing the default rubric")
+    instructions: str | None = option(None, string(), "the template that opens the prompt, with {{rubric}}")
+    case: str | None = option(None, string(), "the template of one reply, with {{conversation}} and {{answer}}")
+    examples: bool = option(True, flag(), "show the worked examples before each judgement")
+    max_tokens: int = option(16, integer(min=1), "token limit of the judge's reply")
+    temperature: float = option(0.2, number(0, 5), "the judge's sampling temperature")
+    retry_temperature: float = option(0.8, number(0, 5), "the temperature of the one retry of a reply without a rating")
+    seed: int = option(0, integer(min=0), "where the judge's seeds derive from")
+    top_logprobs: int = option(20, integer(min=0), "alternatives per token, from backends with log-probabilities")
+    context_window: int | None = option(None, integer(min=256), "the judge's context window (default: its backend's)")
+    backend_options: Mapping[str, Any] | None = option(None, mapping(), "options of the judge's backend (judge:SPEC)")
 
 _RATING_PATTERNS = (
     re.compile(r"rating\s*(?:[:=]|is|of)?\s*[*_\"']*\s*(\d{1,2})(?!\d)", re.IGNORECASE),
@@ -221,58 +229,42 @@ class JudgeReward:
     uses_policy = True
     supports_n = False
     supports_logprobs = False
+    options_class = JudgeOptions
 
     def __init__(
         self,
         policy: PolicyBackend,
         prefer: str | None = None,
         *,
-        instructions: str | None = None,
-        case: str | None = None,
-        examples: bool = True,
-        max_tokens: int = 16,
-        temperature: float = 0.2,
-        retry_temperature: float = 0.8,
-        seed: int = 0,
-        top_logprobs: int = 20,
-        context_window: int | None = None,
+        options: JudgeOptions | None = None,
         owns_policy: bool = False,
+        **kwargs: Any,
     ) -> None:
+        """Judge with ``policy``; the options as keywords (``prefer`` may come second) or in ``options``."""
+        if kwargs.get("backend_options") is not None:
+            raise ConfigError("judge: backend_options are for from_spec, which builds the judge's backend")
+        opts = self.options = JudgeOptions.from_options({**kwargs, "prefer": prefer}, base=options)
         if not callable(getattr(policy, "generate", None)):
             raise ConfigError(f"the judge needs a policy backend with an async generate(); got {type(policy).__name__}")
-        if prefer is not None and (not isinstance(prefer, str) or not prefer.strip()):
-            raise ConfigError("the judge's preference text (prefer) is empty; give the rubric in words or leave it out")
         self.instructions = _checked_template(
-            "instructions", JUDGE_INSTRUCTIONS if instructions is None else instructions, {"rubric"}
+            "instructions", JUDGE_INSTRUCTIONS if opts.instructions is None else opts.instructions, {"rubric"}
         )
-        self.case = _checked_template("case", JUDGE_CASE if case is None else case, {"conversation", "answer"})
-        if not isinstance(examples, bool):
-            raise ConfigError(f"judge: examples must be true or false, not {examples!r}")
-        for label, value, low in (("max_tokens", max_tokens, 1), ("top_logprobs", top_logprobs, 0), ("seed", seed, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ConfigError(f"judge: {label} must be an integer of at least {low}, not {value!r}")
-        for label, number in (("temperature", temperature), ("retry_temperature", retry_temperature)):
-            if isinstance(number, bool) or not isinstance(number, (int, float)) or not 0.0 <= number <= 5.0:
-                raise ConfigError(f"judge: {label} must be a number from 0 to 5, not {number!r}")
-        if context_window is not None and (
-            isinstance(context_window, bool) or not isinstance(context_window, int) or context_window < 256
-        ):
-            raise ConfigError(f"judge: context_window must be an integer of at least 256, not {context_window!r}")
+        self.case = _checked_template("case", JUDGE_CASE if opts.case is None else opts.case, {"conversation", "answer"})
         self.policy = policy
-        self.rubric = prefer.strip() if prefer is not None else DEFAULT_RUBRIC
-        self.examples = examples
-        self.max_tokens = max_tokens
-        self.temperature = float(temperature)
-        self.retry_temperature = float(retry_temperature)
-        self.seed = seed
-        self.top_logprobs = top_logprobs
+        self.rubric = opts.prefer.strip() if opts.prefer is not None else DEFAULT_RUBRIC
+        examples = self.examples = opts.examples
+        self.max_tokens = opts.max_tokens
+        self.temperature = opts.temperature
+        self.retry_temperature = opts.retry_temperature
+        self.seed = opts.seed
+        self.top_logprobs = opts.top_logprobs
         self.name = f"judge:{getattr(policy, 'name', type(policy).__name__)}"
         self.batching = bool(getattr(policy, "batching", False))
         #: The backend's cap on requests per call, so that the engine sends no more answers at once.
         self.max_batch_size: int | None = getattr(policy, "max_batch_size", None)
         #: A judge that made its own HTTP backend closes that backend's connections per event loop.
         self.closes_per_loop = owns_policy and getattr(policy, "closes_per_loop", False) is True
-        self._window = context_window
+        self._window = opts.context_window
         self._owns_policy = owns_policy
         self._budget: ContextBudget | None = None
         # The opening and the worked examples are the same for every answer: rendered once.
@@ -292,20 +284,26 @@ class JudgeReward:
 
         ``backend_options`` (a mapping) is passed to the judge's own backend.
         """
-        opts = take_options({**options, "prefer": prefer}, _OPTIONS, owner="the judge reward")
-        backend_options = opts.pop("backend_options") or {}
-        if not isinstance(backend_options, Mapping):
-            raise ConfigError("judge: backend_options must be a mapping of option names to values")
+        opts = JudgeOptions.from_options({**options, "prefer": prefer})
+        backend_options = opts.backend_options or {}
         if target.strip():
-            judge_backend = policy_from_spec(target.strip(), **dict(backend_options))
-            return cls(judge_backend, owns_policy=True, **opts)
+            judge_backend = policy_from_spec(target.strip(), **backend_options)
+            return cls(judge_backend, options=opts, owns_policy=True)
         if backend_options:
             raise ConfigError("judge: backend_options needs a judge backend, e.g. judge:openai:gpt-4o-mini")
         if policy is None:
             raise ConfigError(
                 "the judge reward needs a model: use it with a policy, or name one, e.g. judge:openai:gpt-4o-mini"
             )
-        return cls(policy, **opts)
+        return cls(policy, options=opts)
+
+    def with_rubric(self, prefer: str) -> JudgeReward:
+        """The same judge (same backend, templates and settings) grading against ``prefer`` instead.
+
+        The copy shares this judge's backend and never closes it: ``tpo serve`` makes one per
+        rubric that requests ask for.
+        """
+        return JudgeReward(self.policy, prefer, options=self.options)
 
     def messages(self, conversation: str, answer: str) -> tuple[Message, ...]:
         """The judge's prompt for one answer; ``conversation`` is already rendered as text."""
@@ -347,6 +345,12 @@ class JudgeReward:
                 {"reply": job.replies[-1], "replies": list(job.replies), "attempts": len(job.replies)},
             )
         return [s if s is not None else Score.failed("not scored") for s in scores]
+
+    async def preflight(self) -> None:
+        """Check the judge's own backend before a run (a judge on the run's policy leaves that to the run)."""
+        check = getattr(self.policy, "preflight", None)
+        if self._owns_policy and check is not None:
+            await check()
 
     async def aclose(self) -> None:
         """Close the judge's backend when the judge created it."""

@@ -49,24 +49,18 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from .._guard import check_real_request_allowed
+from .._local.torch import DEVICE_OPTION, DTYPE_OPTION, dtype_keyword, resolve_device, resolve_dtype
 from ..errors import ConfigError, InputError, MissingDependencyError, RewardError
-from ..registry import take_options
+from ..options import PluginOptions, flag, integer, one_of, option
 from ..types import Message, Score, ScoreRequest, to_messages
 
-__all__ = ["SequenceClassifierReward"]
+__all__ = ["SequenceClassifierOptions", "SequenceClassifierReward"]
 
 InputFormat = Literal["auto", "chat", "pair"]
 _FORMATS = ("auto", "chat", "pair")
-_DEVICES = ("auto", "cpu", "cuda", "mps")
-_DTYPES = {
-    "auto": "auto",
-    "float32": "float32", "fp32": "float32",
-    "bfloat16": "bfloat16", "bf16": "bfloat16",
-    "float16": "float16", "fp16": "float16", "half": "float16",
-}
 #: Cap of the default ``max_length``: long enough for real answers, short enough for a CPU.
 DEFAULT_MAX_LENGTH = 4096
 #: Default padded-token budget of one forward pass, on a GPU and elsewhere.
@@ -75,6 +69,29 @@ CPU_BATCH_TOKENS = 2048
 _MIN_MAX_LENGTH = 16
 _MIDDLE_MARKER = " … "
 _PURPOSE = "The hf: reward model"
+_OWNER = "the hf reward"
+#: Options that only ``from_spec`` uses, to load the model.
+_LOADING = ("device", "dtype", "trust_remote_code")
+
+
+@dataclass(frozen=True)
+class SequenceClassifierOptions(PluginOptions):
+    """The options of ``SequenceClassifierReward`` (``--reward-option NAME=VALUE``); see the module docstring."""
+
+    owner: ClassVar[str] = _OWNER
+
+    device: str = option("auto", DEVICE_OPTION, "where the model runs (auto: CUDA, else MPS, else the CPU)")
+    dtype: str = option("auto", DTYPE_OPTION, "the weights' dtype (auto: bfloat16 on a recent GPU, float32 elsewhere)")
+    max_batch_tokens: int | None = option(
+        None, integer(min=1), "padded tokens per forward pass (default: 16384 on a GPU, else 2048)"
+    )
+    max_batch_size: int = option(64, integer(min=1), "rows per forward pass")
+    max_length: int | None = option(
+        None, integer(min=_MIN_MAX_LENGTH), "input tokens kept (default: the model's limit, at most 4096)"
+    )
+    output_index: int = option(0, integer(min=0), "which output logit is the score")
+    input_format: InputFormat = option("auto", one_of(*_FORMATS), "chat template or text pair (auto: chat if any)")
+    trust_remote_code: bool = option(False, flag(), "run the model repository's own code")
 
 
 @dataclass
@@ -99,12 +116,6 @@ def _require() -> tuple[Any, Any]:
     return torch, transformers
 
 
-def _positive_int(name: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"hf reward option {name} must be an integer ≥ {minimum}, not {value!r}")
-    return value
-
-
 class SequenceClassifierReward:
     """A reward model from ``AutoModelForSequenceClassification``: the score is the raw logit.
 
@@ -119,6 +130,7 @@ class SequenceClassifierReward:
     supports_n = False
     supports_logprobs = False
     description = "A Transformers sequence-classification reward model (FsfairX, Tulu-3 RM, Skywork-Reward, DeBERTa)."
+    options_class = SequenceClassifierOptions
 
     def __init__(
         self,
@@ -126,21 +138,29 @@ class SequenceClassifierReward:
         tokenizer: Any,
         *,
         name: str = "hf",
-        max_batch_tokens: int | None = None,
-        max_batch_size: int = 64,
-        max_length: int | None = None,
-        output_index: int = 0,
-        input_format: InputFormat = "auto",
+        options: SequenceClassifierOptions | None = None,
+        **kwargs: Any,
     ) -> None:
-        """Wrap a loaded model and tokenizer (the model's config gets a pad id if it lacks one)."""
+        """Wrap a loaded model and tokenizer (the model's config gets a pad id if it lacks one).
+
+        The options other than ``device``, ``dtype`` and ``trust_remote_code`` (which are for
+        loading) come as keywords or in ``options``.
+        """
+        loading = [k for k in _LOADING if kwargs.get(k) is not None]
+        if loading:
+            raise ConfigError(
+                f"{_OWNER}: {', '.join(loading)} apply when from_spec loads the model; "
+                "the constructor takes a model already loaded"
+            )
+        opts = self.options = SequenceClassifierOptions.from_options(kwargs, base=options)
         self.name = name
+        max_batch_tokens = opts.max_batch_tokens
         if max_batch_tokens is None:
             on_gpu = any(p.device.type == "cuda" for p in model.parameters())
             max_batch_tokens = GPU_BATCH_TOKENS if on_gpu else CPU_BATCH_TOKENS
-        self.max_batch_tokens = _positive_int("max_batch_tokens", max_batch_tokens)
-        self.max_batch_size = _positive_int("max_batch_size", max_batch_size)
-        if input_format not in _FORMATS:
-            raise ConfigError(f"hf reward option input_format must be one of {', '.join(_FORMATS)}, not {input_format!r}")
+        self.max_batch_tokens = max_batch_tokens
+        self.max_batch_size = opts.max_batch_size
+        input_format, output_index = opts.input_format, opts.output_index
         has_template = bool(getattr(tokenizer, "chat_template", None))
         if input_format == "chat" and not has_template:
             raise ConfigError(
@@ -151,13 +171,13 @@ class SequenceClassifierReward:
         )
         config = model.config
         num_labels = int(getattr(config, "num_labels", 1))
-        if isinstance(output_index, bool) or not isinstance(output_index, int) or not 0 <= output_index < num_labels:
+        if output_index >= num_labels:
             raise ConfigError(
                 f"hf reward option output_index={output_index!r} is out of range: the model has {num_labels} output(s), "
                 f"so it must be an integer from 0 to {num_labels - 1}"
             )
         self.output_index = output_index
-        self.max_length = self._resolve_max_length(model, tokenizer, max_length)
+        self.max_length = self._resolve_max_length(model, tokenizer, opts.max_length)
 
         self._model = model
         self._tokenizer = tokenizer
@@ -179,58 +199,28 @@ class SequenceClassifierReward:
         """Load ``target`` (a Hub id or a local directory) with the options of ``--reward-option``.
 
         Options: ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``), ``dtype``
-        (``auto``: bfloat16 on CUDA, float32 on CPU and MPS; or ``float32``, ``bfloat16``,
-        ``float16``), ``max_batch_tokens``, ``max_batch_size``, ``max_length``, ``output_index``,
-        ``input_format`` (``auto``, ``chat``, ``pair``), ``trust_remote_code``.
+        (``auto``: bfloat16 on CUDA, or float16 on a GPU without native bfloat16, float32 on the
+        CPU and MPS; or ``float32``, ``bfloat16``, ``float16``), ``max_batch_tokens``,
+        ``max_batch_size``, ``max_length``, ``output_index``, ``input_format`` (``auto``, ``chat``, ``pair``), ``trust_remote_code``.
         """
-        opts = take_options(
-            options,
-            {
-                "device": "auto",
-                "dtype": "auto",
-                "max_batch_tokens": None,
-                "max_batch_size": 64,
-                "max_length": None,
-                "output_index": 0,
-                "input_format": "auto",
-                "trust_remote_code": False,
-            },
-            owner="the hf reward",
-        )
+        # Every option is checked here, before the (slow) load.
+        opts = SequenceClassifierOptions.from_options(options)
         target = os.fspath(target).strip() if target else ""
         if not target:
             raise ConfigError("hf reward: give a model, e.g. hf:Skywork/Skywork-Reward-V2-Qwen3-0.6B or hf:./my-reward-model")
-        # Check every option before the (slow) load.
-        device = str(opts["device"])
-        if device not in _DEVICES and not (device.startswith("cuda:") and device[5:].isdigit()):
-            raise ConfigError(f"hf reward option device must be auto, cpu, cuda, cuda:N or mps, not {device!r}")
-        dtype = _DTYPES.get(str(opts["dtype"]).lower().removeprefix("torch."))
-        if dtype is None:
-            raise ConfigError(f"hf reward option dtype must be auto, float32, bfloat16 or float16, not {opts['dtype']!r}")
-        if not isinstance(opts["trust_remote_code"], bool):
-            raise ConfigError(f"hf reward option trust_remote_code must be true or false, not {opts['trust_remote_code']!r}")
-        if opts["input_format"] not in _FORMATS:
-            raise ConfigError(f"hf reward option input_format must be one of {', '.join(_FORMATS)}, not {opts['input_format']!r}")
-        if opts["max_batch_tokens"] is not None:
-            _positive_int("max_batch_tokens", opts["max_batch_tokens"])
-        _positive_int("max_batch_size", opts["max_batch_size"])
-        if opts["max_length"] is not None:
-            _positive_int("max_length", opts["max_length"], _MIN_MAX_LENGTH)
-        if isinstance(opts["output_index"], bool) or not isinstance(opts["output_index"], int) or opts["output_index"] < 0:
-            raise ConfigError(f"hf reward option output_index must be an integer ≥ 0, not {opts['output_index']!r}")
         source = _locate(target)
 
         torch, transformers = _require()
-        device = _resolve_device(torch, device)
-        torch_dtype = _resolve_dtype(torch, dtype, device)
-        load_kwargs: dict[str, Any] = {"trust_remote_code": opts["trust_remote_code"]}
+        device = resolve_device(torch, opts.device, owner=_OWNER)
+        torch_dtype = resolve_dtype(torch, opts.dtype, device, owner=_OWNER)
+        load_kwargs: dict[str, Any] = {"trust_remote_code": opts.trust_remote_code}
         if source != target:  # a local directory: never ask the Hub
             load_kwargs["local_files_only"] = True
         check_real_request_allowed("the hf reward")
         try:
             tokenizer = transformers.AutoTokenizer.from_pretrained(source, **load_kwargs)
             model, info = transformers.AutoModelForSequenceClassification.from_pretrained(
-                source, output_loading_info=True, **{_dtype_keyword(transformers): torch_dtype}, **load_kwargs
+                source, output_loading_info=True, **{dtype_keyword(transformers): torch_dtype}, **load_kwargs
             )
         except (OSError, ValueError, KeyError, ImportError) as e:  # ImportError: a tokenizer's own optional package
             raise ConfigError(f"hf reward: cannot load {target!r} as a sequence-classification model: {e}") from e
@@ -246,23 +236,13 @@ class SequenceClassifierReward:
         except (RuntimeError, ValueError) as e:
             raise ConfigError(f"hf reward: cannot move {target!r} to {device}: {e}") from e
         model.eval()
-        return cls(
-            model,
-            tokenizer,
-            name=f"hf:{target}",
-            max_batch_tokens=opts["max_batch_tokens"],
-            max_batch_size=opts["max_batch_size"],
-            max_length=opts["max_length"],
-            output_index=opts["output_index"],
-            input_format=opts["input_format"],
-        )
+        return cls(model, tokenizer, name=f"hf:{target}", options=opts)
 
     @staticmethod
     def _resolve_max_length(model: Any, tokenizer: Any, max_length: int | None) -> int:
         positions = getattr(model.config, "max_position_embeddings", None)
         positions = positions if isinstance(positions, int) and positions > 0 else None
         if max_length is not None:
-            _positive_int("max_length", max_length, _MIN_MAX_LENGTH)
             if positions is not None and max_length > positions:
                 raise ConfigError(
                     f"hf reward option max_length={max_length} exceeds the model's {positions} position embeddings"
@@ -568,37 +548,3 @@ def _locate(target: str) -> str:
     if not (path / "config.json").is_file():
         raise ConfigError(f"hf reward: {target!r} has no config.json; it is not a saved Transformers model")
     return str(path.resolve())
-
-
-def _resolve_device(torch: Any, device: str) -> str:
-    if device == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        mps = getattr(torch.backends, "mps", None)
-        return "mps" if mps is not None and mps.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"hf reward option device={device!r}, but this torch has no CUDA device available")
-    if device == "mps":
-        mps = getattr(torch.backends, "mps", None)
-        if mps is None or not mps.is_available():
-            raise ConfigError("hf reward option device='mps', but MPS is not available here")
-    return device
-
-
-def _resolve_dtype(torch: Any, dtype: str, device: str) -> Any:
-    if dtype == "auto":
-        # bf16 where the hardware has it; full precision on CPU (slow bf16 kernels) and MPS (patchy support).
-        if device.startswith("cuda"):
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    return getattr(torch, dtype)
-
-
-def _dtype_keyword(transformers: Any) -> str:
-    """``from_pretrained`` took ``torch_dtype`` before Transformers 4.56 and ``dtype`` since."""
-    try:
-        major, minor = (int(p) for p in transformers.__version__.split(".")[:2])
-    except ValueError:
-        return "dtype"
-    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
-

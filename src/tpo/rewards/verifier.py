@@ -12,19 +12,31 @@ import math
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from ..errors import ConfigError, MissingDependencyError
-from ..registry import take_options
+from ..options import PluginOptions, integer, number, option, string
 from ..types import Score, ScoreRequest
 
-__all__ = ["DEFAULT_FIELDS", "MathReward"]
+__all__ = ["DEFAULT_FIELDS", "MathReward", "MathRewardOptions"]
 
 #: Metadata fields tried, in order, for the reference answer when no ``field`` is given.
 DEFAULT_FIELDS = ("answer", "reference", "solution")
 
 _GOLD_CACHE_SIZE = 1024
 _MATH_CHARS = frozenset("\\^_{}=+-*/()[]<>|!")
+
+
+@dataclass(frozen=True)
+class MathRewardOptions(PluginOptions):
+    """The options of ``MathReward`` (``--reward-option NAME=VALUE``); see the class for what each does."""
+
+    owner: ClassVar[str] = "the math reward"
+
+    field: str | None = option(None, string(), "metadata key of the reference (default: answer, reference, solution)")
+    timeout_s: float = option(5.0, number(0, min_open=True), "seconds math-verify may spend on one answer")
+    float_rounding: int = option(6, integer(min=0), "decimal places numbers are rounded to before comparing")
 
 
 class MathReward:
@@ -58,14 +70,12 @@ class MathReward:
     supports_n = False
     supports_logprobs = False
     description = "1.0 when the answer's final result matches the reference answer in the prompt's metadata (math-verify)."
+    options_class = MathRewardOptions
 
-    def __init__(self, *, field: str | None = None, timeout_s: float = 5.0, float_rounding: int = 6) -> None:
-        if field is not None and (not isinstance(field, str) or not field.strip()):
-            raise ConfigError(f"the math reward's field must be a metadata key, not {field!r}")
-        if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
-            raise ConfigError(f"the math reward's timeout_s must be a positive number of seconds, not {timeout_s!r}")
-        if isinstance(float_rounding, bool) or not isinstance(float_rounding, int) or float_rounding < 0:
-            raise ConfigError(f"the math reward's float_rounding must be a whole number >= 0, not {float_rounding!r}")
+    def __init__(self, *, options: MathRewardOptions | None = None, **kwargs: Any) -> None:
+        """The options as keywords (``field="solution"``) or in ``options``."""
+        opts = self.options = MathRewardOptions.from_options(kwargs, base=options)
+        field, timeout_s = opts.field, opts.timeout_s
         try:
             import math_verify
         except ImportError as e:
@@ -74,10 +84,10 @@ class MathReward:
         # One extraction for answers and references alike (a boxed result takes priority).
         self._extraction = (math_verify.LatexExtractionConfig(boxed_match_priority=0), math_verify.ExprExtractionConfig())
         self._fields = (field,) if field is not None else DEFAULT_FIELDS
-        self._timeout_s = float(timeout_s)
+        self._timeout_s = timeout_s
         # math-verify's alarm takes whole seconds.
         self._alarm_s = max(1, math.ceil(timeout_s))
-        self._float_rounding = float_rounding
+        self._float_rounding = opts.float_rounding
         self._gold: OrderedDict[tuple[str, bool], list[Any]] = OrderedDict()
         self._gold_lock = threading.Lock()
         if field is not None:
@@ -86,13 +96,12 @@ class MathReward:
     @classmethod
     def from_spec(cls, target: str, **options: Any) -> MathReward:
         """``math`` or ``math:FIELD`` (the metadata key of the reference); options ``field``, ``timeout_s``."""
-        opts = take_options(options, {"field": None, "timeout_s": 5.0, "float_rounding": 6}, owner="the math reward")
-        field = opts["field"]
+        opts = MathRewardOptions.from_options(options)
         if target.strip():
-            if field is not None and field != target.strip():
-                raise ConfigError(f"the math reward got two reference fields: math:{target} and field={field}")
-            field = target.strip()
-        return cls(field=field, timeout_s=opts["timeout_s"], float_rounding=opts["float_rounding"])
+            if opts.field is not None and opts.field != target.strip():
+                raise ConfigError(f"the math reward got two reference fields: math:{target} and field={opts.field}")
+            opts = opts.replace(field=target.strip())
+        return cls(options=opts)
 
     async def score(self, requests: Sequence[ScoreRequest]) -> list[Score]:
         """1.0 or 0.0 per answer; ``Score.failed`` when the prompt has no usable reference."""

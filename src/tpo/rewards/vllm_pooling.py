@@ -42,21 +42,31 @@ import inspect
 import math
 import threading
 from collections.abc import Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
-from .. import _vllm
+from .._local import vllm as _vllm
 from ..errors import ConfigError, RewardError
-from ..registry import take_options
+from ..options import flag, integer, one_of, option
 from ..types import Score, ScoreRequest
 
-__all__ = ["METHODS", "VLLMReward"]
+__all__ = ["METHODS", "VLLMReward", "VLLMRewardOptions"]
 
 #: The vLLM methods a reward can be read from.
 METHODS = ("classify", "reward")
 
 _OWNER = "the vllm reward"
 
-_OPTIONS: dict[str, Any] = {"method": "classify", "index": 0, "raw": True, **_vllm.ENGINE_OPTIONS}
+
+@dataclass(frozen=True)
+class VLLMRewardOptions(_vllm.EngineOptions):
+    """The options of ``VLLMReward`` (``--reward-option NAME=VALUE``): its own three, then vLLM engine options."""
+
+    owner: ClassVar[str] = _OWNER
+
+    method: str = option("classify", one_of(*METHODS), "LLM.classify (a sequence classifier) or LLM.reward (per token)")
+    index: int = option(0, integer(min=0), "which output of the head is the score")
+    raw: bool = option(True, flag(), "raw logits rather than vLLM's sigmoid or softmax")
 
 
 class VLLMReward:
@@ -73,21 +83,23 @@ class VLLMReward:
     supports_n = False
     supports_logprobs = False
     description = "A reward model in vLLM's pooling runner in this process (GPU): LLM.classify or LLM.reward, batched."
+    options_class = VLLMRewardOptions
 
     def __init__(
         self,
         llm: Any,
         *,
-        method: str = "classify",
-        index: int = 0,
+        options: VLLMRewardOptions | None = None,
         pooling_params: Any = None,
-        raw: bool = True,
         name: str | None = None,
+        **kwargs: Any,
     ) -> None:
-        if method not in METHODS:
-            raise ConfigError(f"{_OWNER}: method must be one of {', '.join(METHODS)}, not {method!r}")
-        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
-            raise ConfigError(f"{_OWNER}: index must be a whole number >= 0, not {index!r}")
+        """Wrap a loaded engine; ``method``, ``index`` and ``raw`` as keywords or in ``options``."""
+        loading = [k for k in _vllm.EngineOptions.names() if kwargs.get(k) is not None]
+        if loading:
+            raise ConfigError(f"{_OWNER}: {', '.join(loading)} apply when from_spec loads the engine, not to a loaded one")
+        opts = self.options = VLLMRewardOptions.from_options(kwargs, base=options)
+        method, index, raw = opts.method, opts.index, opts.raw
         if not callable(getattr(llm, method, None)):
             raise ConfigError(f"{_OWNER}: this vLLM has no LLM.{method}(); choose the other method ({' or '.join(METHODS)})")
         self._llm: Any = llm
@@ -113,14 +125,10 @@ class VLLMReward:
         """
         if not target.strip():
             raise ConfigError("the vllm reward needs a model: --reward vllm:MODEL_OR_PATH")
-        opts = take_options(options, _OPTIONS, owner=_OWNER)
-        method, raw = opts["method"], opts["raw"]
-        if method not in METHODS:
-            raise ConfigError(f"{_OWNER}: method must be one of {', '.join(METHODS)}, not {method!r}")
-        if not isinstance(raw, bool):
-            raise ConfigError(f"{_OWNER}: raw must be true or false, not {raw!r}")
+        opts = VLLMRewardOptions.from_options(options)
+        method, raw = opts.method, opts.raw
         explicit = {k for k, v in options.items() if v is not None}
-        engine_kwargs = _vllm.engine_kwargs(opts, explicit=explicit, owner=_OWNER)
+        engine_kwargs = _vllm.engine_kwargs(opts, explicit=explicit)
         vllm = _vllm.import_vllm("The vllm reward", RewardError)
         engine_kwargs.update(_runner_kwargs(vllm, method, engine_kwargs))
         pooling_params = None
@@ -130,7 +138,7 @@ class VLLMReward:
                 engine_kwargs.update(_raw_pooler_config(vllm, engine_kwargs))
         name = f"vllm:{target}"
         llm = _vllm.load_llm(vllm, target, engine_kwargs, name=name, error=RewardError)
-        return cls(llm, method=method, index=opts["index"], pooling_params=pooling_params, raw=raw, name=name)
+        return cls(llm, options=opts, pooling_params=pooling_params, name=name)
 
     # ------------------------------------------------------------------ the protocol
 
@@ -221,7 +229,7 @@ class VLLMReward:
         return Score(value)
 
     def _encode(self, tokenizer: Any, request: ScoreRequest, limit: int | None) -> tuple[list[int], int]:
-        """Token ids of the rendered conversation and answer, and how many old turns were dropped to fit."""
+        """Token ids of the rendered conversation and answer, and how many old messages were dropped to fit."""
         messages = [m.as_dict() for m in request.messages]
         answer = {"role": "assistant", "content": request.answer}
         # The oldest user/assistant pair goes first; a system message and the last user turn stay.
@@ -240,8 +248,9 @@ class VLLMReward:
                     f"the answer and its prompt take {len(ids)} tokens, more than the model's {limit} "
                     f"(max_model_len) even without earlier turns"
                 )
-            body = body[2:] if len(body) > 2 else body[-1:]
-            dropped += 1
+            kept = body[2:] if len(body) > 2 else body[-1:]
+            dropped += len(body) - len(kept)  # messages, as the hf reward counts them
+            body = kept
 
     def _get_tokenizer(self, llm: Any) -> Any:
         if self._tokenizer is None:

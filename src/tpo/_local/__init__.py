@@ -1,0 +1,1 @@
+"""Private helpers for the in-process plugins only (vLLM, torch and Transformers)."""

@@ -1,0 +1,1 @@
+"""The analysis layer: evaluate, export and report results that tpo wrote."""

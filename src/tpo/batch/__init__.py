@@ -1,0 +1,1 @@
+"""The batch layer: datasets in, durable results out, resumable after any interruption."""

@@ -1,0 +1,100 @@
+"""API keys: read from the environment, compared in constant time, never logged or echoed; and the bind rule."""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import os
+from collections.abc import Iterable, Sequence
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from ..errors import ConfigError
+
+#: Paths anyone may call: a load balancer's health check carries no key.
+OPEN_PATHS = frozenset({"/health"})
+
+
+def keys_from_env(name: str) -> tuple[str, ...]:
+    """The keys in environment variable ``name`` (comma-separated); ``ConfigError`` when it is unset or holds none."""
+    raw = os.environ.get(name)
+    if raw is None:
+        raise ConfigError(f"--auth-keys-env {name}: the environment variable {name} is not set")
+    keys = tuple(k.strip() for k in raw.split(",") if k.strip())
+    if not keys:
+        raise ConfigError(f"--auth-keys-env {name}: the environment variable {name} holds no key")
+    for key in keys:
+        if len(key) < 8:
+            raise ConfigError(f"--auth-keys-env {name}: a key is shorter than 8 characters; use long random keys")
+    return keys
+
+
+def is_loopback(host: str) -> bool:
+    """True for an address only this machine can reach (``127.0.0.1``, ``::1``, ``localhost``)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(host: str, keys: Sequence[str], *, no_auth: bool) -> None:
+    """Refuse to listen beyond loopback without keys unless ``no_auth`` says so on purpose."""
+    if no_auth and keys:
+        raise ConfigError("--no-auth and --auth-keys-env contradict each other; give one")
+    if not keys and not no_auth and not is_loopback(host):
+        raise ConfigError(
+            f"refusing to listen on {host} without API keys: anyone who can reach it could spend your models. "
+            "Give --auth-keys-env NAME (keys in that environment variable, comma-separated), "
+            "or --no-auth if the network is yours alone"
+        )
+
+
+class KeyCheck:
+    """Accepts a bearer key when it equals one of ``keys``; every key is compared, each in constant time."""
+
+    def __init__(self, keys: Iterable[str]) -> None:
+        self._keys = tuple(k.encode("utf-8") for k in keys)
+
+    def __repr__(self) -> str:
+        return f"KeyCheck({len(self._keys)} keys)"
+
+    def accepts(self, given: bytes) -> bool:
+        ok = False
+        for key in self._keys:
+            ok |= hmac.compare_digest(key, given)
+        return ok
+
+
+class AuthMiddleware:
+    """Answers 401 (OpenAI error shape) to a request without a valid ``Authorization: Bearer`` key."""
+
+    def __init__(self, app: ASGIApp, check: KeyCheck) -> None:
+        self.app = app
+        self.check = check
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        header = b""
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                header = value
+                break
+        scheme, _, token = header.partition(b" ")
+        if not header:
+            message, code = "no API key: send it as 'Authorization: Bearer KEY'", "missing_api_key"
+        elif scheme.lower() != b"bearer" or not self.check.accepts(token.strip()):
+            message, code = "invalid API key", "invalid_api_key"  # the key itself is never echoed
+        else:
+            await self.app(scope, receive, send)
+            return
+        body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
+                                     "code": code}}).encode()
+        await send({"type": "http.response.start", "status": 401,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"www-authenticate", b"Bearer")]})
+        await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,139 @@
+"""The public surface: ``tpo.__all__``, the import paths the docs cite, and the direction of imports between layers."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import tpo
+
+SRC = Path(tpo.__file__).parent
+
+EXPECTED_ALL = {
+    "DEFAULT_PROMPTS", "BackendError", "Candidate", "CandidateStore", "ConfigError", "Engine", "Generation",
+    "GenerationRequest", "InputError", "MalformedResponseError", "Message", "MissingDependencyError", "Models",
+    "PolicyBackend", "Prompt", "PromptSet", "PromptTemplateError", "RewardError", "RewardModel", "RunError",
+    "SamplingParams", "Score", "ScoreRequest", "StepRecord", "TPOConfig", "TPOError", "TPOResult", "TokenLogprob",
+    "Usage", "UserError", "__version__", "answer_id", "aoptimize", "aoptimize_many", "build_models", "derive_seed",
+    "extract_answer", "optimize", "optimize_many",
+}
+
+
+def test_all_is_pinned_and_every_name_exists() -> None:
+    assert set(tpo.__all__) == EXPECTED_ALL
+    assert len(tpo.__all__) == len(set(tpo.__all__))
+    for name in tpo.__all__:
+        assert hasattr(tpo, name), name
+
+
+# Every path the README and docs/ cite, and what they use from it.
+CITED = {
+    "tpo.runner": ["run_batch", "arun_batch", "BatchRun", "BatchObserver", "BatchState", "BatchSummary", "sidecar_dir"],
+    "tpo.datasets": ["read_prompts", "PromptDataset"],
+    "tpo.evaluate": ["evaluate", "load_run", "compare_runs", "summarize_run", "read_results"],
+    "tpo.export": [],
+    "tpo.report": ["write_report", "build_report"],
+    "tpo.algorithm": ["Engine", "derive_seed"],
+    "tpo.prompts": ["DEFAULT_PROMPTS", "PromptSet", "extract_answer"],
+    "tpo.store": ["CandidateStore", "Candidate", "answer_id"],
+    "tpo.testing": ["ScriptedPolicy", "FunctionReward", "forbid_real_requests"],
+    "tpo.registry": ["policy_from_spec", "reward_from_spec", "take_options"],
+    "tpo.models": ["build_models", "Models"],
+    "tpo.backends.llamacpp": ["LlamaCppPolicy"],
+    "tpo.backends.openai_server": ["OpenAIPolicy"],
+    "tpo.rewards.judge": ["JudgeReward"],
+    "tpo.rewards.combine": ["WeightedReward"],
+    "tpo.rewards.verifier": ["MathReward"],
+    "tpo.cli.batch": [],
+}
+
+HOMES = {
+    "tpo.runner": "tpo.batch.runner",
+    "tpo.datasets": "tpo.batch.datasets",
+    "tpo.evaluate": "tpo.analysis.evaluate",
+    "tpo.export": "tpo.analysis.export",
+    "tpo.report": "tpo.analysis.report",
+    "tpo.algorithm": "tpo.engine.algorithm",
+    "tpo.prompts": "tpo.engine.prompts",
+    "tpo.store": "tpo.engine.store",
+}
+
+
+@pytest.mark.parametrize("path", sorted(CITED))
+def test_cited_import_paths_work(path: str) -> None:
+    module = importlib.import_module(path)
+    for name in CITED[path]:
+        assert hasattr(module, name), f"{path}.{name}"
+    exec(f"from {path} import *", {})  # noqa: S102 - the star import of a cited path must work too
+
+
+@pytest.mark.parametrize("old", sorted(HOMES))
+def test_old_paths_are_the_very_modules_in_their_new_homes(old: str) -> None:
+    module = importlib.import_module(old)
+    assert module is importlib.import_module(HOMES[old])
+    assert module.__name__ == HOMES[old] and module.__spec__.name == HOMES[old]
+    assert sys.modules[old] is module
+
+
+def test_import_tpo_loads_no_layer_it_does_not_need() -> None:
+    code = (
+        "import sys, tpo\n"
+        "heavy = [m for m in ('tpo.batch.runner', 'tpo.analysis.report', 'tpo.analysis.evaluate', 'tpo.cli', "
+        "'torch', 'transformers', 'vllm', 'llama_cpp', 'openai', 'httpx', 'ray') if m in sys.modules]\n"
+        "print(heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"
+
+
+def _imports(path: Path) -> set[str]:
+    """The tpo modules a source file imports, as absolute names."""
+    package = ".".join(path.relative_to(SRC.parent).with_suffix("").parts)
+    if path.name != "__init__.py":
+        package = package.rsplit(".", 1)[0]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                out.add(".".join([*base, node.module] if node.module else base))
+            elif node.module and node.module.startswith("tpo"):
+                out.add(node.module)
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names if a.name.startswith("tpo"))
+    return out
+
+
+# What each layer may not import: the method knows no plugin, batch or analysis layer or front end;
+# plugins know no front end; nothing below the front ends imports them.
+FORBIDDEN = {
+    "engine": ("tpo.backends", "tpo.rewards", "tpo.batch", "tpo.analysis", "tpo.cli", "tpo.serve", "tpo._http", "tpo._local"),
+    "backends": ("tpo.batch", "tpo.analysis", "tpo.cli", "tpo.serve"),
+    "rewards": ("tpo.batch", "tpo.analysis", "tpo.cli", "tpo.serve"),
+    "batch": ("tpo.cli", "tpo.serve", "tpo.backends", "tpo.rewards"),
+    # analysis may use a verifier reward to check answers (tpo eval's accuracy), never a policy backend
+    "analysis": ("tpo.cli", "tpo.serve", "tpo.backends"),
+}
+
+
+@pytest.mark.parametrize("layer", sorted(FORBIDDEN))
+def test_layers_import_only_downwards(layer: str) -> None:
+    offending = []
+    for path in sorted((SRC / layer).rglob("*.py")):
+        for name in _imports(path):
+            if name.startswith(FORBIDDEN[layer]):
+                offending.append(f"{path.relative_to(SRC)} imports {name}")
+    assert not offending, "\n".join(offending)
+
+
+def test_core_modules_import_no_backend() -> None:
+    core = ["types.py", "config.py", "errors.py", "protocols.py", "result.py", "api.py"]
+    for name in core:
+        bad = [m for m in _imports(SRC / name) if m.startswith(("tpo.backends", "tpo.rewards", "tpo.cli", "tpo._http"))]
+        assert not bad, f"{name} imports {bad}"
