@@ -27,9 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _results import write_section
-
 import tpo
+from _results import write_section
 from tpo.registry import policy_from_spec
 
 HERE = Path(__file__).resolve().parent
@@ -42,7 +41,8 @@ CPUS_PER_REPLICA = 0.25
 def requests(n: int, tag: str) -> list[tpo.GenerationRequest]:
     return [
         tpo.GenerationRequest((tpo.Message("user", f"Question {tag}-{i}: explain how a heat pump works."),), n=1,
-                              sampling=tpo.SamplingParams(seed=i, max_tokens=64), purpose="sample", prompt_id=f"{tag}{i}")
+                              sampling=tpo.SamplingParams(seed=i, max_tokens=64), purpose="sample",
+                              prompt_id=f"{tag}{i}")
         for i in range(n)
     ]
 
@@ -141,7 +141,8 @@ def main() -> None:
 
     lines = ["**Overhead per call** (no service time; median of "
              f"{args.calls} calls):", "",
-             "| backend | requests per call | in-process ms | ray: (1 replica) ms | overhead ms per call | per request µs |",
+             "| backend | requests per call | in-process ms | ray: (1 replica) ms | overhead ms per call "
+             "| per request µs |",
              "|---|---:|---:|---:|---:|---:|"]
     for r in overhead:
         lines.append(f"| {'batching' if r['batching'] else 'non-batching'} | {r['batch']} | {r['local_ms']:.3f} | "
@@ -150,15 +151,18 @@ def main() -> None:
               "| backend | replicas | wall s | ideal s | throughput ÷ linear | requests per replica |",
               "|---|---:|---:|---:|---:|---|"]
     for r in throughput:
-        kind = (f"non-batching, {args.service_s * 1e3:g} ms per call, {args.requests} requests at once" if not r["batching"]
-                else f"batching, {args.batch_service_s * 1e3:g} ms per request, {args.batches} batches of 256")
+        if r["batching"]:
+            kind = f"batching, {args.batch_service_s * 1e3:g} ms per request, {args.batches} batches of 256"
+        else:
+            kind = f"non-batching, {args.service_s * 1e3:g} ms per call, {args.requests} requests at once"
         lines.append(f"| {kind} | {r['replicas']} | {r['wall_s']:.2f} | {r['ideal_s']:.2f} | {r['efficiency']:.2f} | "
                      f"{', '.join(map(str, r['shares']))} |")
     worst = min(r["efficiency"] for r in throughput)
     verdicts = [
         f"- throughput with 1, 2 and 4 replicas is at least {worst:.2f} × linear (target ≥ 0.85): "
         f"{'met' if worst >= 0.85 else 'MISSED'}",
-        f"- the wrapper costs {max(r['overhead_ms'] for r in overhead if r['batch'] <= 16):.2f} ms per call at most for "
+        f"- the wrapper costs {max(r['overhead_ms'] for r in overhead if r['batch'] <= 16):.2f} ms per call at most "
+        "for "
         f"small calls, and {next(r['overhead_ms'] for r in overhead if r['batch'] == 256):.2f} ms for 256 requests "
         "(shipping them and their answers between processes)",
         "- a local Ray instance on this machine; replicas are processes on the same 2 cores, so the figures include "

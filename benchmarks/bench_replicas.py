@@ -26,10 +26,9 @@ import os
 import time
 from typing import Any
 
+import tpo
 from _results import write_section
 from bench_orchestration import Server, prompts
-
-import tpo
 from tpo.registry import policy_from_spec
 from tpo.testing import FunctionReward
 
@@ -47,7 +46,7 @@ def _servers(count: int, slots: int, args: argparse.Namespace) -> list[Server]:
 
 
 async def run(servers: list[Server], args: argparse.Namespace, *, kill_at: float | None = None) -> dict[str, Any]:
-    """TPO D2-N5 over the prompts through ``servers``; with ``kill_at``, SIGKILL the last one when that share is done."""
+    """TPO D2-N5 through ``servers``; with ``kill_at``, SIGKILL the last one when that share of prompts is done."""
     urls = ",".join(s.base + "/v1" for s in servers)
     per_replica = max(1, args.max_in_flight // len(servers))
     policy = policy_from_spec("openai:sim", base_url=urls, max_concurrency=per_replica)
@@ -123,8 +122,8 @@ def main() -> None:
         f"- four servers: {ratio4:.2f} × their bound (target ≤ 1.2): {'met' if ratio4 <= 1.2 else 'MISSED'}",
         f"- four servers against one of the same capacity: {gap:+.1%} wall time (target within 10%): "
         f"{'met' if abs(gap) <= 0.10 else 'MISSED'}; the one server: {ratio1:.2f} × its bound",
-        f"- one server killed after {k['at_s']:.1f} s: every prompt completed, in {killed['wall_s'] / killed['bound_s']:.2f}"
-        " × the bound of the capacity left",
+        f"- one server killed after {k['at_s']:.1f} s: every prompt completed, in "
+        f"{killed['wall_s'] / killed['bound_s']:.2f} × the bound of the capacity left",
         f"- simulated servers: {args.decode_rate:g} tokens/s per sequence, prefill {args.prefill_rate:g} tokens/s, "
         f"{args.answer_tokens}-token answers, time scale {args.time_scale:g} (wall and bounds in real seconds); "
         f"{args.concurrent} prompts in flight, at most {args.max_in_flight} sequences in flight over all replicas.",

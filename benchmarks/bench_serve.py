@@ -113,7 +113,7 @@ async def run_clients(serve: TPOServe, sim: Server, clients: int, per_client: in
     # A request shares the slots with the C - 1 others in flight: it cannot finish faster than
     # its chain, nor faster than C requests' slot-time spread over the K slots.
     per_request_slot_s = st["busy_slot_s"] / args.time_scale / len(latencies)
-    latency_bound = max(one_chain, min(clients, args.slots) * per_request_slot_s / args.slots)
+    latency_bound = max(one_chain, clients * per_request_slot_s / args.slots)
     q = statistics.quantiles(latencies, n=20) if len(latencies) > 1 else latencies * 19
     return {
         "clients": clients,

@@ -5,8 +5,8 @@ of issue 13, ``--mode tpo,revision,bon --width 2,5,10 --depth 1,2,3 --bon-width 
 over 256 prompts through tpo's OpenAI-compatible backend:
 
 * as ``tpo sweep`` does (``tpo.batch.sweep.Sweep``): the seven configurations that run
-  (TPO and revision at depth 3 for each width, best-of-60) at once, through one dispatcher
-  per backend; the other twelve are derived from them;
+  (TPO and revision at depth 3 for each width, best-of-60) at once, on one engine (one
+  dispatcher per backend); the other fourteen are derived from them;
 * the same seven configurations one after another, each a ``BatchRun`` of its own.
 
 The lower bound on the sweep's wall time is max(busy slot-time ÷ K, the longest chain of
@@ -173,7 +173,7 @@ def main() -> None:
         a, sweep, alone = sc["args"], sc["sweep"], sc["alone"]
         server = f"{a.slots} slots, time scale {a.time_scale:.3g}"
         lines.append(
-            f"| {server} | tpo sweep (one dispatcher per backend) | {sweep['runs']} "
+            f"| {server} | tpo sweep (one engine, one dispatcher per backend) | {sweep['runs']} "
             f"(+{sweep['configurations'] - sweep['runs']} derived) | {sweep['wall_s']:.1f} | {sweep['bound_s']:.1f} "
             f"({sweep['throughput_bound_s']:.1f} / {sweep['chain_bound_s']:.1f}) | {sweep['ratio']:.2f} | "
             f"{sweep['peak']} / {a.slots} | {sweep['utilisation']:.0%} |"

@@ -148,3 +148,33 @@ def test_a_best_of_n_run_too_small_to_match_says_so() -> None:
 
 def test_no_best_of_n_run_means_no_matched_comparison() -> None:
     assert matched_compute([_run(width=2, depth=1)]) == ()
+
+
+def test_flops_use_each_model_s_size_and_none_when_one_is_unknown() -> None:
+    def run(policy: ScriptedPolicy, critic: ScriptedPolicy | None = None, **options: Any) -> tpo.TPOResult:
+        return tpo.optimize("Q", policy=policy, critic=critic, reward=FunctionReward(hash_score), width=2, depth=1,
+                            **options)
+
+    sized = ScriptedPolicy(pure_reply)
+    sized.parameter_count = 3e9  # type: ignore[attr-defined]  # a backend that reports its size
+    r = run(sized)
+    sample, update = r.steps
+    assert sample.usage.prompt_flops == 2 * 3e9 * sample.usage.prompt_tokens
+    assert update.usage.completion_flops == 2 * 3e9 * update.usage.completion_tokens
+    assert r.usage.flops == pytest.approx(2 * 3e9 * r.usage.tokens)
+    assert update.cumulative is not None and update.cumulative.flops == pytest.approx(r.usage.flops)
+    # --policy-params wins over the backend's own count; the critic's size counts for its calls.
+    r = run(sized, ScriptedPolicy(pure_reply), policy_params=1e9, critic_params=7e9)
+    assert r.steps[0].usage.prompt_flops == 2 * 1e9 * r.steps[0].usage.prompt_tokens
+    assert r.steps[1].usage.prompt_flops == 2 * 7e9 * r.steps[1].usage.prompt_tokens
+    # A critic of unknown size: no estimates at all, rather than estimates of part of the work.
+    r = run(sized, ScriptedPolicy(pure_reply))
+    assert r.usage.flops is None and all(s.usage.prompt_flops is None for s in r.steps)
+    # ... unless the run never asks the critic (best-of-N).
+    bon = tpo.optimize("Q", policy=sized, critic=ScriptedPolicy(pure_reply), reward=FunctionReward(hash_score),
+                       mode="bon", width=3)
+    assert bon.usage.flops == pytest.approx(2 * 3e9 * bon.usage.tokens)
+    bad = ScriptedPolicy(pure_reply)
+    bad.parameter_count = "8B"  # type: ignore[attr-defined]
+    with pytest.raises(tpo.ConfigError, match="parameter_count must be a positive number"):
+        run(bad)

@@ -371,7 +371,7 @@ def analyses_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
         _write_run(d / "tpo-d1-n3.jsonl", prompts, width=3, depth=1, policy_params=1e9),
         _write_run(d / "tpo-d2-n3.jsonl", prompts, width=3, depth=2, policy_params=1e9),
         _write_run(d / "tpo-d2-n5.jsonl", prompts, width=5, depth=2, policy_params=1e9),
-        _write_run(d / "bon.jsonl", prompts, mode="bon", width=30, policy_params=1e9),
+        _write_run(d / "bon.jsonl", prompts, mode="bon", width=12, policy_params=1e9),
     ]
     verdicts = _judge_file(d / "verdicts.jsonl", paths[2], paths[3])
     page = build_report([load_run(p) for p in paths], judgements=[summarize_verdicts(read_verdicts(verdicts)[0])])
@@ -394,7 +394,7 @@ def test_the_figures_of_the_paper_s_analyses_are_drawn(browser: Browser, analyse
 
     # Reward against compute: the best-of-n curve is a real line, each TPO configuration a point.
     (curve,) = _extent(browser, "#chart-compute path.series:not([stroke-dasharray])")
-    assert curve[0] > 150 and curve[1] > 20
+    assert curve[0] > 60 and curve[1] > 20
     assert browser.js("document.querySelectorAll('#chart-compute circle.point').length") == 3
     assert browser.js("document.querySelectorAll('#chart-compute path.series[stroke-dasharray]').length") == 3
     # Every run recorded FLOPs (--policy-params), so the same figure is drawn against FLOPs too.
@@ -408,8 +408,8 @@ def test_the_figures_of_the_paper_s_analyses_are_drawn(browser: Browser, analyse
     ticks = browser.js("Array.from(document.querySelectorAll('#chart-depth text.tick')).map(t => t.textContent)")
     assert "1" in ticks and "2" in ticks and "1.5" not in ticks
 
-    # The stability analysis: the spread of each step's rewards.
-    assert len(_extent(browser, "#chart-std path.series")) == 3
+    # The stability analysis: the spread of each step's rewards, a line for each TPO run (best-of-N is one step).
+    assert sum(1 for w, h in _extent(browser, "#chart-std path.series") if w > 50) == 3
 
     # The judge's verdicts: bars that fill the width, the win rate with its interval, the length-controlled rate.
     bars = _extent(browser, "#chart-judge rect.bar")
@@ -417,7 +417,7 @@ def test_the_figures_of_the_paper_s_analyses_are_drawn(browser: Browser, analyse
     assert browser.js("document.querySelectorAll('#chart-judge .judge-mark').length") == 1
     assert browser.js("document.querySelectorAll('#chart-judge .judge-lc').length") == 1
     text = browser.js("document.getElementById('judge').textContent")
-    assert "TPO D2-N5 vs BoN-30" in text and "100.0%" in text
+    assert "TPO D2-N5 vs BoN-12" in text and "100.0%" in text
 
     shot = tmp_path / "analyses.png"
     browser.screenshot(shot)

@@ -200,7 +200,7 @@ def test_each_configuration_has_the_fingerprint_tpo_batch_would_give_it(tmp_path
     # ... and refuses other options, naming them.
     other = BatchRun(read_prompts(data, id_field="id"), tmp_path / "grid" / "tpo-d1-n2.jsonl",
                      config=TPOConfig(width=2, depth=1, seed=9), models=models)
-    with pytest.raises(ConfigError, match="method.seed: 0 → 9"):
+    with pytest.raises(ConfigError, match=r"method\.seed: 0 → 9"):
         other.open()
 
 
@@ -315,7 +315,7 @@ def test_the_sweep_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
 
     monkeypatch.setattr("tpo.cli.sweep.build_models", build_models)
     args = ["sweep", str(data), "-o", str(tmp_path / "grid"), "--mode", "tpo,bon", "--width", "2,3", "--depth", "1,2",
-            "--bon-width", "4,8", "--seed", "4", "--log", "plain", "--policy", "scripted"]
+            "--bon-width", "4,8", "--seed", "4", "--log", "plain", "--policy", "scripted", "--policy-params", "1e9"]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     assert len(built) == 1
@@ -323,6 +323,10 @@ def test_the_sweep_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     assert files == ["bon-n4.jsonl", "bon-n8.jsonl", "tpo-d1-n2.jsonl", "tpo-d1-n3.jsonl", "tpo-d2-n2.jsonl",
                      "tpo-d2-n3.jsonl"]
     assert "tpo-d1-n2 (from tpo-d2-n2)" in result.output
+    # --policy-params: every result estimates its FLOPs, the derived ones included.
+    for name in ("tpo-d2-n2", "tpo-d1-n2", "bon-n4"):
+        r = load_run(tmp_path / "grid" / f"{name}.jsonl").results[0]
+        assert r.config["policy_params"] == 1e9 and r.usage.flops == pytest.approx(2e9 * r.usage.tokens, rel=0.05), name
     assert result.output.count("prompt ids are the field 'id'") == 1  # a note about the input: once, not per configuration
     # Run again: everything is finished, so no model is loaded.
     again = CliRunner().invoke(cli, args)

@@ -17,7 +17,7 @@ from tpo.registry import take_options
 
 
 class FixedTimePolicy:
-    """``fixed``: each call holds the model for ``service_s`` (× the requests of a batching call), one call at a time."""
+    """``fixed``: each call holds the model ``service_s`` (× its requests if batching), one call at a time."""
 
     name = "fixed"
     supports_n = True

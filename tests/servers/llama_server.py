@@ -1,7 +1,8 @@
 """Starts llama-cpp-python's own OpenAI-compatible server (``llama_cpp.server``) on 127.0.0.1 for tests.
 
-Run as a script it *is* that server, with one change: weight repacking ("extra buffer
-types") is turned off. llama.cpp built for the build machine's CPU uses AMX tiles for
+Run as a script it *is* that server, with two changes. Every request is evaluated from an
+empty prompt cache (so a seed reproduces its answer across requests), and weight repacking
+("extra buffer types") is turned off. llama.cpp built for the build machine's CPU uses AMX tiles for
 repacked weights, and a virtual machine that reports AMX without letting threads use it
 kills the process with SIGILL on the first request. The change only affects speed.
 """
@@ -102,6 +103,19 @@ def _serve() -> None:
         return params
 
     lib.llama_model_default_params = without_repacking
+
+    # Reusing the previous prompt's cached prefix evaluates the last tokens on another float path
+    # than a fresh prompt does, so the same seed could sample another answer: every request starts
+    # from an empty cache here, which makes a seeded request reproducible across requests.
+    import llama_cpp
+
+    generate = llama_cpp.Llama.generate
+
+    def generate_from_scratch(self, tokens, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self.reset()
+        return generate(self, tokens, *args, **kwargs)
+
+    llama_cpp.Llama.generate = generate_from_scratch
     from llama_cpp.server.__main__ import main
 
     main()  # type: ignore[no-untyped-call]

@@ -110,6 +110,8 @@ class _Replica(Generic[B]):
     cool_off_s: float = COOL_OFF_S
     probe: asyncio.Task[None] | None = None
     calls: set[asyncio.Task[Any]] = field(default_factory=set)
+    #: One per call in flight, resolved when the replica is set aside: the call then moves on at once.
+    set_aside: set[asyncio.Future[None]] = field(default_factory=set)
 
     @property
     def up(self) -> bool:
@@ -177,17 +179,25 @@ class ReplicaPool(Generic[B]):
                 task = asyncio.ensure_future(fn(rep.backend))
             finally:
                 _CURRENT.reset(token)
+            aside: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             rep.calls.add(task)
+            rep.set_aside.add(aside)
             rep.in_flight += sequences
             try:
-                await asyncio.wait({task})
+                either: set[asyncio.Future[Any]] = {task, aside}
+                await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
             except asyncio.CancelledError:
                 task.cancel()
                 raise
             finally:
                 rep.calls.discard(task)
+                rep.set_aside.discard(aside)
                 rep.in_flight -= sequences
-            if task.cancelled():  # the replica was set aside with this request in flight
+            if not task.done() or task.cancelled():
+                # The replica was set aside with this request in flight: it goes elsewhere now. (The
+                # cancelled call may still be winding down; its result, if any, is not used.)
+                task.cancel()
+                task.add_done_callback(_consume)
                 continue
             error = task.exception()
             result = None if error is not None else task.result()
@@ -242,8 +252,12 @@ class ReplicaPool(Generic[B]):
         rep.last_error = failure
         if rep.up and rep.in_a_row >= self._failures_to_cool_off:
             self._cool_off(rep, failure)
+            # Its requests go to the replicas still up, not through its retries.
+            for aside in list(rep.set_aside):
+                if not aside.done():
+                    aside.set_result(None)
             for task in list(rep.calls):
-                task.cancel()  # its requests go to the replicas still up, not through its retries
+                task.cancel()
 
     def _cool_off(self, rep: _Replica[B], error: str) -> None:
         rep.last_error = error
@@ -389,6 +403,12 @@ class ReplicatedReward:
     def replica_reports(self) -> list[ReplicaReport]:
         """Each server's share of the work so far."""
         return self.pool.reports()
+
+
+def _consume(task: asyncio.Task[Any]) -> None:
+    """Retrieve the outcome of a call abandoned with its replica, so that asyncio does not log it as lost."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _any_failed(scores: list[Score]) -> bool:

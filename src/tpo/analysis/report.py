@@ -14,6 +14,7 @@ import base64
 import datetime as _dt
 import hashlib
 import html
+import itertools
 import math
 import re
 from collections.abc import Sequence
@@ -385,6 +386,20 @@ def _ticks(lo: float, hi: float, count: int = 5) -> tuple[float, float, list[flo
     return start, end, [start + i * step for i in range(n + 1)], decimals
 
 
+_SI = ((1e18, "E"), (1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"))
+
+
+def _tick(value: float, decimals: int, ticks: Sequence[float]) -> str:
+    """A tick's text: fixed decimals, or for axes that reach 100,000 an SI prefix (``2.5T`` FLOPs)."""
+    top = max((abs(t) for t in ticks), default=0.0)
+    if top < 1e5:
+        return f"{value:.{decimals}f}"
+    scale, prefix = next((s, p) for s, p in _SI if top >= s)
+    step = min((abs(b - a) for a, b in itertools.pairwise(ticks)), default=scale) / scale
+    digits = max(0, -math.floor(math.log10(step) + 1e-9)) if step > 0 else 0
+    return f"{value / scale:.{digits}f}{prefix}" if value else "0"
+
+
 def _frame(title: str, x_label: str, y_label: str, css_id: str, xs: tuple[float, float, list[float], int],
            ys: tuple[float, float, list[float], int]) -> tuple[list[str], Any, Any]:
     x0, x1, xt, xd = xs
@@ -405,11 +420,11 @@ def _frame(title: str, x_label: str, y_label: str, css_id: str, xs: tuple[float,
     for t in yt:
         y = sy(t)
         out.append(f'<line class="gridline" x1="{_ML}" x2="{_W - _MR}" y1="{y:.1f}" y2="{y:.1f}"/>')
-        out.append(f'<text class="tick" x="{_ML - 6}" y="{y + 4:.1f}" text-anchor="end">{t:.{yd}f}</text>')
+        out.append(f'<text class="tick" x="{_ML - 6}" y="{y + 4:.1f}" text-anchor="end">{_tick(t, yd, yt)}</text>')
     for t in xt:
         x = sx(t)
         out.append(f'<line class="tickmark" x1="{x:.1f}" x2="{x:.1f}" y1="{_MT + ph}" y2="{_MT + ph + 4}"/>')
-        out.append(f'<text class="tick" x="{x:.1f}" y="{_MT + ph + 17}" text-anchor="middle">{t:.{xd}f}</text>')
+        out.append(f'<text class="tick" x="{x:.1f}" y="{_MT + ph + 17}" text-anchor="middle">{_tick(t, xd, xt)}</text>')
     out.append(f'<line class="axis" x1="{_ML}" x2="{_W - _MR}" y1="{_MT + ph}" y2="{_MT + ph}"/>')
     out.append(f'<line class="axis" x1="{_ML}" x2="{_ML}" y1="{_MT}" y2="{_MT + ph}"/>')
     out.append(f'<text class="axis-label" x="{_ML + pw / 2:.1f}" y="{_H - 6}" text-anchor="middle">{_e(x_label)}</text>')
@@ -695,10 +710,10 @@ def _xy_chart(
         for x, y in s.points:
             out.append(f'<circle class="dot" cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="{2.5 if s.thin else 3.5}" '
                        f'fill="{s.color}"><title>{_e(s.label)}: {y:.4g} at {x:.4g}</title></circle>')
-    # The legend of the lines, top right, each name on a white backing so lines behind it do not hide it.
+    # The legend of the lines, bottom right (rising curves leave it empty), each name on a white backing.
     legend = [s for s in series if not s.thin]
     for k, s in enumerate(legend):
-        y = _MT + 12 + 13 * k
+        y = _H - _MB - 6 - 13 * (len(legend) - 1 - k)
         width = 6.5 * len(s.label) + 4
         out.append(f'<rect class="legend-back" x="{_W - _MR - 2 - width:.1f}" y="{y - 10}" width="{width:.1f}" height="12" '
                    f'fill="#ffffff" fill-opacity="0.85"/>')

@@ -39,7 +39,7 @@ class RayPolicy:
     """
 
     name = "ray"
-    description = "Replicas of another policy backend as Ray actors: ray:SPEC, e.g. ray:vllm:MODEL (tpo[ray])."
+    description = "Replicas of another policy backend as Ray actors: ray:SPEC, e.g. ray:vllm:MODEL (the ray extra)."
     #: ``--ray-address`` reaches this plugin through ``tpo.build_models``, as ``--base-url`` reaches a server's.
     server_options = ("ray_address",)
     options_class = RayOptions

@@ -342,7 +342,14 @@ class BatchRun:
         _no_running_loop("runner.BatchRun.run", "runner.BatchRun.arun")
         return asyncio.run(_closing(self.arun(policy, reward, critic=critic), policy, critic, reward))
 
-    async def arun(self, policy: PolicyBackend, reward: RewardModel, *, critic: PolicyBackend | None = None) -> BatchSummary:
+    async def arun(
+        self,
+        policy: PolicyBackend,
+        reward: RewardModel,
+        *,
+        critic: PolicyBackend | None = None,
+        engine: Engine | None = None,
+    ) -> BatchSummary:
         """Run every unfinished prompt, appending each result to the output as it finishes.
 
         A prompt that fails (its backend or reward keeps failing) is written with its error
@@ -352,12 +359,19 @@ class BatchRun:
 
         Before the first prompt, the policy, critic and reward run their cheap checks
         (``tpo.api.apreflight``): an unreachable server fails the run in seconds.
+
+        ``engine``: run on this engine, which must hold these same models, so that its
+        dispatchers serve this run and whatever else runs on it at once (``tpo sweep`` runs
+        every configuration on one engine); by default the run makes an engine of its own.
         """
+        if engine is not None and (engine.policy is not policy or engine.reward is not reward
+                                   or engine.critic is not (critic if critic is not None else policy)):
+            raise ConfigError("BatchRun.arun: the engine given holds other models than the policy, critic and reward given")
         self.open()
         try:
             if self.unfinished:
                 await apreflight(policy, critic, reward)
-            return await self._run(policy, reward, critic)
+            return await self._run(policy, reward, critic, engine)
         except _WriteFailed as e:
             raise RunError(str(e)) from e.__cause__
         finally:
@@ -379,7 +393,9 @@ class BatchRun:
             )
         return count
 
-    async def _run(self, policy: PolicyBackend, reward: RewardModel, critic: PolicyBackend | None) -> BatchSummary:
+    async def _run(
+        self, policy: PolicyBackend, reward: RewardModel, critic: PolicyBackend | None, engine: Engine | None
+    ) -> BatchSummary:
         self._restarted = self._forget_partials(reward)
         state = BatchState(len(self.dataset), self.config.depth + 1)
         state.done = state.finished_before = self._finished_before
@@ -387,7 +403,8 @@ class BatchRun:
         state.remaining_steps = sum(
             state.steps_per_prompt - self._checkpoints.steps(pid) for pid in self.dataset.ids if pid not in self._finished
         )
-        engine = Engine(policy, reward, critic=critic, config=self.config)
+        if engine is None:
+            engine = Engine(policy, reward, critic=critic, config=self.config)
         self.observer.on_start(state)
 
         def pending() -> Iterator[Prompt]:
@@ -423,7 +440,7 @@ class BatchRun:
         try:
             # Closed on the way out, so a failed write stops the prompts in flight at once.
             async with contextlib.aclosing(
-                engine.optimize_many(pending(), resume=self._checkpoints, on_step=on_step)
+                engine.optimize_many(pending(), resume=self._checkpoints, on_step=on_step, config=self.config)
             ) as results:
                 async for result in results:
                     # No longer in progress (the engine starts the next prompt now), though its line is still being written.

@@ -8,12 +8,12 @@ Files, for an output folder ``DIR``::
     DIR/tpo-d1-n5.jsonl          a configuration derived from one that was run (no sidecar)
     DIR/bon-n60.jsonl, DIR/bon-n15.jsonl, ...
 
-**One set of models, one dispatcher per backend.** Every configuration that runs is a
-``BatchRun`` with its own engine, but the engines reach the policy, critic and reward
-through shared stand-ins, and each stand-in hands every request to one dispatcher per
-backend. So a batching backend (vLLM, llama.cpp in-process, a GPU reward model) receives
-the requests of all configurations in the same batches, and a concurrent one keeps all of
-them in flight: the backend never waits for the slowest configuration.
+**One engine, one set of models.** Every configuration that runs is a ``BatchRun`` (its own
+output, checkpoints and fingerprint), and all of them run at once on one ``Engine``, each
+with its own configuration (``Engine.optimize_many(config=...)``). So there is one
+dispatcher per backend: a batching backend (vLLM, llama.cpp in-process, a GPU reward model)
+receives the requests of all configurations in the same batches, and a concurrent one keeps
+all of them in flight; the backend never waits for the slowest configuration.
 
 **What is run, and what is derived.** Per-call seeds are ``derive_seed(seed, prompt id,
 step, role)``, and a step depends only on the steps before it, so a depth-D run holds every
@@ -42,13 +42,13 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
+from .._redact import redact
 from ..config import MODES, TPOConfig
-from ..engine._dispatch import Dispatcher
+from ..engine.algorithm import Engine
 from ..engine.store import CandidateStore
-from ..errors import ConfigError, RunError
+from ..errors import ConfigError
 from ..protocols import PolicyBackend, RewardModel
 from ..result import TPOResult, Usage, dumps_json
-from ..types import Generation, GenerationRequest, Message, Score, ScoreRequest
 from .datasets import PromptDataset
 from .durable import _write_atomic
 from .fail_fast import DEFAULT_FAIL_FAST_AFTER
@@ -260,83 +260,6 @@ def _sum(usages: Iterable[Usage]) -> Usage:
     return total
 
 
-# ---------------------------------------------------------------------------- one dispatcher per backend
-
-
-class _Shared:
-    """One dispatcher per event loop in front of one backend or reward model, shared by every configuration."""
-
-    def __init__(self, target: Any, call: Callable[[Sequence[Any]], Any], label: str, error: type[RunError]) -> None:
-        self._target = target
-        self._call = call
-        self._label = label
-        self._error = error
-        self._dispatchers: dict[int, Dispatcher[Any, Any]] = {}
-        #: What the engines see of the target, so that closing and checks reach it.
-        self.parts = (target,)
-        self.name = str(getattr(target, "name", type(target).__name__))
-        # Each engine hands every request over at once; the shared dispatcher gathers them into batches.
-        self.batching = False
-
-    def _dispatcher(self) -> Dispatcher[Any, Any]:
-        loop = asyncio.get_running_loop()
-        d = self._dispatchers.get(id(loop))
-        if d is None:
-            cap = getattr(self._target, "max_batch_size", None)
-            d = Dispatcher(self._call, batching=bool(getattr(self._target, "batching", False)), label=self._label,
-                           error=self._error, max_batch=cap if isinstance(cap, int) and cap > 0 else None)
-            self._dispatchers = {id(loop): d}  # a new loop (a new session) needs new futures
-        return d
-
-    async def _submit(self, items: Sequence[Any]) -> list[Any]:
-        outcomes = await self._dispatcher().submit_many(items)
-        for outcome in outcomes:
-            if isinstance(outcome, RunError):
-                raise outcome
-        return outcomes
-
-
-class _SharedPolicy(_Shared):
-    """A policy backend seen by every configuration's engine; their requests meet in one dispatcher."""
-
-    def __init__(self, backend: PolicyBackend) -> None:
-        from ..errors import BackendError
-
-        super().__init__(backend, backend.generate, f"policy backend {getattr(backend, 'name', '?')}", BackendError)
-        self.supports_n = bool(getattr(backend, "supports_n", True))
-        self.supports_logprobs = bool(getattr(backend, "supports_logprobs", False))
-        if getattr(backend, "parameter_count", None) is not None:
-            self.parameter_count = backend.parameter_count  # type: ignore[attr-defined]
-
-    async def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
-        """Hand the requests to the shared dispatcher."""
-        return await self._submit(requests)
-
-    async def context_window(self) -> int | None:
-        """The backend's window, when it can tell."""
-        getter = getattr(self._target, "context_window", None)
-        return await getter() if getter is not None else None
-
-    def count_tokens(self, messages: Sequence[Message]) -> int | None:
-        """The backend's count, when it can tell."""
-        counter = getattr(self._target, "count_tokens", None)
-        return counter(messages) if counter is not None else None
-
-
-class _SharedReward(_Shared):
-    """A reward model seen by every configuration's engine; its scoring requests meet in one dispatcher."""
-
-    def __init__(self, reward: RewardModel) -> None:
-        from ..errors import RewardError
-
-        super().__init__(reward, reward.score, f"reward model {getattr(reward, 'name', '?')}", RewardError)
-        self.per_prompt_state = bool(getattr(reward, "per_prompt_state", False))
-
-    async def score(self, requests: Sequence[ScoreRequest]) -> list[Score]:
-        """Hand the requests to the shared dispatcher."""
-        return await self._submit(requests)
-
-
 # ---------------------------------------------------------------------------- the sweep
 
 
@@ -399,6 +322,8 @@ class Sweep:
                              fail_fast_after=fail_fast_after)
             for e in entries if e.how == "run"
         }
+        if not self.runs:
+            raise ConfigError("sweep: no configuration runs (every one is derived)")
         self.notes: list[str] = []
 
     @property
@@ -448,14 +373,14 @@ class Sweep:
     async def arun(
         self, policy: PolicyBackend, reward: RewardModel, *, critic: PolicyBackend | None = None
     ) -> SweepSummary:
-        """Run every configuration at once through shared dispatchers, then write the derived files and the manifest."""
+        """Run every configuration at once on one engine, then write the derived files and the manifest."""
         started = time.monotonic()
         self.open()
-        shared_policy = _SharedPolicy(policy)
-        shared_critic = _SharedPolicy(critic) if critic is not None and critic is not policy else None
-        shared_reward = _SharedReward(reward)
+        runs = list(self.runs.values())
+        # One engine for all: one dispatcher per backend, so requests of every configuration share its batches.
+        engine = Engine(policy, reward, critic=critic, config=runs[0].config)
         tasks = {
-            name: asyncio.create_task(run.arun(shared_policy, shared_reward, critic=shared_critic))
+            name: asyncio.create_task(run.arun(policy, reward, critic=critic, engine=engine))
             for name, run in self.runs.items()
         }
         try:
@@ -527,9 +452,9 @@ class Sweep:
             "tpo_version": __version__,
             "written_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "input": self.dataset.describe(),
-            "models": self.runs[next(iter(self.runs))].models if self.runs else self.models,
+            "models": next(iter(self.runs.values())).models,  # as fingerprinted: secrets masked
             "configurations": configurations,
-            "options": next(iter(self.runs.values())).settings if self.runs else {},
+            "options": redact(self.settings),
         }
         _write_atomic(self.folder / MANIFEST, (dumps_json(data, indent=2) + "\n").encode("utf-8"))
 

@@ -12,8 +12,8 @@ from .judge import judge_command
 from .plugins import backends_command
 from .report import report_command
 from .run import run_command
-from .sweep import sweep_command
 from .serve import serve_command
+from .sweep import sweep_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -20,12 +20,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
 
-from ..config import TPOConfig
 from ..batch.datasets import AUTO, AUTO_ID_FIELDS, FORMATS, read_prompts
-from ..result import TPOResult
 from ..batch.fail_fast import DEFAULT_FAIL_FAST_AFTER
 from ..batch.runner import BatchObserver, BatchRun, BatchState, BatchSummary, sidecar_dir
-from ._common import DEFAULT_REWARD, build_config, build_models, method_options, model_options, replica_lines, with_errors
+from ..config import TPOConfig
+from ..models import DEFAULT_REWARD
+from ..result import TPOResult
+from ._common import build_config, build_models, method_options, model_options, replica_lines, with_errors
 from ._terminal import for_terminal
 
 #: Seconds between the progress lines of ``--log plain``.

@@ -19,8 +19,9 @@ from rich.text import Text
 from ..api import apreflight
 from ..engine.algorithm import Engine
 from ..errors import InputError
+from ..models import DEFAULT_POLICY
 from ..result import TPOResult
-from ._common import DEFAULT_POLICY, build_config, build_models, method_options, model_options, replica_lines, with_errors
+from ._common import build_config, build_models, method_options, model_options, replica_lines, with_errors
 from ._terminal import for_terminal
 
 #: New tokens per reply when the bundled demo model runs without --max-tokens. The paper's 2048

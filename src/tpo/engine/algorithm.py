@@ -81,6 +81,9 @@ class _StepTally:
     reward_calls: int = 0
     reward_failures: int = 0
     truncated: set[str] = field(default_factory=set)
+    #: Estimated FLOPs (2 × parameters × tokens); None when a model's size is unknown.
+    prompt_flops: float | None = None
+    completion_flops: float | None = None
 
     def usage(self, wall_time_s: float) -> Usage:
         return Usage(
@@ -91,6 +94,8 @@ class _StepTally:
             self.reward_calls,
             self.reward_failures,
             wall_time_s,
+            self.prompt_flops,
+            self.completion_flops,
         )
 
 
@@ -117,6 +122,8 @@ class Engine:
             raise ConfigError(f"critic must have an async generate() method; got {type(critic).__name__}")
         for label, capped in (("policy", policy), ("critic", critic), ("reward", reward)):
             _max_batch_size(capped, label)  # checked now: a bad value is the backend's mistake, not a run failure
+        for label, sized in (("policy", policy), ("critic", critic)):
+            _parameter_count(sized, label)
         self.policy = policy
         self.critic = critic if critic is not None else policy
         self.reward = reward
@@ -168,13 +175,16 @@ class Engine:
         *,
         resume: Mapping[str, TPOResult] | None = None,
         on_step: StepCallback | None = None,
+        config: TPOConfig | None = None,
     ) -> AsyncGenerator[TPOResult, None]:
         """Optimise many prompts concurrently; yield each result as soon as its prompt finishes.
 
         Prompts are read lazily, at most ``config.max_concurrent_prompts`` at a time, so the
         input and output can be streams of any length. A prompt that is not a ``Prompt``
         gets its position (``"0"``, ``"1"``, ...) as id. ``resume`` maps prompt ids to
-        partial results to continue from.
+        partial results to continue from. ``config`` is these prompts' configuration
+        (default: the engine's), as for ``optimize``: several calls with different
+        configurations share the engine's dispatchers (what ``tpo sweep`` relies on).
 
         A problem of one prompt (its backend calls keep failing, its conversation cannot be
         made to fit, its ``resume`` entry belongs to another conversation) gives that prompt
@@ -184,13 +194,16 @@ class Engine:
         """
         normalized = _numbered(prompts)
         await self._prepare()
+        cfg = self.config if config is None else config
+        if cfg is not self.config:
+            self._check_call_config(cfg)
         earlier = resume or {}
 
         def run(p: Prompt) -> Coroutine[Any, Any, TPOResult]:
-            return self._run_chain(p, earlier.get(p.id), on_step)
+            return self._run_chain(p, earlier.get(p.id), on_step, cfg)
 
         # aclosing: leaving this generator early cancels the prompts still running, at once.
-        async with aclosing(bounded_map(run, normalized, limit=self.config.max_concurrent_prompts)) as results:
+        async with aclosing(bounded_map(run, normalized, limit=cfg.max_concurrent_prompts)) as results:
             async for result in results:
                 yield result
 
@@ -348,7 +361,8 @@ class Engine:
             chain.usage = chain.usage + usage
         best = chain.store.best()
         chain.steps.append(
-            replace(record, truncated=tuple(sorted(tally.truncated)), best_score=best.score if best else None, usage=usage)
+            replace(record, truncated=tuple(sorted(tally.truncated)), best_score=best.score if best else None, usage=usage,
+                    cumulative=chain.usage)
         )
 
     async def _sample_step(self, chain: _Chain, step: int, tally: _StepTally) -> StepRecord:
@@ -502,6 +516,11 @@ class Engine:
         tally.sequences += len(gen.texts)
         tally.prompt_tokens += gen.prompt_tokens or 0
         tally.completion_tokens += gen.completion_tokens or 0
+        sizes = _model_sizes(cfg, self.policy, self.critic)
+        if sizes is not None:
+            params = sizes[0] if purpose == "sample" else sizes[1]
+            tally.prompt_flops = (tally.prompt_flops or 0.0) + 2.0 * params * (gen.prompt_tokens or 0)
+            tally.completion_flops = (tally.completion_flops or 0.0) + 2.0 * params * (gen.completion_tokens or 0)
         return gen
 
     async def _score_and_store(
@@ -614,6 +633,34 @@ def _name(obj: object) -> str:
 
 def _describe(error: Exception) -> str:
     return f"{type(error).__name__}: {error}"
+
+
+def _parameter_count(obj: object, what: str) -> float | None:
+    """The optional ``parameter_count`` capability of a policy backend, checked."""
+    count = getattr(obj, "parameter_count", None)
+    if count is None:
+        return None
+    if isinstance(count, bool) or not isinstance(count, (int, float)) or not math.isfinite(count) or count <= 0:
+        raise ConfigError(f"{what} {_name(obj)}: parameter_count must be a positive number or None, not {count!r}")
+    return float(count)
+
+
+def _model_sizes(cfg: TPOConfig, policy: PolicyBackend, critic: PolicyBackend) -> tuple[float, float] | None:
+    """The parameters of the model that samples and of the one that writes critiques and rewrites, for FLOPs.
+
+    ``None`` unless every model a run of ``cfg`` uses has a known size: estimates for only
+    part of the work would be mistaken for the whole.
+    """
+    sampler = cfg.policy_params if cfg.policy_params is not None else _parameter_count(policy, "policy")
+    if cfg.critic_params is not None:
+        writer: float | None = cfg.critic_params
+    elif critic is policy:
+        writer = sampler
+    else:
+        writer = _parameter_count(critic, "critic")
+    if sampler is None or (writer is None and cfg.depth > 0):
+        return None
+    return sampler, writer if writer is not None else sampler
 
 
 def _max_batch_size(obj: object, what: str) -> int | None:

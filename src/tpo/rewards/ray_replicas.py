@@ -35,7 +35,7 @@ class RayReward:
     """
 
     name = "ray"
-    description = "Replicas of another reward model as Ray actors: ray:SPEC, e.g. ray:hf:MODEL (tpo[ray])."
+    description = "Replicas of another reward model as Ray actors: ray:SPEC, e.g. ray:hf:MODEL (the ray extra)."
     #: ``--ray-address`` reaches this plugin through ``tpo.build_models``.
     server_options = ("ray_address",)
     options_class = RayOptions
