@@ -440,3 +440,18 @@ def test_base_url_reaches_a_judge_on_a_server(monkeypatch: pytest.MonkeyPatch) -
                           "base_url": "http://127.0.0.1:9/v1", "api_key_env": "MY_KEY"})
     assert made == [("openai:m", {"base_url": "http://127.0.0.1:9/v1", "api_key_env": "MY_KEY"}),
                     ("openai:j", {"base_url": "http://127.0.0.1:9/v1", "api_key_env": "MY_KEY"})]
+
+
+def test_plugin_text_is_shown_verbatim_not_as_markup(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tpo.cli import plugins
+    from tpo.registry import PluginInfo
+
+    infos = [
+        PluginInfo("br", "g", "m:C", "Scores [bold]answers[/bold] with [x] and [/]", {"batching": True}),
+        PluginInfo("broken", "g", "m:D", "", {}, error="ImportError: needs pkg[extra]"),
+    ]
+    monkeypatch.setattr(plugins, "list_plugins", lambda group: infos)
+    result = CliRunner().invoke(cli, ["backends", "--verbose"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "Scores [bold]answers[/bold] with [x] and [/]" in result.output
+    assert "needs pkg[extra]" in result.output

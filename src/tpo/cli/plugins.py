@@ -25,10 +25,10 @@ def backends_command(verbose: bool) -> None:
         infos = list_plugins(group)
         for info in infos:
             if info.error:
-                table.add_row(info.name, "[red]unavailable[/red]", info.error)
+                table.add_row(escape(info.name), "[red]unavailable[/red]", escape(info.error))
                 continue
             caps = ", ".join(k.replace("supports_", "") for k, v in info.capabilities.items() if v) or "-"
-            table.add_row(info.name, caps, info.description)
+            table.add_row(escape(info.name), caps, escape(info.description))  # plugin text is not markup
         console.print(table)
         if verbose:
             kind = "policy" if group == BACKENDS_GROUP else "reward"
@@ -40,12 +40,12 @@ def backends_command(verbose: bool) -> None:
 def _options_table(info: PluginInfo, kind: str) -> Table | str:
     """The options of one plugin, or a line saying it declares none."""
     if not info.options:
-        return f"[bold]{info.name}[/bold] ({kind}): no declared options\n"
-    table = Table(title=f"{info.name} ({kind}) options", title_justify="left")
+        return f"[bold]{escape(info.name)}[/bold] ({kind}): no declared options\n"
+    table = Table(title=escape(f"{info.name} ({kind}) options"), title_justify="left")
     for column in ("option", "type", "constraint", "default", "help"):
         table.add_column(column, style="bold" if column == "option" else None)
     for o in info.options:
-        table.add_row(o.name, o.kind, escape(o.constraint or "-"), escape(_default(o.default)), escape(o.help))
+        table.add_row(escape(o.name), o.kind, escape(o.constraint or "-"), escape(_default(o.default)), escape(o.help))
     return table
 
 
