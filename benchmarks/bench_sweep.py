@@ -184,7 +184,7 @@ def main() -> None:
         )
         per = ", ".join(f"{name} {wall:.1f} s" for name, wall in alone["walls"].items())
         verdicts.append(
-            f"- {server}: the sweep's wall time is {sweep['ratio']:.2f}x the lower bound (target ≤ 1.2): "
+            f"- {server}: the sweep's wall time is {sweep['ratio']:.3f}x the lower bound (target ≤ 1.2): "
             f"{'met' if sweep['ratio'] <= 1.2 else 'MISSED'}; one configuration after another takes "
             f"{alone['wall_s'] / sweep['wall_s']:.2f}x the sweep's wall time ({per})"
         )

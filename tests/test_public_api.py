@@ -69,7 +69,7 @@ def test_cited_import_paths_work(path: str) -> None:
     module = importlib.import_module(path)
     for name in CITED[path]:
         assert hasattr(module, name), f"{path}.{name}"
-    exec(f"from {path} import *", {})  # noqa: S102 - the star import of a cited path must work too
+    exec(f"from {path} import *", {})
 
 
 @pytest.mark.parametrize("old", sorted(HOMES))
@@ -137,3 +137,20 @@ def test_core_modules_import_no_backend() -> None:
     for name in core:
         bad = [m for m in _imports(SRC / name) if m.startswith(("tpo.backends", "tpo.rewards", "tpo.cli", "tpo._http"))]
         assert not bad, f"{name} imports {bad}"
+
+
+def test_every_core_module_imports_first_in_a_fresh_interpreter() -> None:
+    """No import cycle that only shows when a module other than ``tpo`` is imported first."""
+    names = sorted(
+        ".".join(p.relative_to(SRC.parent).with_suffix("").parts).removesuffix(".__init__")
+        for layer in ("", "engine", "batch", "analysis")
+        for p in (SRC / layer).glob("*.py")
+        if p.name != "__main__.py"
+    )
+    code = (
+        "import subprocess, sys\n"
+        "bad = [n for n in sys.argv[1:] if subprocess.run([sys.executable, '-c', 'import ' + n]).returncode]\n"
+        "print(bad)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, *names], capture_output=True, text=True, check=True, timeout=300)
+    assert out.stdout.strip() == "[]", out.stderr[-3000:]

@@ -20,9 +20,9 @@ from click.testing import CliRunner
 
 import tpo
 from tpo import ConfigError, GenerationRequest
-from tpo.cli import cli
 from tpo.analysis.evaluate import load_run, summarize_run
 from tpo.analysis.report import build_report, write_report
+from tpo.cli import cli
 from tpo.testing import FunctionReward, ScriptedPolicy, default_reply
 
 EVIL = "<script>alert(1)</script><img src=x onerror=alert(2)> </script><!-- {{JS}} & &amp;"

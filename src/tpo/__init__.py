@@ -5,16 +5,9 @@ from __future__ import annotations
 from . import _aliases
 from .api import aoptimize, aoptimize_many, optimize, optimize_many
 from .config import TPOConfig
-from .engine import (
-    DEFAULT_PROMPTS,
-    Candidate,
-    CandidateStore,
-    Engine,
-    PromptSet,
-    answer_id,
-    derive_seed,
-    extract_answer,
-)
+from .engine.algorithm import Engine, derive_seed
+from .engine.prompts import DEFAULT_PROMPTS, PromptSet, extract_answer
+from .engine.store import Candidate, CandidateStore, answer_id
 from .errors import (
     BackendError,
     ConfigError,
@@ -48,8 +41,8 @@ __all__ = [
     "InputError",
     "MalformedResponseError",
     "Message",
-    "Models",
     "MissingDependencyError",
+    "Models",
     "PolicyBackend",
     "Prompt",
     "PromptSet",
@@ -69,9 +62,9 @@ __all__ = [
     "UserError",
     "__version__",
     "answer_id",
-    "build_models",
     "aoptimize",
     "aoptimize_many",
+    "build_models",
     "derive_seed",
     "extract_answer",
     "optimize",

@@ -8,8 +8,8 @@ import warnings
 from collections.abc import AsyncGenerator, AsyncIterable, Generator, Iterable, Mapping
 from typing import Any
 
-from .engine.algorithm import Engine, StepCallback
 from .config import TPOConfig
+from .engine.algorithm import Engine, StepCallback
 from .errors import UserError
 from .protocols import PolicyBackend, RewardModel
 from .result import TPOResult

@@ -173,7 +173,7 @@ def _assemble(
     if len(specs) == 1 and (weights or normalize != "none"):
         raise ConfigError("--reward-weights and --reward-normalize need more than one --reward")
     rewards = []
-    for spec, name, opts in zip(specs, names, _split_reward_options(reward_opts, names)):
+    for spec, name, opts in zip(specs, names, _split_reward_options(reward_opts, names), strict=True):
         if name == "judge" and prefer is not None:
             opts["prefer"] = prefer
         if name == "judge" and ":" in spec:

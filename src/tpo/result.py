@@ -7,8 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
-from .errors import InputError
 from .engine.store import Candidate
+from .errors import InputError
 
 __all__ = ["SCHEMA_VERSION", "StepRecord", "TPOResult", "Usage", "dumps_json"]
 

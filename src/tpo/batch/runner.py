@@ -32,6 +32,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
+from .._redact import redact as _redact
 from ..api import _no_running_loop, aclose_per_loop, apreflight
 from ..config import TPOConfig
 from ..engine.algorithm import Engine
@@ -39,8 +40,13 @@ from ..errors import ConfigError, InputError, RunError
 from ..protocols import PolicyBackend, RewardModel
 from ..result import TPOResult, Usage, dumps_json
 from ..types import Prompt
+from .checkpoints import _Checkpoints, _output_info
 from .datasets import PromptDataset, Source, read_prompts
+from .durable import _dump_line, _fsync_dir, _GroupLog, _lock, _repair_tail, _write_atomic, _WriteFailed
+from .fail_fast import DEFAULT_FAIL_FAST_AFTER, FailFast, check_fail_fast_after
+from .fingerprint import _differences, _method_fingerprint, _name, result_options
 from .jsonl import read_result_lines
+from .progress import BatchObserver, BatchState, BatchSummary
 
 __all__ = [
     "DEFAULT_COMPACT_MIN_BYTES",
@@ -74,13 +80,6 @@ def _real_path(path: Path) -> Path:
     """``path`` as given or, when a symbolic link is on the way, the file it leads to: one file, one run."""
     real = Path(os.path.realpath(path))
     return path if real == Path(os.path.abspath(path)) else real
-
-from .._redact import redact as _redact
-from .fail_fast import DEFAULT_FAIL_FAST_AFTER, FailFast, check_fail_fast_after
-from .checkpoints import _Checkpoints, _output_info
-from .durable import _dump_line, _fsync_dir, _GroupLog, _lock, _repair_tail, _write_atomic, _WriteFailed
-from .fingerprint import _differences, _method_fingerprint, _name, result_options
-from .progress import BatchObserver, BatchState, BatchSummary
 
 # ---------------------------------------------------------------------------- the run
 

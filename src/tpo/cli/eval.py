@@ -11,9 +11,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ..errors import ConfigError
 from ..analysis.compute import MatchedComparison
 from ..analysis.evaluate import Comparison, Distribution, Evaluation, Interval, RunSummary, evaluate, load_run
+from ..errors import ConfigError
 from ..result import dumps_json
 from ._common import with_errors
 from ._terminal import for_terminal

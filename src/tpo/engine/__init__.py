@@ -1,19 +1,6 @@
-"""The method: TPO, revision and best-of-N as one engine over many prompts, with its candidate store and prompts."""
+"""The method: TPO, revision and best-of-N as one engine over many prompts, with its candidate store and prompts.
 
-from __future__ import annotations
-
-from .algorithm import Engine, StepCallback, derive_seed
-from .prompts import DEFAULT_PROMPTS, PromptSet, extract_answer
-from .store import Candidate, CandidateStore, answer_id
-
-__all__ = [
-    "DEFAULT_PROMPTS",
-    "Candidate",
-    "CandidateStore",
-    "Engine",
-    "PromptSet",
-    "StepCallback",
-    "answer_id",
-    "derive_seed",
-    "extract_answer",
-]
+``algorithm`` is the paper's loop, ``store`` the scored answers with their lineage, ``prompts`` the
+templates as data; ``_dispatch``, ``_budget`` and ``_scheduler`` are its private machinery. The
+public names are re-exported by ``tpo`` itself.
+"""

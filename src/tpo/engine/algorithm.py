@@ -29,16 +29,16 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
+from ..config import TPOConfig
+from ..errors import BackendError, ConfigError, InputError, RewardError, RunError, TPOError
+from ..protocols import PolicyBackend, RewardModel
+from ..result import StepRecord, TPOResult, Usage
+from ..types import Generation, GenerationRequest, Message, Prompt, PromptLike, SamplingParams, Score, ScoreRequest
 from ._budget import DEFAULT_CONTEXT_WINDOW, ContextBudget
 from ._dispatch import Dispatcher
 from ._scheduler import bounded_map
-from ..config import TPOConfig
-from ..errors import BackendError, ConfigError, InputError, RewardError, RunError, TPOError
 from .prompts import extract_answer, render, render_conversation
-from ..protocols import PolicyBackend, RewardModel
-from ..result import StepRecord, TPOResult, Usage
 from .store import Candidate, CandidateStore, answer_id
-from ..types import Generation, GenerationRequest, Message, Prompt, PromptLike, SamplingParams, Score, ScoreRequest
 
 __all__ = ["Engine", "StepCallback", "derive_seed"]
 
