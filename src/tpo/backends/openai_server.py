@@ -307,11 +307,6 @@ class OpenAIPolicy:
             )
         self.model = model.strip()
         given_url = base_url if base_url is not None else OFFICIAL_BASE_URL
-        if "," in given_url:
-            raise ConfigError(
-                "base_url holds several URLs, and an OpenAIPolicy talks to one server; OpenAIPolicy.from_spec "
-                "and tpo.build_models make one per server and send each request to the least busy"
-            )
         #: The server's URL without its query string; the query (``base_query``) goes on every request.
         self.base_url, self.base_query = _check_base_url(given_url)
         # Messages name the server by this: its password, token and key-like query values masked.
@@ -328,18 +323,7 @@ class OpenAIPolicy:
         self._window: int | None = None
         self._window_known = False
         self.extra_body: dict[str, Any] = dict(opts.extra_body or {})
-        if api_key is None and opts.api_key_env is not None:
-            key_env = opts.api_key_env.strip()
-            api_key = os.environ.get(key_env) or None
-            if api_key is None:
-                raise ConfigError(f"api_key_env={key_env}, but the environment variable {key_env} is not set")
-        if api_key is None:
-            if _is_official(self.base_url):
-                raise ConfigError(
-                    f"{self.base_url} needs an API key: set OPENAI_API_KEY, or name another variable with "
-                    "api_key_env=NAME (--api-key-env NAME). For a local server, give its URL with --base-url."
-                )
-            api_key = _PLACEHOLDER_KEY
+        api_key = _resolve_key(api_key, opts.api_key_env, self.base_url)
         self._key = _Secret(api_key)
         self._secrets = _Secret(api_key if api_key != _PLACEHOLDER_KEY else "", *url_secrets(given_url))
         # Newer OpenAI models refuse the older `max_tokens`; open-source servers know only it for sure.
@@ -798,11 +782,33 @@ def _new_http_client(openai_module: Any, transport: Any, connections: int, timeo
         return None
 
 
+def _resolve_key(api_key: str | None, api_key_env: str | None, base_url: str) -> str:
+    """The key to send: given, or read from ``api_key_env``; a local server without one gets a placeholder."""
+    if api_key is None and api_key_env is not None:
+        key_env = api_key_env.strip()
+        api_key = os.environ.get(key_env) or None
+        if api_key is None:
+            raise ConfigError(f"api_key_env={key_env}, but the environment variable {key_env} is not set")
+    if api_key is not None:
+        return api_key
+    if _is_official(base_url):
+        raise ConfigError(
+            f"{base_url} needs an API key: set OPENAI_API_KEY, or name another variable with "
+            "api_key_env=NAME (--api-key-env NAME). For a local server, give its URL with --base-url."
+        )
+    return _PLACEHOLDER_KEY
+
+
 def _check_base_url(url: str) -> tuple[str, dict[str, str]]:
     """The base URL without its query string, and that query's parameters (sent with every request)."""
     if not isinstance(url, str) or not url.strip():
         raise ConfigError("base_url is empty; give the server's URL, e.g. http://localhost:8000/v1")
     url = url.strip()
+    if "," in url:
+        raise ConfigError(
+            "base_url holds several URLs, and an OpenAIPolicy talks to one server; OpenAIPolicy.from_spec "
+            "and tpo.build_models make one per server and send each request to the least busy"
+        )
     shown = mask_url(_display_url(url))
     try:
         parts = urlsplit(url)
