@@ -73,17 +73,25 @@ def main() -> None:
     for i in range(args.repeats):
         row = measure(args.prompt, seed=i)
         rows.append(row)
-        print(f"run {i}: wall {row['wall_s']:.1f} s, inside llama.cpp {row['llama_s']:.1f} s (load {row['load_s']:.2f} s), "
-              f"everything else {row['other_s']:.2f} s = {row['other_frac']:.1%}; first token after {row['first_token_s']:.2f} s; "
-              f"{row['sequences']:.0f} sequences, {row['completion_tokens']:.0f} completion tokens", flush=True)
+        print(
+            f"run {i}: wall {row['wall_s']:.1f} s, inside llama.cpp {row['llama_s']:.1f} s (load {row['load_s']:.2f} s), "
+            f"everything else {row['other_s']:.2f} s = {row['other_frac']:.1%}; first token after {row['first_token_s']:.2f} s; "
+            f"{row['sequences']:.0f} sequences, {row['completion_tokens']:.0f} completion tokens",
+            flush=True,
+        )
     worst_other = max(r["other_frac"] for r in rows)
     worst_first = max(r["first_token_s"] for r in rows)
     cli = None if args.no_cli else cli_wall(args.prompt)
     table = "\n".join(
-        ["| run | wall s | inside llama.cpp s (load) | everything else s | share | first token s | sequences |",
-         "|---:|---:|---:|---:|---:|---:|---:|"]
-        + [f"| {i} | {r['wall_s']:.1f} | {r['llama_s']:.1f} ({r['load_s']:.2f}) | {r['other_s']:.2f} | {r['other_frac']:.1%} | "
-           f"{r['first_token_s']:.2f} | {r['sequences']:.0f} |" for i, r in enumerate(rows)]
+        [
+            "| run | wall s | inside llama.cpp s (load) | everything else s | share | first token s | sequences |",
+            "|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        + [
+            f"| {i} | {r['wall_s']:.1f} | {r['llama_s']:.1f} ({r['load_s']:.2f}) | {r['other_s']:.2f} | {r['other_frac']:.1%} | "
+            f"{r['first_token_s']:.2f} | {r['sequences']:.0f} |"
+            for i, r in enumerate(rows)
+        ]
     )
     verdict = (
         f"- everything outside llama.cpp (outside the backend's generation loop and model load): at most {worst_other:.1%} of the wall time (target ≤ 10%): "
@@ -92,10 +100,10 @@ def main() -> None:
         f"{'met' if worst_first < 2.0 else 'MISSED'}\n"
         f"- TPO D2-N5, the bundled SmolLM2-135M-Instruct (Q4_1 GGUF) judging its own answers, `tpo run`'s defaults "
         f"(replies capped at {DEMO_MAX_TOKENS} new tokens for the demo model), "
-        f"prompt: \"{args.prompt}\""
+        f'prompt: "{args.prompt}"'
     )
     if cli is not None:
-        verdict += f"\n- the same through `tpo run \"...\" --json` as a subprocess: {cli:.1f} s (Python start-up and imports included)"
+        verdict += f'\n- the same through `tpo run "..." --json` as a subprocess: {cli:.1f} s (Python start-up and imports included)'
     print(verdict)
     write_section("bundled", "3. The bundled model end to end", table + "\n\n" + verdict)
 

@@ -115,7 +115,10 @@ def main() -> None:
         for n in args.prompts:
             # A fresh process per size, so peak memory belongs to that size alone.
             out = subprocess.run(
-                [sys.executable, __file__, "--one", str(n), "--out-dir", tmp], check=True, capture_output=True, text=True
+                [sys.executable, __file__, "--one", str(n), "--out-dir", tmp],
+                check=True,
+                capture_output=True,
+                text=True,
             ).stdout
             row = json.loads(out.strip().splitlines()[-1])
             rows.append(row)
@@ -130,8 +133,10 @@ def main() -> None:
     ok_time = worst < TARGET_MS_PER_PROMPT_STEP
     ok_mem = growth < 1.5
     table = "\n".join(
-        ["| prompts | wall s | ms per prompt-step | peak RSS MiB | RSS at 10% / at end MiB | backend calls |",
-         "|---:|---:|---:|---:|---:|---:|"]
+        [
+            "| prompts | wall s | ms per prompt-step | peak RSS MiB | RSS at 10% / at end MiB | backend calls |",
+            "|---:|---:|---:|---:|---:|---:|",
+        ]
         + [
             f"| {r['prompts']:,} | {r['wall_s']:.2f} | {r['ms_per_prompt_step']:.3f} | {r['peak_rss_mib']:.1f} | "
             f"{r['rss_10pct_mib']:.1f} / {r['rss_end_mib']:.1f} | {r['backend_calls']} |"

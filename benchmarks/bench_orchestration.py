@@ -62,9 +62,22 @@ class Server:
         self.base = f"http://127.0.0.1:{self.port}"
         self.args = args
         self.proc = subprocess.Popen(
-            [sys.executable, str(HERE / "sim_server.py"), "--port", str(self.port), "--slots", str(args.slots),
-             "--decode-tokens-per-s", str(args.decode_rate), "--prefill-tokens-per-s", str(args.prefill_rate),
-             "--answer-tokens", str(args.answer_tokens), "--time-scale", str(args.time_scale)],
+            [
+                sys.executable,
+                str(HERE / "sim_server.py"),
+                "--port",
+                str(self.port),
+                "--slots",
+                str(args.slots),
+                "--decode-tokens-per-s",
+                str(args.decode_rate),
+                "--prefill-tokens-per-s",
+                str(args.prefill_rate),
+                "--answer-tokens",
+                str(args.answer_tokens),
+                "--time-scale",
+                str(args.time_scale),
+            ],
         )
         deadline = time.time() + 30
         while time.time() < deadline:
@@ -88,15 +101,20 @@ class Server:
 
 
 def prompts(n: int) -> list[tpo.Prompt]:
-    return [tpo.Prompt(f"q{i}", (tpo.Message("user", f"Question {i}: explain how a heat pump works in a cold climate."),))
-            for i in range(n)]
+    return [
+        tpo.Prompt(f"q{i}", (tpo.Message("user", f"Question {i}: explain how a heat pump works in a cold climate."),))
+        for i in range(n)
+    ]
 
 
 async def run_tpo(server: Server, n_prompts: int, concurrent: int, args: argparse.Namespace) -> dict[str, Any]:
     policy = policy_from_spec("openai:sim", base_url=server.base + "/v1", max_concurrency=args.max_in_flight)
     reward = FunctionReward(lambda messages, answer: float(sum(map(ord, answer[:64])) % 101))
-    engine = tpo.Engine(policy, reward, config=tpo.TPOConfig(width=5, depth=2, max_tokens=args.answer_tokens,
-                                                          max_concurrent_prompts=concurrent))
+    engine = tpo.Engine(
+        policy,
+        reward,
+        config=tpo.TPOConfig(width=5, depth=2, max_tokens=args.answer_tokens, max_concurrent_prompts=concurrent),
+    )
     server.reset()
     results = []
     t0 = time.perf_counter()
@@ -112,9 +130,7 @@ async def run_tpo(server: Server, n_prompts: int, concurrent: int, args: argpars
         raise RuntimeError(f"{len(failed)} prompts failed, e.g. {failed[0].error}")
     scale = args.time_scale
     decode_s = args.answer_tokens / args.decode_rate
-    chains = [
-        (r.usage.prompt_tokens / args.prefill_rate + r.usage.policy_calls * decode_s) / scale for r in results
-    ]
+    chains = [(r.usage.prompt_tokens / args.prefill_rate + r.usage.policy_calls * decode_s) / scale for r in results]
     throughput_bound = st["busy_slot_s"] / args.slots / scale
     bound = max(throughput_bound, max(chains))
     return {
@@ -156,16 +172,22 @@ def main() -> None:
             row = asyncio.run(run_tpo(server, n, 256, args))
             row["structure"] = "tpo"
             rows.append(row)
-            print(f"tpo        {n:>5} prompts: {row['wall_s']:7.1f} s, bound {row['bound_s']:6.1f} s "
-                  f"(throughput {row['throughput_bound_s']:.1f}, chain {row['chain_bound_s']:.1f}), "
-                  f"{row['ratio_to_bound']:.2f}x the bound, peak {row['peak_concurrency']} of {args.slots} slots, "
-                  f"utilisation {row['slot_utilisation']:.0%}", flush=True)
+            print(
+                f"tpo        {n:>5} prompts: {row['wall_s']:7.1f} s, bound {row['bound_s']:6.1f} s "
+                f"(throughput {row['throughput_bound_s']:.1f}, chain {row['chain_bound_s']:.1f}), "
+                f"{row['ratio_to_bound']:.2f}x the bound, peak {row['peak_concurrency']} of {args.slots} slots, "
+                f"utilisation {row['slot_utilisation']:.0%}",
+                flush=True,
+            )
         for threads in args.reference_threads:
             row = asyncio.run(run_tpo(server, args.reference_size, threads, args))
             row["structure"] = f"reference ({threads} at a time)"
             rows.append(row)
-            print(f"reference  {args.reference_size:>5} prompts, {threads:>2} at a time: {row['wall_s']:7.1f} s, "
-                  f"{row['ratio_to_bound']:.2f}x the bound, peak {row['peak_concurrency']} slots", flush=True)
+            print(
+                f"reference  {args.reference_size:>5} prompts, {threads:>2} at a time: {row['wall_s']:7.1f} s, "
+                f"{row['ratio_to_bound']:.2f}x the bound, peak {row['peak_concurrency']} slots",
+                flush=True,
+            )
     finally:
         server.stop()
     ours = next(r for r in rows if r["structure"] == "tpo" and r["prompts"] == args.reference_size)
@@ -181,13 +203,17 @@ def main() -> None:
         )
     verdicts = []
     worst = max(r["ratio_to_bound"] for r in rows if r["structure"] == "tpo")
-    verdicts.append(f"- tpo's wall time is at most {worst:.2f}x the lower bound (target ≤ 1.2): {'met' if worst <= 1.2 else 'MISSED'}")
+    verdicts.append(
+        f"- tpo's wall time is at most {worst:.2f}x the lower bound (target ≤ 1.2): {'met' if worst <= 1.2 else 'MISSED'}"
+    )
     for r in rows:
         if r["structure"] != "tpo":
             speedup = r["wall_s"] / ours["wall_s"]
             target = " (target ≥ 5 at the default 4)" if r["concurrent_prompts"] == 4 else ""
             met = "" if not target else (": met" if speedup >= 5 else ": MISSED")
-            verdicts.append(f"- tpo is {speedup:.1f}x faster than the reference structure at {r['concurrent_prompts']} prompts at a time{target}{met}")
+            verdicts.append(
+                f"- tpo is {speedup:.1f}x faster than the reference structure at {r['concurrent_prompts']} prompts at a time{target}{met}"
+            )
     verdicts.append(
         f"- simulated server: {args.slots} slots, {args.decode_rate:g} tokens/s per sequence, prefill {args.prefill_rate:g} tokens/s, "
         f"{args.answer_tokens}-token answers, time scale {args.time_scale:g} (wall and bounds are in real seconds); "

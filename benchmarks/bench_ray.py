@@ -40,9 +40,13 @@ CPUS_PER_REPLICA = 0.25
 
 def requests(n: int, tag: str) -> list[tpo.GenerationRequest]:
     return [
-        tpo.GenerationRequest((tpo.Message("user", f"Question {tag}-{i}: explain how a heat pump works."),), n=1,
-                              sampling=tpo.SamplingParams(seed=i, max_tokens=64), purpose="sample",
-                              prompt_id=f"{tag}{i}")
+        tpo.GenerationRequest(
+            (tpo.Message("user", f"Question {tag}-{i}: explain how a heat pump works."),),
+            n=1,
+            sampling=tpo.SamplingParams(seed=i, max_tokens=64),
+            purpose="sample",
+            prompt_id=f"{tag}{i}",
+        )
         for i in range(n)
     ]
 
@@ -51,8 +55,9 @@ def build(replicas: int | None, **options: Any) -> Any:
     """The ``fixed`` backend in this process (``replicas=None``) or as ``ray:`` replicas."""
     if replicas is None:
         return policy_from_spec("fixed", **options)
-    return policy_from_spec("ray:fixed", replicas=replicas, num_cpus=CPUS_PER_REPLICA, runtime_env=RUNTIME_ENV,
-                            **options)
+    return policy_from_spec(
+        "ray:fixed", replicas=replicas, num_cpus=CPUS_PER_REPLICA, runtime_env=RUNTIME_ENV, **options
+    )
 
 
 async def per_call_s(policy: Any, batch: int, calls: int) -> float:
@@ -76,10 +81,21 @@ async def overhead_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
             for size in sizes:
                 a = await per_call_s(local, size, args.calls)
                 b = await per_call_s(remote, size, args.calls)
-                rows.append({"batching": batching, "batch": size, "local_ms": a * 1e3, "ray_ms": b * 1e3,
-                             "overhead_ms": (b - a) * 1e3, "per_request_us": (b - a) / size * 1e6})
-                print(f"{'batching' if batching else 'single  '} batch {size:>3}: in-process {a * 1e3:7.3f} ms, "
-                      f"ray {b * 1e3:7.3f} ms per call", flush=True)
+                rows.append(
+                    {
+                        "batching": batching,
+                        "batch": size,
+                        "local_ms": a * 1e3,
+                        "ray_ms": b * 1e3,
+                        "overhead_ms": (b - a) * 1e3,
+                        "per_request_us": (b - a) / size * 1e6,
+                    }
+                )
+                print(
+                    f"{'batching' if batching else 'single  '} batch {size:>3}: in-process {a * 1e3:7.3f} ms, "
+                    f"ray {b * 1e3:7.3f} ms per call",
+                    flush=True,
+                )
         finally:
             await remote.aclose()
     return rows
@@ -106,10 +122,19 @@ async def throughput_row(replicas: int, batching: bool, args: argparse.Namespace
         shares = [r.requests for r in policy.replica_reports()]
     finally:
         await policy.aclose()
-    row = {"replicas": replicas, "batching": batching, "wall_s": wall, "ideal_s": ideal, "efficiency": ideal / wall,
-           "shares": shares}
-    print(f"{'batching' if batching else 'single  '} {replicas} replica(s): {wall:6.2f} s, ideal {ideal:6.2f} s, "
-          f"{ideal / wall:.0%} of linear, requests per replica {shares}", flush=True)
+    row = {
+        "replicas": replicas,
+        "batching": batching,
+        "wall_s": wall,
+        "ideal_s": ideal,
+        "efficiency": ideal / wall,
+        "shares": shares,
+    }
+    print(
+        f"{'batching' if batching else 'single  '} {replicas} replica(s): {wall:6.2f} s, ideal {ideal:6.2f} s, "
+        f"{ideal / wall:.0%} of linear, requests per replica {shares}",
+        flush=True,
+    )
     return row
 
 
@@ -139,24 +164,33 @@ def main() -> None:
     finally:
         ray.shutdown()
 
-    lines = ["**Overhead per call** (no service time; median of "
-             f"{args.calls} calls):", "",
-             "| backend | requests per call | in-process ms | ray: (1 replica) ms | overhead ms per call "
-             "| per request µs |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"**Overhead per call** (no service time; median of {args.calls} calls):",
+        "",
+        "| backend | requests per call | in-process ms | ray: (1 replica) ms | overhead ms per call | per request µs |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for r in overhead:
-        lines.append(f"| {'batching' if r['batching'] else 'non-batching'} | {r['batch']} | {r['local_ms']:.3f} | "
-                     f"{r['ray_ms']:.3f} | {r['overhead_ms']:.2f} | {r['per_request_us']:.0f} |")
-    lines += ["", "**Throughput against replicas** (ideal = the work ÷ the replicas):", "",
-              "| backend | replicas | wall s | ideal s | throughput ÷ linear | requests per replica |",
-              "|---|---:|---:|---:|---:|---|"]
+        lines.append(
+            f"| {'batching' if r['batching'] else 'non-batching'} | {r['batch']} | {r['local_ms']:.3f} | "
+            f"{r['ray_ms']:.3f} | {r['overhead_ms']:.2f} | {r['per_request_us']:.0f} |"
+        )
+    lines += [
+        "",
+        "**Throughput against replicas** (ideal = the work ÷ the replicas):",
+        "",
+        "| backend | replicas | wall s | ideal s | throughput ÷ linear | requests per replica |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
     for r in throughput:
         if r["batching"]:
             kind = f"batching, {args.batch_service_s * 1e3:g} ms per request, {args.batches} batches of 256"
         else:
             kind = f"non-batching, {args.service_s * 1e3:g} ms per call, {args.requests} requests at once"
-        lines.append(f"| {kind} | {r['replicas']} | {r['wall_s']:.2f} | {r['ideal_s']:.2f} | {r['efficiency']:.2f} | "
-                     f"{', '.join(map(str, r['shares']))} |")
+        lines.append(
+            f"| {kind} | {r['replicas']} | {r['wall_s']:.2f} | {r['ideal_s']:.2f} | {r['efficiency']:.2f} | "
+            f"{', '.join(map(str, r['shares']))} |"
+        )
     worst = min(r["efficiency"] for r in throughput)
     verdicts = [
         f"- throughput with 1, 2 and 4 replicas is at least {worst:.2f} × linear (target ≥ 0.85): "

@@ -51,8 +51,11 @@ async def run(servers: list[Server], args: argparse.Namespace, *, kill_at: float
     per_replica = max(1, args.max_in_flight // len(servers))
     policy = policy_from_spec("openai:sim", base_url=urls, max_concurrency=per_replica)
     reward = FunctionReward(lambda messages, answer: float(sum(map(ord, answer[:64])) % 101))
-    engine = tpo.Engine(policy, reward, config=tpo.TPOConfig(width=5, depth=2, max_tokens=args.answer_tokens,
-                                                          max_concurrent_prompts=args.concurrent))
+    engine = tpo.Engine(
+        policy,
+        reward,
+        config=tpo.TPOConfig(width=5, depth=2, max_tokens=args.answer_tokens, max_concurrent_prompts=args.concurrent),
+    )
     for s in servers:
         s.reset()
     scale, total_slots = args.time_scale, sum(s.args.slots for s in servers)
@@ -74,8 +77,16 @@ async def run(servers: list[Server], args: argparse.Namespace, *, kill_at: float
     busy_s = sum(s.stats()["busy_slot_s"] for s in live) / scale
     decode_s = args.answer_tokens / args.decode_rate
     chain = max((r.usage.prompt_tokens / args.prefill_rate + r.usage.policy_calls * decode_s) / scale for r in results)
-    return {"servers": len(servers), "slots": total_slots, "wall_s": wall, "busy_slot_s": busy_s, "chain_s": chain,
-            "bound_s": max(busy_s / total_slots, chain), "killed": killed, "reports": reports}
+    return {
+        "servers": len(servers),
+        "slots": total_slots,
+        "wall_s": wall,
+        "busy_slot_s": busy_s,
+        "chain_s": chain,
+        "bound_s": max(busy_s / total_slots, chain),
+        "killed": killed,
+        "reports": reports,
+    }
 
 
 def main() -> None:
@@ -93,8 +104,11 @@ def main() -> None:
         args.prompts = 256
     os.environ.setdefault("OPENAI_API_KEY", "sk-simulated")
     rows = []
-    for label, count, slots, kill_at in (("4 servers × 16 slots", 4, 16, None), ("1 server × 64 slots", 1, 64, None),
-                                         ("4 servers × 16 slots, one killed at 1/3", 4, 16, 1 / 3)):
+    for label, count, slots, kill_at in (
+        ("4 servers × 16 slots", 4, 16, None),
+        ("1 server × 64 slots", 1, 64, None),
+        ("4 servers × 16 slots, one killed at 1/3", 4, 16, 1 / 3),
+    ):
         servers = _servers(count, slots, args)
         try:
             row = asyncio.run(run(servers, args, kill_at=kill_at))
@@ -109,12 +123,16 @@ def main() -> None:
     k = killed["killed"]
     left_s = max(0.0, four["busy_slot_s"] - k["done_slot_s"])
     killed["bound_s"] = max(k["at_s"] + left_s / (killed["slots"] - 16), killed["chain_s"])
-    lines = ["| setup | prompts | wall s | bound s | wall ÷ bound | sequences per replica |",
-             "|---|---:|---:|---:|---:|---|"]
+    lines = [
+        "| setup | prompts | wall s | bound s | wall ÷ bound | sequences per replica |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
     for r in rows:
         shares = ", ".join(f"{x.sequences:,}" for x in r["reports"]) or "—"
-        lines.append(f"| {r['label']} | {args.prompts:,} | {r['wall_s']:.1f} | {r['bound_s']:.1f} | "
-                     f"{r['wall_s'] / r['bound_s']:.2f} | {shares} |")
+        lines.append(
+            f"| {r['label']} | {args.prompts:,} | {r['wall_s']:.1f} | {r['bound_s']:.1f} | "
+            f"{r['wall_s'] / r['bound_s']:.2f} | {shares} |"
+        )
         print(lines[-1], flush=True)
     ratio4, ratio1 = four["wall_s"] / four["bound_s"], one["wall_s"] / one["bound_s"]
     gap = four["wall_s"] / one["wall_s"] - 1

@@ -79,7 +79,9 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=1000)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 gives stable figures on a shared machine)")
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (1 gives stable figures on a shared machine)"
+    )
     ap.add_argument("--reps", type=int, default=2)
     args = ap.parse_args()
     import torch
@@ -96,16 +98,24 @@ def main() -> None:
             row = measure(Path(model), pairs, args.reps)
             row["label"] = label  # type: ignore[assignment]
             rows.append(row)
-            print(f"{label:>24}: {row['pairs']} pairs, {row['mean_tokens']:.0f} tokens on average; batched "
-                  f"{row['batched_pairs_per_s']:.1f} pairs/s, one at a time {row['single_pairs_per_s']:.1f} pairs/s, "
-                  f"ratio {row['ratio']:.2f}, max |score difference| {row['max_abs_diff']:.1e}", flush=True)
+            print(
+                f"{label:>24}: {row['pairs']} pairs, {row['mean_tokens']:.0f} tokens on average; batched "
+                f"{row['batched_pairs_per_s']:.1f} pairs/s, one at a time {row['single_pairs_per_s']:.1f} pairs/s, "
+                f"ratio {row['ratio']:.2f}, max |score difference| {row['max_abs_diff']:.1e}",
+                flush=True,
+            )
     main_row = rows[0]
     same = all(r["max_abs_diff"] <= 1e-4 for r in rows)
     table = "\n".join(
-        ["| pairs | mean tokens | batched pairs/s | one at a time pairs/s | ratio | max abs score difference |",
-         "|---|---:|---:|---:|---:|---:|"]
-        + [f"| {r['label']} ({r['pairs']:,}) | {r['mean_tokens']:.0f} | {r['batched_pairs_per_s']:.1f} | "
-           f"{r['single_pairs_per_s']:.1f} | {r['ratio']:.2f} | {r['max_abs_diff']:.1e} |" for r in rows]
+        [
+            "| pairs | mean tokens | batched pairs/s | one at a time pairs/s | ratio | max abs score difference |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        + [
+            f"| {r['label']} ({r['pairs']:,}) | {r['mean_tokens']:.0f} | {r['batched_pairs_per_s']:.1f} | "
+            f"{r['single_pairs_per_s']:.1f} | {r['ratio']:.2f} | {r['max_abs_diff']:.1e} |"
+            for r in rows
+        ]
     )
     met = main_row["ratio"] >= TARGET_RATIO
     verdict = (

@@ -50,12 +50,37 @@ class TPOServe:
         self.log = (workdir / "serve.log").open("w")
         env = {**os.environ, "OPENAI_API_KEY": "sk-simulated"}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tpo", "serve", "--policy", "openai:sim", "--base-url", sim.base + "/v1",
-             "--policy-option", f"max_concurrency={args.max_in_flight}",
-             "--reward", f"python:{workdir / 'reward.py'}:score", "--width", "5", "--depth", "2",
-             "--max-tokens", str(args.answer_tokens), "--max-concurrent", str(max(args.clients)),
-             "--max-queue", "0", "--port", str(self.port), "--log-level", "warning"],
-            env=env, stdout=self.log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "tpo",
+                "serve",
+                "--policy",
+                "openai:sim",
+                "--base-url",
+                sim.base + "/v1",
+                "--policy-option",
+                f"max_concurrency={args.max_in_flight}",
+                "--reward",
+                f"python:{workdir / 'reward.py'}:score",
+                "--width",
+                "5",
+                "--depth",
+                "2",
+                "--max-tokens",
+                str(args.answer_tokens),
+                "--max-concurrent",
+                str(max(args.clients)),
+                "--max-queue",
+                "0",
+                "--port",
+                str(self.port),
+                "--log-level",
+                "warning",
+            ],
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
         )
         deadline = time.time() + 60
         while time.time() < deadline:
@@ -76,16 +101,22 @@ class TPOServe:
         self.log.close()
 
 
-async def run_clients(serve: TPOServe, sim: Server, clients: int, per_client: int, args: argparse.Namespace
-                      ) -> dict[str, Any]:
+async def run_clients(
+    serve: TPOServe, sim: Server, clients: int, per_client: int, args: argparse.Namespace
+) -> dict[str, Any]:
     sim.reset()
     latencies: list[float] = []
     chains: dict[int, float] = {}
     request_chains: list[float] = []
     decode_s = args.answer_tokens / args.decode_rate
     limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients + 8)
-    async with openai.AsyncOpenAI(base_url=serve.base + "/v1", api_key="unused", max_retries=0, timeout=600,
-                                  http_client=httpx.AsyncClient(limits=limits, timeout=600)) as client:
+    async with openai.AsyncOpenAI(
+        base_url=serve.base + "/v1",
+        api_key="unused",
+        max_retries=0,
+        timeout=600,
+        http_client=httpx.AsyncClient(limits=limits, timeout=600),
+    ) as client:
 
         async def one_client(c: int) -> None:
             for r in range(per_client):
@@ -156,12 +187,15 @@ def main() -> None:
                 for clients in args.clients:
                     row = asyncio.run(run_clients(serve, sim, clients, args.requests_per_client, args))
                     rows.append(row)
-                    print(f"C={clients:>4} x R={args.requests_per_client}: {row['wall_s']:6.1f} s, "
-                          f"bound {row['bound_s']:5.1f} s "
-                          f"(throughput {row['throughput_bound_s']:.1f}, chain {row['chain_bound_s']:.1f}) = "
-                          f"{row['ratio_to_bound']:.2f}x; p50 {row['p50_s']:.2f} s, p95 {row['p95_s']:.2f} s "
-                          f"(one chain {row['one_chain_s']:.2f} s); {row['requests_per_s']:.1f} requests/s; "
-                          f"peak {row['peak_concurrency']} slots", flush=True)
+                    print(
+                        f"C={clients:>4} x R={args.requests_per_client}: {row['wall_s']:6.1f} s, "
+                        f"bound {row['bound_s']:5.1f} s "
+                        f"(throughput {row['throughput_bound_s']:.1f}, chain {row['chain_bound_s']:.1f}) = "
+                        f"{row['ratio_to_bound']:.2f}x; p50 {row['p50_s']:.2f} s, p95 {row['p95_s']:.2f} s "
+                        f"(one chain {row['one_chain_s']:.2f} s); {row['requests_per_s']:.1f} requests/s; "
+                        f"peak {row['peak_concurrency']} slots",
+                        flush=True,
+                    )
             finally:
                 serve.stop()
     finally:
@@ -190,7 +224,7 @@ def main() -> None:
     chain = statistics.median(r["one_chain_s"] for r in rows)
     verdicts.append(
         f"- one request's dependent chain (7 calls: prefill + one sequence's decode each) is {chain:.2f} s; "
-        "\"latency bound\" is the larger of that and C requests' slot-time shared by the K slots"
+        '"latency bound" is the larger of that and C requests\' slot-time shared by the K slots'
     )
     verdicts.append(
         f"- `tpo serve` (one process: uvicorn, one shared engine) in front of the simulated server "

@@ -52,15 +52,18 @@ def _input(folder: Path, n: int) -> Path:
     path = folder / "prompts.jsonl"
     with path.open("w") as f:
         for i in range(n):
-            f.write(json.dumps({"id": f"q{i}", "prompt": f"Question {i}: explain how a heat pump works in a cold climate."})
-                    + "\n")
+            f.write(
+                json.dumps({"id": f"q{i}", "prompt": f"Question {i}: explain how a heat pump works in a cold climate."})
+                + "\n"
+            )
     return path
 
 
 def _chains(results: list[TPOResult], args: argparse.Namespace) -> float:
     decode_s = args.answer_tokens / args.decode_rate
-    return max((r.usage.prompt_tokens / args.prefill_rate + r.usage.policy_calls * decode_s) / args.time_scale
-               for r in results)
+    return max(
+        (r.usage.prompt_tokens / args.prefill_rate + r.usage.policy_calls * decode_s) / args.time_scale for r in results
+    )
 
 
 def _results(path: Path) -> list[TPOResult]:
@@ -69,8 +72,9 @@ def _results(path: Path) -> list[TPOResult]:
 
 async def _sweep(server: Server, data: Path, folder: Path, args: argparse.Namespace) -> dict[str, Any]:
     base = TPOConfig(max_tokens=args.answer_tokens)
-    entries = plan_sweep(base, modes=["tpo", "revision", "bon"], widths=[2, 5, 10], depths=[1, 2, 3],
-                         bon_widths=[15, 30, 60])
+    entries = plan_sweep(
+        base, modes=["tpo", "revision", "bon"], widths=[2, 5, 10], depths=[1, 2, 3], bon_widths=[15, 30, 60]
+    )
     policy = policy_from_spec("openai:sim", base_url=server.base + "/v1", max_concurrency=args.max_in_flight)
     sweep = Sweep(read_prompts(data, id_field="id"), folder, entries, models={"policy": "openai:sim"})
     server.reset()
@@ -88,22 +92,32 @@ async def _sweep(server: Server, data: Path, folder: Path, args: argparse.Namesp
     throughput = st["busy_slot_s"] / args.slots / args.time_scale
     bound = max(throughput, chain)
     return {
-        "configurations": len(entries), "runs": len(runs), "wall_s": wall, "bound_s": bound,
-        "throughput_bound_s": throughput, "chain_bound_s": chain, "ratio": wall / bound,
-        "requests": st["requests"], "sequences": st["sequences"], "peak": st["peak_concurrency"],
+        "configurations": len(entries),
+        "runs": len(runs),
+        "wall_s": wall,
+        "bound_s": bound,
+        "throughput_bound_s": throughput,
+        "chain_bound_s": chain,
+        "ratio": wall / bound,
+        "requests": st["requests"],
+        "sequences": st["sequences"],
+        "peak": st["peak_concurrency"],
         "utilisation": st["busy_slot_s"] / args.time_scale / (args.slots * wall),
         "entries": runs,
     }
 
 
-async def _one_at_a_time(server: Server, data: Path, folder: Path, entries: list[Any], args: argparse.Namespace) -> dict[str, Any]:
+async def _one_at_a_time(
+    server: Server, data: Path, folder: Path, entries: list[Any], args: argparse.Namespace
+) -> dict[str, Any]:
     server.reset()
     walls = {}
     t0 = time.perf_counter()
     for e in entries:
         policy = policy_from_spec("openai:sim", base_url=server.base + "/v1", max_concurrency=args.max_in_flight)
-        run = BatchRun(read_prompts(data, id_field="id"), folder / e.file, config=e.config,
-                       models={"policy": "openai:sim"})
+        run = BatchRun(
+            read_prompts(data, id_field="id"), folder / e.file, config=e.config, models={"policy": "openai:sim"}
+        )
         started = time.perf_counter()
         try:
             summary = await run.arun(policy, _reward())
@@ -114,8 +128,12 @@ async def _one_at_a_time(server: Server, data: Path, folder: Path, entries: list
         walls[e.name] = time.perf_counter() - started
     st = server.stats()
     wall = time.perf_counter() - t0
-    return {"wall_s": wall, "walls": walls, "utilisation": st["busy_slot_s"] / args.time_scale / (args.slots * wall),
-            "peak": st["peak_concurrency"]}
+    return {
+        "wall_s": wall,
+        "walls": walls,
+        "utilisation": st["busy_slot_s"] / args.time_scale / (args.slots * wall),
+        "peak": st["peak_concurrency"],
+    }
 
 
 def _scenario(args: argparse.Namespace) -> dict[str, Any]:
@@ -125,12 +143,17 @@ def _scenario(args: argparse.Namespace) -> dict[str, Any]:
         with tempfile.TemporaryDirectory() as tmp:
             data = _input(Path(tmp), args.prompts)
             sweep = asyncio.run(_sweep(server, data, Path(tmp) / "sweep", args))
-            print(f"{args.slots} slots, sweep: {sweep['wall_s']:.1f} s, bound {sweep['bound_s']:.1f} s (throughput "
-                  f"{sweep['throughput_bound_s']:.1f}, chain {sweep['chain_bound_s']:.1f}), {sweep['ratio']:.2f}x the bound, "
-                  f"utilisation {sweep['utilisation']:.0%}", flush=True)
+            print(
+                f"{args.slots} slots, sweep: {sweep['wall_s']:.1f} s, bound {sweep['bound_s']:.1f} s (throughput "
+                f"{sweep['throughput_bound_s']:.1f}, chain {sweep['chain_bound_s']:.1f}), {sweep['ratio']:.2f}x the bound, "
+                f"utilisation {sweep['utilisation']:.0%}",
+                flush=True,
+            )
             alone = asyncio.run(_one_at_a_time(server, data, Path(tmp) / "alone", sweep["entries"], args))
-            print(f"{args.slots} slots, one at a time: {alone['wall_s']:.1f} s, utilisation {alone['utilisation']:.0%}",
-                  flush=True)
+            print(
+                f"{args.slots} slots, one at a time: {alone['wall_s']:.1f} s, utilisation {alone['utilisation']:.0%}",
+                flush=True,
+            )
     finally:
         server.stop()
     return {"args": args, "sweep": sweep, "alone": alone}
@@ -145,12 +168,19 @@ def main() -> None:
     ap.add_argument("--answer-tokens", type=int, default=128)
     ap.add_argument("--time-scale", type=float, default=15.0)
     ap.add_argument("--max-in-flight", type=int, default=512, help="the backend's limit on sequences in flight")
-    ap.add_argument("--wide-slots", type=int, default=None,
-                    help="slots of a second server, wider than one configuration can fill (default: 4 per prompt; "
-                         "0 leaves it out)")
-    ap.add_argument("--wide-time-scale", type=float, default=None,
-                    help="its time scale (default: the first server's, scaled down by the ratio of slots, so that the "
-                         "client sends requests no faster than to the first)")
+    ap.add_argument(
+        "--wide-slots",
+        type=int,
+        default=None,
+        help="slots of a second server, wider than one configuration can fill (default: 4 per prompt; 0 leaves it out)",
+    )
+    ap.add_argument(
+        "--wide-time-scale",
+        type=float,
+        default=None,
+        help="its time scale (default: the first server's, scaled down by the ratio of slots, so that the "
+        "client sends requests no faster than to the first)",
+    )
     ap.add_argument("--quick", action="store_true", help="64 prompts")
     args = ap.parse_args()
     if args.quick:
@@ -160,8 +190,14 @@ def main() -> None:
     wide_slots = 4 * args.prompts if args.wide_slots is None else args.wide_slots
     if wide_slots:
         scale = args.wide_time_scale or args.time_scale * args.slots / wide_slots
-        wide = argparse.Namespace(**{**vars(args), "slots": wide_slots, "time_scale": scale,
-                                     "max_in_flight": max(args.max_in_flight, 2 * wide_slots)})
+        wide = argparse.Namespace(
+            **{
+                **vars(args),
+                "slots": wide_slots,
+                "time_scale": scale,
+                "max_in_flight": max(args.max_in_flight, 2 * wide_slots),
+            }
+        )
         scenarios.append(_scenario(wide))
     lines = [
         "| server | structure | configurations run | wall s | bound s (throughput / chain) | wall ÷ bound | peak slots "
@@ -200,7 +236,7 @@ def main() -> None:
     ]
     body = "\n".join(lines) + "\n\n" + "\n".join(verdicts)
     print("\n".join(verdicts))
-    write_section("sweep", "5. A sweep through one set of models", body)
+    write_section("sweep", "8. A sweep through one set of models", body)
 
 
 if __name__ == "__main__":

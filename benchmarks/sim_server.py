@@ -110,7 +110,11 @@ class SimServer:
         st.last_response_at = time.perf_counter()
         seed = body.get("seed")
         choices = [
-            {"index": i, "message": {"role": "assistant", "content": self._answer(messages, i, seed)}, "finish_reason": "stop"}
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": self._answer(messages, i, seed)},
+                "finish_reason": "stop",
+            }
             for i in range(n)
         ]
         return JSONResponse(
@@ -120,13 +124,18 @@ class SimServer:
                 "created": int(time.time()),
                 "model": body.get("model", "sim"),
                 "choices": choices,
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens * n,
-                          "total_tokens": prompt_tokens + completion_tokens * n},
+                "usage": {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": completion_tokens * n,
+                    "total_tokens": prompt_tokens + completion_tokens * n,
+                },
             }
         )
 
     async def models(self, request: Request) -> JSONResponse:
-        return JSONResponse({"object": "list", "data": [{"id": "sim", "object": "model", "max_model_len": self.s.context_window}]})
+        return JSONResponse(
+            {"object": "list", "data": [{"id": "sim", "object": "model", "max_model_len": self.s.context_window}]}
+        )
 
     async def get_stats(self, request: Request) -> JSONResponse:
         return JSONResponse({"settings": asdict(self.s), "stats": asdict(self.stats)})
@@ -156,8 +165,15 @@ def main() -> None:
     ap.add_argument("--time-scale", type=float, default=1.0)
     a = ap.parse_args()
     settings = SimSettings(a.slots, a.decode_tokens_per_s, a.prefill_tokens_per_s, a.answer_tokens, a.time_scale)
-    uvicorn.run(SimServer(settings).app(), host="127.0.0.1", port=a.port, log_level="warning",
-                backlog=4096, timeout_keep_alive=60, limit_concurrency=None)
+    uvicorn.run(
+        SimServer(settings).app(),
+        host="127.0.0.1",
+        port=a.port,
+        log_level="warning",
+        backlog=4096,
+        timeout_keep_alive=60,
+        limit_concurrency=None,
+    )
 
 
 if __name__ == "__main__":

@@ -31,8 +31,12 @@ def main(argv: list[str]) -> int:
     latency_s = float(argv[3]) if len(argv) > 3 else 0.02
     os.environ[CALL_LOG_ENV] = str(log_path)  # where the policy logs its calls
     summary = run_batch(
-        read_prompts(input_path, id_field="id"), output, policy=ScriptedBackend(latency_s),
-        reward=FunctionReward(score), config=CONFIG, compact_min_bytes=COMPACT_MIN_BYTES,
+        read_prompts(input_path, id_field="id"),
+        output,
+        policy=ScriptedBackend(latency_s),
+        reward=FunctionReward(score),
+        config=CONFIG,
+        compact_min_bytes=COMPACT_MIN_BYTES,
     )
     return 0 if summary.ok else 1
 

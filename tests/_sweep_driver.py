@@ -65,14 +65,17 @@ class LoggedPolicy(ScriptedPolicy):
         if self._fd is not None:
             width = str(request.n) if request.purpose == "sample" else _width(request)
             # One write() per line on an O_APPEND descriptor: a kill cannot leave half a line.
-            os.write(self._fd, f"{os.getpid()}\t{width}\t{request.prompt_id}\t{request.step}\t{request.purpose}\n".encode())
+            os.write(
+                self._fd, f"{os.getpid()}\t{width}\t{request.prompt_id}\t{request.step}\t{request.purpose}\n".encode()
+            )
         return out
 
 
 def main(argv: list[str]) -> int:
     input_path, folder, log = Path(argv[0]), Path(argv[1]), argv[2]
-    sweep = Sweep(read_prompts(input_path, id_field="id"), folder, entries(), models={"policy": "logged"},
-                  compact_min_bytes=4096)
+    sweep = Sweep(
+        read_prompts(input_path, id_field="id"), folder, entries(), models={"policy": "logged"}, compact_min_bytes=4096
+    )
     sweep.open()
     summary = sweep.run(LoggedPolicy(log), FunctionReward(score))
     return 0 if summary.ok else 1

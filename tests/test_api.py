@@ -96,8 +96,9 @@ def test_config_is_frozen_and_round_trips() -> None:
 
 def test_options_and_config_combine() -> None:
     policy = ScriptedPolicy()
-    result = tpo.optimize("q", policy=policy, reward=FunctionReward(hash_score), config=TPOConfig(width=3, depth=0),
-                          seed=11)
+    result = tpo.optimize(
+        "q", policy=policy, reward=FunctionReward(hash_score), config=TPOConfig(width=3, depth=0), seed=11
+    )
     assert (result.config["width"], result.config["depth"], result.seed) == (3, 0, 11)
 
 
@@ -138,10 +139,14 @@ def test_a_backend_with_only_generate_is_a_policy_backend() -> None:
         ("   ", "prompt '2': the prompt is empty"),
         ([], "prompt '2': the conversation has no messages"),
         ([{"role": "bot", "content": "hi"}], "prompt '2': message 0 has role 'bot'"),
-        ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
-         "prompt '2': the conversation must end with a user message"),
-        ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}, {"role": "user", "content": "c"}],
-         "prompt '2': message 1 is a system message"),
+        (
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
+            "prompt '2': the conversation must end with a user message",
+        ),
+        (
+            [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}, {"role": "user", "content": "c"}],
+            "prompt '2': message 1 is a system message",
+        ),
         ([{"role": "user", "content": None}], "prompt '2': message 0 has no text content"),
         (42, "prompt '2': expected a string or a list of messages, got int"),
     ],
@@ -191,8 +196,9 @@ def test_optimize_many_streams_results_as_prompts_finish() -> None:
     policy = ScriptedPolicy(pure_reply, latency_s=latency)
     started = time.perf_counter()
     arrivals: list[tuple[str, float]] = []
-    for result in tpo.optimize_many(["slow", "fast", "faster"], policy=policy, reward=FunctionReward(hash_score),
-                                    width=2, depth=1):
+    for result in tpo.optimize_many(
+        ["slow", "fast", "faster"], policy=policy, reward=FunctionReward(hash_score), width=2, depth=1
+    ):
         arrivals.append((result.prompt_id, time.perf_counter() - started))
     assert [pid for pid, _ in arrivals][-1] == "0"
     assert {pid for pid, _ in arrivals[:2]} == {"1", "2"}
@@ -202,8 +208,12 @@ def test_optimize_many_streams_results_as_prompts_finish() -> None:
 
 def test_optimize_many_accepts_any_iterable_and_keeps_ids_and_metadata() -> None:
     prompts = iter([Prompt.of("a", id="alpha", metadata={"k": 1}), "b", [{"role": "user", "content": "c"}]])
-    results = {r.prompt_id: r for r in tpo.optimize_many(prompts, policy=ScriptedPolicy(pure_reply),
-                                                         reward=FunctionReward(hash_score), width=2, depth=1)}
+    results = {
+        r.prompt_id: r
+        for r in tpo.optimize_many(
+            prompts, policy=ScriptedPolicy(pure_reply), reward=FunctionReward(hash_score), width=2, depth=1
+        )
+    }
     assert set(results) == {"alpha", "1", "2"}
     assert results["alpha"].metadata == {"k": 1}
     assert all(r.status == "complete" for r in results.values())
@@ -230,8 +240,9 @@ class _LoopRecordingPolicy(ScriptedPolicy):
 
 def test_leaving_optimize_many_early_stops_the_work() -> None:
     policy = _LoopRecordingPolicy(pure_reply, latency_s=lambda r: 0.0 if r.prompt_id == "0" else 0.05)
-    stream = tpo.optimize_many([f"q{i}" for i in range(20)], policy=policy, reward=FunctionReward(hash_score),
-                               width=2, depth=3)
+    stream = tpo.optimize_many(
+        [f"q{i}" for i in range(20)], policy=policy, reward=FunctionReward(hash_score), width=2, depth=3
+    )
     first = next(stream)
     assert first.prompt_id == "0"
     (loop,) = policy.loops
@@ -247,8 +258,9 @@ def test_leaving_aoptimize_many_early_cancels_every_prompt_still_running() -> No
     policy = _LoopRecordingPolicy(pure_reply, latency_s=lambda r: 0.0 if r.prompt_id == "0" else 0.05)
 
     async def main() -> set[asyncio.Task[object]]:
-        stream = tpo.aoptimize_many([f"q{i}" for i in range(20)], policy=policy, reward=FunctionReward(hash_score),
-                                    width=2, depth=3)
+        stream = tpo.aoptimize_many(
+            [f"q{i}" for i in range(20)], policy=policy, reward=FunctionReward(hash_score), width=2, depth=3
+        )
         assert (await stream.__anext__()).prompt_id == "0"
         await stream.aclose()
         return {t for t in asyncio.all_tasks() if t is not asyncio.current_task()}
@@ -262,10 +274,15 @@ def test_leaving_aoptimize_many_early_cancels_every_prompt_still_running() -> No
 
 def test_async_twins_work_inside_an_event_loop() -> None:
     async def main() -> tuple[tpo.TPOResult, list[tpo.TPOResult]]:
-        one = await tpo.aoptimize("q", policy=ScriptedPolicy(pure_reply), reward=FunctionReward(hash_score), width=2,
-                                  depth=1)
-        many = [r async for r in tpo.aoptimize_many(["a", "b", "c"], policy=ScriptedPolicy(pure_reply),
-                                                     reward=FunctionReward(hash_score), width=2, depth=1)]
+        one = await tpo.aoptimize(
+            "q", policy=ScriptedPolicy(pure_reply), reward=FunctionReward(hash_score), width=2, depth=1
+        )
+        many = [
+            r
+            async for r in tpo.aoptimize_many(
+                ["a", "b", "c"], policy=ScriptedPolicy(pure_reply), reward=FunctionReward(hash_score), width=2, depth=1
+            )
+        ]
         return one, many
 
     one, many = asyncio.run(main())
@@ -283,8 +300,12 @@ def test_aoptimize_many_takes_an_async_stream() -> None:
             yield f"q{i}"
 
     async def main() -> list[str]:
-        return [r.prompt_id async for r in tpo.aoptimize_many(prompts(), policy=ScriptedPolicy(pure_reply),
-                                                               reward=FunctionReward(hash_score), width=2, depth=0)]
+        return [
+            r.prompt_id
+            async for r in tpo.aoptimize_many(
+                prompts(), policy=ScriptedPolicy(pure_reply), reward=FunctionReward(hash_score), width=2, depth=0
+            )
+        ]
 
     assert sorted(asyncio.run(main())) == ["0", "1", "2"]
 
@@ -311,8 +332,13 @@ def test_one_engine_serves_several_event_loops() -> None:
 def test_prompts_that_finish_together_come_out_in_input_order() -> None:
     prompts = [Prompt.of(f"q{i}", id=f"p{9 - i}") for i in range(10)]
     for batching in (False, True):
-        results = tpo.optimize_many(prompts, policy=ScriptedPolicy(pure_reply, batching=batching),
-                                    reward=FunctionReward(hash_score), width=2, depth=1)
+        results = tpo.optimize_many(
+            prompts,
+            policy=ScriptedPolicy(pure_reply, batching=batching),
+            reward=FunctionReward(hash_score),
+            width=2,
+            depth=1,
+        )
         assert [r.prompt_id for r in results] == [f"p{9 - i}" for i in range(10)]
 
 
@@ -324,8 +350,16 @@ def test_an_error_in_the_callers_code_stops_the_run_cleanly(caplog: pytest.LogCa
 
     policy = ScriptedPolicy(pure_reply)
     with pytest.raises(ValueError, match="callback broke on 0"):
-        list(tpo.optimize_many([f"q{i}" for i in range(5)], policy=policy, reward=FunctionReward(hash_score),
-                               width=2, depth=2, on_step=on_step))
+        list(
+            tpo.optimize_many(
+                [f"q{i}" for i in range(5)],
+                policy=policy,
+                reward=FunctionReward(hash_score),
+                width=2,
+                depth=2,
+                on_step=on_step,
+            )
+        )
     gc.collect()
     assert "never retrieved" not in caplog.text
     assert len(policy.requests) == 5  # every prompt sampled once, then the run stopped
@@ -430,8 +464,9 @@ def test_sync_calls_shut_down_their_worker_threads() -> None:
             await asyncio.to_thread(lambda: threads.add(threading.current_thread()))
             return await super().generate(requests)
 
-    list(tpo.optimize_many(["a", "b"], policy=Threaded(pure_reply), reward=FunctionReward(hash_score), width=2,
-                           depth=1))
+    list(
+        tpo.optimize_many(["a", "b"], policy=Threaded(pure_reply), reward=FunctionReward(hash_score), width=2, depth=1)
+    )
     assert threads and not any(t.is_alive() for t in threads)
     threads.clear()
     tpo.optimize("q", policy=Threaded(pure_reply), reward=FunctionReward(hash_score), width=2, depth=1)
@@ -479,11 +514,25 @@ def test_a_forbidden_real_request_stops_the_run_loudly(batching: bool) -> None:
 
     # Not a failed prompt that a test might take for the behaviour under test: an error.
     with pytest.raises(ConfigError, match="real: real model requests are forbidden"):
-        list(tpo.optimize_many(["a", "b"], policy=GuardedPolicy(pure_reply, batching=batching, name="real"),
-                               reward=FunctionReward(hash_score), width=2, depth=1))
+        list(
+            tpo.optimize_many(
+                ["a", "b"],
+                policy=GuardedPolicy(pure_reply, batching=batching, name="real"),
+                reward=FunctionReward(hash_score),
+                width=2,
+                depth=1,
+            )
+        )
     with pytest.raises(ConfigError, match="judge: real model requests are forbidden"):
-        list(tpo.optimize_many(["a", "b"], policy=ScriptedPolicy(pure_reply),
-                               reward=GuardedReward(hash_score, batching=batching, name="judge"), width=2, depth=1))
+        list(
+            tpo.optimize_many(
+                ["a", "b"],
+                policy=ScriptedPolicy(pure_reply),
+                reward=GuardedReward(hash_score, batching=batching, name="judge"),
+                width=2,
+                depth=1,
+            )
+        )
 
 
 def test_closing_per_loop_connections_reaches_inside_wrappers() -> None:

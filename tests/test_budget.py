@@ -135,8 +135,9 @@ def test_a_critic_with_a_smaller_window_gets_requests_that_fit_its_own_window() 
     policy = ScriptedPolicy(pure_reply, window=32_768, tokens=counter)
     critic = ScriptedPolicy(pure_reply, window=2048, tokens=counter)
     prompt = _long_prompt(60_000)
-    result = tpo.optimize(prompt, policy=policy, critic=critic, reward=FunctionReward(hash_score), width=2, depth=1,
-                          max_tokens=512)
+    result = tpo.optimize(
+        prompt, policy=policy, critic=critic, reward=FunctionReward(hash_score), width=2, depth=1, max_tokens=512
+    )
     assert result.status == "complete", result.error
     _assert_every_request_fits(policy, counter, 32_768)
     _assert_every_request_fits(critic, counter, 2048)
@@ -147,8 +148,15 @@ def test_a_critic_with_a_smaller_window_gets_requests_that_fit_its_own_window() 
 def test_the_configured_window_overrides_the_backends_and_max_tokens_shrinks_to_fit() -> None:
     counter = TokenCounter()
     policy = ScriptedPolicy(pure_reply, window=100_000, tokens=counter)
-    result = tpo.optimize(_long_prompt(30_000), policy=policy, reward=FunctionReward(hash_score), width=2, depth=1,
-                          context_window=4096, max_tokens=8000)
+    result = tpo.optimize(
+        _long_prompt(30_000),
+        policy=policy,
+        reward=FunctionReward(hash_score),
+        width=2,
+        depth=1,
+        context_window=4096,
+        max_tokens=8000,
+    )
     assert result.status == "complete", result.error
     _assert_every_request_fits(policy, counter, 4096)
     assert all(r.sampling.max_tokens < 4096 for r in policy.requests)
@@ -156,8 +164,9 @@ def test_the_configured_window_overrides_the_backends_and_max_tokens_shrinks_to_
 
 def test_short_requests_are_left_alone() -> None:
     policy = ScriptedPolicy(pure_reply, window=WINDOW)
-    result = tpo.optimize("a short question", policy=policy, reward=FunctionReward(hash_score), width=2, depth=1,
-                          max_tokens=1000)
+    result = tpo.optimize(
+        "a short question", policy=policy, reward=FunctionReward(hash_score), width=2, depth=1, max_tokens=1000
+    )
     assert policy.violations == []
     assert all(s.truncated == () for s in result.steps)
     assert all(r.sampling.max_tokens == 1000 for r in policy.requests)
@@ -174,8 +183,10 @@ def test_no_window_known_assumes_a_conservative_default() -> None:
 
 def test_a_window_too_small_for_the_templates_is_a_clear_config_error_before_any_model_work() -> None:
     policy, reward = ScriptedPolicy(pure_reply, window=300), FunctionReward(hash_score)
-    with pytest.raises(tpo.ConfigError, match="the loss_tpo prompt template does not fit the context window of 300 "
-                                              "tokens of the critic scripted"):
+    with pytest.raises(
+        tpo.ConfigError,
+        match="the loss_tpo prompt template does not fit the context window of 300 tokens of the critic scripted",
+    ):
         tpo.optimize("q", policy=policy, reward=reward, width=2, depth=1, max_tokens=100)
     with pytest.raises(tpo.ConfigError, match="does not fit the context window of 300 tokens"):
         list(tpo.optimize_many(["a", "b"], policy=policy, reward=reward, width=2, depth=1, max_tokens=100))
@@ -185,8 +196,9 @@ def test_a_window_too_small_for_the_templates_is_a_clear_config_error_before_any
 def test_a_critic_too_small_for_the_templates_fails_up_front_whatever_the_policy() -> None:
     policy, critic = ScriptedPolicy(pure_reply, window=32_768), ScriptedPolicy(pure_reply, window=300, name="small")
     with pytest.raises(tpo.ConfigError, match="of the critic small"):
-        tpo.optimize("q", policy=policy, critic=critic, reward=FunctionReward(hash_score), width=2, depth=1,
-                     max_tokens=100)
+        tpo.optimize(
+            "q", policy=policy, critic=critic, reward=FunctionReward(hash_score), width=2, depth=1, max_tokens=100
+        )
     assert policy.calls == [] and critic.calls == []
 
 
@@ -211,12 +223,14 @@ def test_revision_mode_only_checks_the_templates_it_uses() -> None:
     # A huge comparison template that revision never sends.
     prompts = tpo.PromptSet(loss_tpo=tpo.DEFAULT_PROMPTS.loss_tpo + " Be thorough." * 2000)
     policy = ScriptedPolicy(pure_reply, window=WINDOW)
-    result = tpo.optimize("q", policy=policy, reward=FunctionReward(hash_score), width=2, depth=1, mode="revision",
-                          prompts=prompts)
+    result = tpo.optimize(
+        "q", policy=policy, reward=FunctionReward(hash_score), width=2, depth=1, mode="revision", prompts=prompts
+    )
     assert result.status == "complete", result.error
     with pytest.raises(tpo.ConfigError, match="the loss_tpo prompt template"):
-        tpo.optimize("q", policy=policy, reward=FunctionReward(hash_score), width=2, depth=1, mode="tpo",
-                     prompts=prompts)
+        tpo.optimize(
+            "q", policy=policy, reward=FunctionReward(hash_score), width=2, depth=1, mode="tpo", prompts=prompts
+        )
 
 
 # --------------------------------------------------------------------------- the pieces
@@ -299,8 +313,9 @@ def test_a_token_counter_that_chokes_falls_back_to_the_estimate() -> None:
         return pure_reply(request)
 
     policy = Strict(reply)  # no window of its own: the test checks the requests itself
-    result = tpo.optimize(_long_prompt(40_000), policy=policy, reward=FunctionReward(hash_score), width=2, depth=1,
-                          context_window=WINDOW)
+    result = tpo.optimize(
+        _long_prompt(40_000), policy=policy, reward=FunctionReward(hash_score), width=2, depth=1, context_window=WINDOW
+    )
     assert result.status == "complete", result.error
     _assert_every_request_fits(policy, count_or_estimate, WINDOW)
     assert "chosen" in result.steps[1].truncated
@@ -323,8 +338,9 @@ def test_a_breach_of_the_window_shows_in_violations_not_only_as_a_failed_prompt(
     # The engine is told a larger window than the backend has: the breach reaches the double, which
     # records it; the engine can only report the raised AssertionError as a failed prompt.
     policy = ScriptedPolicy(pure_reply, window=1024)
-    result = tpo.optimize(_long_prompt(20_000), policy=policy, reward=FunctionReward(hash_score), width=2, depth=0,
-                          context_window=8192)
+    result = tpo.optimize(
+        _long_prompt(20_000), policy=policy, reward=FunctionReward(hash_score), width=2, depth=0, context_window=8192
+    )
     assert result.status == "failed" and "AssertionError" in (result.error or "")
     assert len(policy.violations) == 1 and "exceeds the window of 1024" in policy.violations[0]
 

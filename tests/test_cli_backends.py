@@ -127,9 +127,17 @@ def causal_lm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # The prompt templates take many tokens with this small vocabulary: leave the critic room.
     tokenizer.model_max_length = 8192
     config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=8192, tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=8192,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -206,16 +214,34 @@ def test_hf_policy_runs_from_the_cli_as_from_the_api(causal_lm_dir: Path, length
     assert data["steps"][1]["critique"]  # the tiny model wrote the critique too
 
     # The same run through the Python API, from the same specs, gives the same answers and scores.
-    api = tpo.optimize(QUESTION, policy=policy_from_spec(f"hf:{causal_lm_dir}"), reward=reward_from_spec(length_reward),
-                       width=2, depth=1, max_tokens=4)
+    api = tpo.optimize(
+        QUESTION,
+        policy=policy_from_spec(f"hf:{causal_lm_dir}"),
+        reward=reward_from_spec(length_reward),
+        width=2,
+        depth=1,
+        max_tokens=4,
+    )
     assert texts_and_scores(api.to_dict()) == texts_and_scores(data)
     assert [s.critique for s in api.steps] == [s["critique"] for s in data["steps"]]
 
 
-def test_vllm_policy_gets_its_engine_options_and_the_chat_calls(monkeypatch: pytest.MonkeyPatch, length_reward: str) -> None:
+def test_vllm_policy_gets_its_engine_options_and_the_chat_calls(
+    monkeypatch: pytest.MonkeyPatch, length_reward: str
+) -> None:
     fake = vllm_stub.install(monkeypatch)
-    data = completed(tpo_run("--policy", "vllm:some/model", "--policy-option", "tensor_parallel_size=2",
-                             "--policy-option", "max_model_len=8192", "--reward", length_reward))
+    data = completed(
+        tpo_run(
+            "--policy",
+            "vllm:some/model",
+            "--policy-option",
+            "tensor_parallel_size=2",
+            "--policy-option",
+            "max_model_len=8192",
+            "--reward",
+            length_reward,
+        )
+    )
     assert (data["policy"], data["critic"]) == ("vllm:some/model", "vllm:some/model")
     [engine] = fake.engines  # one engine: the critic is the policy, not a second load
     assert engine.model == "some/model"
@@ -234,7 +260,9 @@ def test_vllm_policy_gets_its_engine_options_and_the_chat_calls(monkeypatch: pyt
 
 
 @pytest.mark.usefixtures("allow_real_requests")
-def test_hf_reward_with_its_batch_option(scripted: Path, reward_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hf_reward_with_its_batch_option(
+    scripted: Path, reward_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from tpo.rewards.sequence_classifier import SequenceClassifierReward
 
     batch_rows: list[int] = []
@@ -251,8 +279,19 @@ def test_hf_reward_with_its_batch_option(scripted: Path, reward_model_dir: Path,
         model.forward = counted
 
     monkeypatch.setattr(SequenceClassifierReward, "__init__", spying_init)
-    data = completed(tpo_run("--policy", "scripted", "--policy-option", "latency_s=0", "--reward", f"hf:{reward_model_dir}",
-                             "--reward-option", "max_batch_size=4", width=5))
+    data = completed(
+        tpo_run(
+            "--policy",
+            "scripted",
+            "--policy-option",
+            "latency_s=0",
+            "--reward",
+            f"hf:{reward_model_dir}",
+            "--reward-option",
+            "max_batch_size=4",
+            width=5,
+        )
+    )
     assert (data["policy"], data["reward"]) == ("scripted", f"hf:{reward_model_dir}")
     assert logged_purposes(scripted) == ["sample", "loss", "gradient", "update"]
     # Five answers per step, at most four per forward pass.
@@ -271,8 +310,18 @@ def test_vllm_reward_scores_with_the_pooling_runner(scripted: Path, monkeypatch:
         return 100.0 if answer.startswith("Answer 1 ") else 0.0
 
     fake = vllm_reward_stub.install(monkeypatch, bonus=bonus)
-    data = completed(tpo_run("--policy", "scripted", "--policy-option", "latency_s=0", "--reward", "vllm:some/rm",
-                             "--reward-option", "tensor_parallel_size=2"))
+    data = completed(
+        tpo_run(
+            "--policy",
+            "scripted",
+            "--policy-option",
+            "latency_s=0",
+            "--reward",
+            "vllm:some/rm",
+            "--reward-option",
+            "tensor_parallel_size=2",
+        )
+    )
     assert (data["policy"], data["reward"]) == ("scripted", "vllm:some/rm")
     [engine] = fake.engines
     assert engine.model == "some/rm"
@@ -282,7 +331,9 @@ def test_vllm_reward_scores_with_the_pooling_runner(scripted: Path, monkeypatch:
 
     tokenizer = vllm_reward_stub.FakeTokenizer(**fake.tokenizer_kwargs)
     for c in data["candidates"]:
-        text = tokenizer.apply_chat_template([*data["messages"], {"role": "assistant", "content": c["text"]}], tokenize=False)
+        text = tokenizer.apply_chat_template(
+            [*data["messages"], {"role": "assistant", "content": c["text"]}], tokenize=False
+        )
         length = len(tokenizer.encode(text, add_special_tokens=False))
         assert c["score"] == pytest.approx(length / 10 + bonus(c["text"]))
     # The stand-in's bonus decided the winner: the reward's numbers drove the selection.
@@ -291,8 +342,18 @@ def test_vllm_reward_scores_with_the_pooling_runner(scripted: Path, monkeypatch:
 
 def test_http_reward_against_a_loopback_server(scripted: Path, score_server: ScoreServer) -> None:
     pytest.importorskip("httpx")
-    data = completed(tpo_run("--policy", "scripted", "--policy-option", "latency_s=0",
-                             "--reward", f"http:{score_server.url}", "--metadata", "topic=arithmetic"))
+    data = completed(
+        tpo_run(
+            "--policy",
+            "scripted",
+            "--policy-option",
+            "latency_s=0",
+            "--reward",
+            f"http:{score_server.url}",
+            "--metadata",
+            "topic=arithmetic",
+        )
+    )
     assert data["policy"] == "scripted"
     assert data["reward"].startswith("http:") and "127.0.0.1" in data["reward"]
     preflight = [r for r in score_server.requests if r[1].get("prompt_id") == "tpo-preflight"]
@@ -310,12 +371,16 @@ def test_http_reward_against_a_loopback_server(scripted: Path, score_server: Sco
 
 def test_math_reward_checks_answers_against_the_metadata(scripted_math: Path) -> None:
     pytest.importorskip("math_verify")
-    data = completed(tpo_run("--policy", "scripted", "--policy-option", "latency_s=0",
-                             "--reward", "math", "--metadata", "answer=42"))
+    data = completed(
+        tpo_run("--policy", "scripted", "--policy-option", "latency_s=0", "--reward", "math", "--metadata", "answer=42")
+    )
     assert (data["reward"], data["metadata"]) == ("math", {"answer": "42"})
     scores = {c["text"]: c["score"] for c in data["candidates"]}
     assert scores == {
-        "The product is 42.": 1.0, "The product is 41.": 0.0, "Checked again, it is 42.": 1.0, "Checked again, it is 48.": 0.0,
+        "The product is 42.": 1.0,
+        "The product is 41.": 0.0,
+        "Checked again, it is 42.": 1.0,
+        "Checked again, it is 48.": 0.0,
     }
     assert data["score"] == 1.0 and "42" in data["answer"]
     assert {c["score_details"]["field"] for c in data["candidates"]} == {"answer"}
@@ -323,9 +388,26 @@ def test_math_reward_checks_answers_against_the_metadata(scripted_math: Path) ->
 
 def test_several_rewards_with_weights_and_per_reward_options(scripted_math: Path, length_reward: str) -> None:
     pytest.importorskip("math_verify")
-    data = completed(tpo_run("--policy", "scripted", "--policy-option", "latency_s=0",
-                             "--reward", length_reward, "--reward", "math", "--reward-weights", "0.5,0.5",
-                             "--reward-normalize", "none", "--reward-option", "math.field=answer", "--metadata", "answer=42"))
+    data = completed(
+        tpo_run(
+            "--policy",
+            "scripted",
+            "--policy-option",
+            "latency_s=0",
+            "--reward",
+            length_reward,
+            "--reward",
+            "math",
+            "--reward-weights",
+            "0.5,0.5",
+            "--reward-normalize",
+            "none",
+            "--reward-option",
+            "math.field=answer",
+            "--metadata",
+            "answer=42",
+        )
+    )
     # math.field=answer reached the math reward alone (it is named after its field); the python reward took no option.
     assert data["reward"] == f"0.5*{length_reward} + 0.5*math:answer"
     assert len(data["candidates"]) == 4
@@ -334,7 +416,8 @@ def test_several_rewards_with_weights_and_per_reward_options(scripted_math: Path
         assert c["score"] == pytest.approx(0.5 * len(c["text"]) + 0.5 * right)
         parts = c["score_details"]["components"]
         assert [(p["name"], p["weight"], p["value"]) for p in parts] == [
-            (length_reward, 0.5, float(len(c["text"]))), ("math:answer", 0.5, right),
+            (length_reward, 0.5, float(len(c["text"]))),
+            ("math:answer", 0.5, right),
         ]
 
 
@@ -345,8 +428,18 @@ def test_several_rewards_with_weights_and_per_reward_options(scripted_math: Path
 def test_a_critic_on_another_backend_writes_critiques_and_rewrites(
     scripted: Path, causal_lm_dir: Path, length_reward: str
 ) -> None:
-    data = completed(tpo_run("--policy", "scripted", "--policy-option", "latency_s=0",
-                             "--critic", f"hf:{causal_lm_dir}", "--reward", length_reward))
+    data = completed(
+        tpo_run(
+            "--policy",
+            "scripted",
+            "--policy-option",
+            "latency_s=0",
+            "--critic",
+            f"hf:{causal_lm_dir}",
+            "--reward",
+            length_reward,
+        )
+    )
     assert (data["policy"], data["critic"], data["reward"]) == ("scripted", f"hf:{causal_lm_dir}", length_reward)
     # The policy only sampled; the critique, the feedback and the rewrites came from the tiny model.
     assert logged_purposes(scripted) == ["sample"]
@@ -436,10 +529,18 @@ def test_base_url_reaches_a_judge_on_a_server(monkeypatch: pytest.MonkeyPatch) -
 
     monkeypatch.setattr(tpo.models, "policy_from_spec", fake)
     monkeypatch.setattr("tpo.rewards.judge.policy_from_spec", fake)
-    _common.build_models({"policy_spec": "openai:m", "reward_specs": ["judge:openai:j"],
-                          "base_url": "http://127.0.0.1:9/v1", "api_key_env": "MY_KEY"})
-    assert made == [("openai:m", {"base_url": "http://127.0.0.1:9/v1", "api_key_env": "MY_KEY"}),
-                    ("openai:j", {"base_url": "http://127.0.0.1:9/v1", "api_key_env": "MY_KEY"})]
+    _common.build_models(
+        {
+            "policy_spec": "openai:m",
+            "reward_specs": ["judge:openai:j"],
+            "base_url": "http://127.0.0.1:9/v1",
+            "api_key_env": "MY_KEY",
+        }
+    )
+    assert made == [
+        ("openai:m", {"base_url": "http://127.0.0.1:9/v1", "api_key_env": "MY_KEY"}),
+        ("openai:j", {"base_url": "http://127.0.0.1:9/v1", "api_key_env": "MY_KEY"}),
+    ]
 
 
 def test_plugin_text_is_shown_verbatim_not_as_markup(monkeypatch: pytest.MonkeyPatch) -> None:

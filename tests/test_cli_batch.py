@@ -55,8 +55,9 @@ def models(monkeypatch: pytest.MonkeyPatch) -> Models_:
 @pytest.fixture
 def data(tmp_path: Path) -> Path:
     path = tmp_path / "in.jsonl"
-    path.write_text("".join(json.dumps({"qid": f"q{i}", "prompt": f"Question {i}?", "answer": str(i)}) + "\n"
-                            for i in range(5)))
+    path.write_text(
+        "".join(json.dumps({"qid": f"q{i}", "prompt": f"Question {i}?", "answer": str(i)}) + "\n" for i in range(5))
+    )
     return path
 
 
@@ -74,8 +75,9 @@ def saved_config(out: Path) -> dict[str, Any]:
 
 def test_a_run_writes_the_output_and_a_summary(tmp_path: Path, data: Path, models: Models_) -> None:
     out = tmp_path / "out.jsonl"
-    result = invoke(data, "-o", out, "--id-field", "qid", "-n", 2, "-d", 1, "--policy", "openai:m",
-                    "--policy-option", "n_ctx=512")
+    result = invoke(
+        data, "-o", out, "--id-field", "qid", "-n", 2, "-d", 1, "--policy", "openai:m", "--policy-option", "n_ctx=512"
+    )
     assert result.exit_code == 0, result.output
     got = lines(out)
     assert sorted(d["prompt_id"] for d in got) == [f"q{i}" for i in range(5)]
@@ -120,8 +122,12 @@ def test_invalid_input_stops_before_any_model_work(tmp_path: Path, models: Model
     out = tmp_path / "out.jsonl"
     result = invoke(path, "-o", out)
     assert result.exit_code == 2
-    for expected in ("in.jsonl line 2: the prompt field 'prompt' is empty", "in.jsonl line 3: not valid JSON",
-                     "in.jsonl line 4: not valid UTF-8 text", "3 of 4 rows are invalid; nothing was run"):
+    for expected in (
+        "in.jsonl line 2: the prompt field 'prompt' is empty",
+        "in.jsonl line 3: not valid JSON",
+        "in.jsonl line 4: not valid UTF-8 text",
+        "3 of 4 rows are invalid; nothing was run",
+    ):
         assert expected in result.stderr
     assert models.built == [] and not out.exists() and not sidecar_dir(out).exists()
     lenient = invoke(path, "-o", out, "--skip-invalid", "-n", 1, "-d", 0)
@@ -215,16 +221,33 @@ def test_rich_progress_display_runs(tmp_path: Path, data: Path, models: Models_)
 # ---------------------------------------------------------------------------- the fingerprint
 
 
-@pytest.mark.parametrize("first, second, expected", [
-    (["--max-tokens", "100"], ["--max-tokens", "200"], "method.max_tokens: 100 → 200"),
-    (["--critic-max-tokens", "50"], ["--critic-max-tokens", "60"], "method.critic_max_tokens: 50 → 60"),
-    (["--policy-option", "tokenizer=a"], ["--policy-option", "tokenizer=b"], "models.policy_options.tokenizer: 'a' → 'b'"),
-    (["--reward-option", "max_tokens=10"], ["--reward-option", "max_tokens=20"], "models.reward_options.max_tokens: 10 → 20"),
-    (["--critic", "openai:c", "--critic-option", "temperature=0.1"],
-     ["--critic", "openai:c", "--critic-option", "temperature=0.9"], "models.critic_options.temperature: 0.1 → 0.9"),
-    (["--reward", "hf:a", "--reward", "hf:b"], ["--reward", "hf:a", "--reward", "hf:b", "--reward-normalize", "zscore"],
-     "models.reward_normalize: 'none' → 'zscore'"),
-])
+@pytest.mark.parametrize(
+    "first, second, expected",
+    [
+        (["--max-tokens", "100"], ["--max-tokens", "200"], "method.max_tokens: 100 → 200"),
+        (["--critic-max-tokens", "50"], ["--critic-max-tokens", "60"], "method.critic_max_tokens: 50 → 60"),
+        (
+            ["--policy-option", "tokenizer=a"],
+            ["--policy-option", "tokenizer=b"],
+            "models.policy_options.tokenizer: 'a' → 'b'",
+        ),
+        (
+            ["--reward-option", "max_tokens=10"],
+            ["--reward-option", "max_tokens=20"],
+            "models.reward_options.max_tokens: 10 → 20",
+        ),
+        (
+            ["--critic", "openai:c", "--critic-option", "temperature=0.1"],
+            ["--critic", "openai:c", "--critic-option", "temperature=0.9"],
+            "models.critic_options.temperature: 0.1 → 0.9",
+        ),
+        (
+            ["--reward", "hf:a", "--reward", "hf:b"],
+            ["--reward", "hf:a", "--reward", "hf:b", "--reward-normalize", "zscore"],
+            "models.reward_normalize: 'none' → 'zscore'",
+        ),
+    ],
+)
 def test_every_option_that_changes_results_is_fingerprinted(
     tmp_path: Path, data: Path, models: Models_, first: list[str], second: list[str], expected: str
 ) -> None:
@@ -239,17 +262,51 @@ def test_every_option_that_changes_results_is_fingerprinted(
 def test_options_that_change_no_result_may_change_between_sessions(tmp_path: Path, data: Path, models: Models_) -> None:
     out = tmp_path / "out.jsonl"
     assert invoke(data, "-o", out, "-n", 1, "-d", 0, "--limit", 2).exit_code == 0
-    again = invoke(data, "-o", out, "-n", 1, "-d", 0, "--limit", 2, "--concurrency", 3, "--log", "quiet",
-                   "--base-url", "http://other:9000/v1", "--api-key-env", "OTHER_KEY", "--no-retry-failed",
-                   "--skip-invalid")
+    again = invoke(
+        data,
+        "-o",
+        out,
+        "-n",
+        1,
+        "-d",
+        0,
+        "--limit",
+        2,
+        "--concurrency",
+        3,
+        "--log",
+        "quiet",
+        "--base-url",
+        "http://other:9000/v1",
+        "--api-key-env",
+        "OTHER_KEY",
+        "--no-retry-failed",
+        "--skip-invalid",
+    )
     assert again.exit_code == 0, again.output
 
 
 def test_secrets_are_masked_by_whole_name_only(tmp_path: Path, data: Path, models: Models_) -> None:
     out = tmp_path / "out.jsonl"
-    result = invoke(data, "-o", out, "-n", 1, "-d", 0, "--max-tokens", 77, "--policy-option", "api_key=sk-secret",
-                    "--policy-option", "tokenizer=tok/one", "--reward-option", "hf_token=hf_secret",
-                    "--base-url", "https://user:pa55@host/v1")
+    result = invoke(
+        data,
+        "-o",
+        out,
+        "-n",
+        1,
+        "-d",
+        0,
+        "--max-tokens",
+        77,
+        "--policy-option",
+        "api_key=sk-secret",
+        "--policy-option",
+        "tokenizer=tok/one",
+        "--reward-option",
+        "hf_token=hf_secret",
+        "--base-url",
+        "https://user:pa55@host/v1",
+    )
     assert result.exit_code == 0, result.output
     for name in ("config.json", "fingerprint.json"):
         text = (sidecar_dir(out) / name).read_text()
@@ -262,8 +319,14 @@ def test_secrets_are_masked_by_whole_name_only(tmp_path: Path, data: Path, model
 
 
 def test_a_new_option_is_fingerprinted_unless_declared_not_to_matter() -> None:
-    params = {"policy_spec": "p", "reward_specs": (), "width": 3, "prompt_field": "q", "concurrency": 4,
-              "some_new_option": "x"}
+    params = {
+        "policy_spec": "p",
+        "reward_specs": (),
+        "width": 3,
+        "prompt_field": "q",
+        "concurrency": 4,
+        "some_new_option": "x",
+    }
     fp = batch_cli._models_fingerprint(params)
     assert fp["some_new_option"] == "x" and fp["policy"] == "p" and fp["reward"] == ["judge"]
     assert "width" not in fp and "prompt_field" not in fp and "concurrency" not in fp
@@ -416,15 +479,28 @@ def test_sigterm_before_the_run_starts_exits_143_with_a_message(
 FIXTURE = Path(__file__).parent / "plugin_fixture"
 TPO = Path(sys.executable).parent / "tpo"
 _NO_OVERRIDE = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--"]
-MODEL_ARGS = ["--policy", "scripted", "--policy-option", "latency_s=0",
-              "--reward", f"python:{FIXTURE / 'reward.py'}:score", "-n", "1", "-d", "0", "--log", "plain"]
+MODEL_ARGS = [
+    "--policy",
+    "scripted",
+    "--policy-option",
+    "latency_s=0",
+    "--reward",
+    f"python:{FIXTURE / 'reward.py'}:score",
+    "-n",
+    "1",
+    "-d",
+    "0",
+    "--log",
+    "plain",
+]
 
 
 def _subprocess_tpo(*args: Any, unprivileged: bool = False) -> subprocess.CompletedProcess[str]:
     prefix = _NO_OVERRIDE if unprivileged and os.geteuid() == 0 else []
     env = {**os.environ, "PYTHONPATH": str(FIXTURE)}
-    return subprocess.run([*prefix, str(TPO), "batch", *map(str, args)], env=env, capture_output=True, text=True,
-                          timeout=120, check=False)
+    return subprocess.run(
+        [*prefix, str(TPO), "batch", *map(str, args)], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
 
 
 @pytest.fixture
@@ -438,8 +514,12 @@ def file_modes_apply(tmp_path: Path) -> None:
         pytest.skip("running as root, and setpriv (util-linux) is missing to drop root's file-permission override")
     probe = tmp_path / "probe"
     probe.mkdir(mode=0o555)
-    tried = subprocess.run([*_NO_OVERRIDE, sys.executable, "-c", f"open({str(probe / 'x')!r}, 'w')"],
-                           capture_output=True, text=True, check=False)
+    tried = subprocess.run(
+        [*_NO_OVERRIDE, sys.executable, "-c", f"open({str(probe / 'x')!r}, 'w')"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     probe.chmod(0o755)
     if tried.returncode == 0 or "PermissionError" not in tried.stderr:
         pytest.skip(f"cannot drop root's file-permission override here (setpriv: {tried.stderr.strip()[-200:]!r})")

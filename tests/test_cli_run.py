@@ -92,8 +92,9 @@ def test_model_text_that_looks_like_markup_is_shown_as_written(monkeypatch: pyte
             return texts[: request.n]
         return judged_reply(request)
 
-    monkeypatch.setattr(tpo.models, "policy_from_spec",
-                        lambda spec, **options: ScriptedPolicy(reply, batching=True, name="fake"))
+    monkeypatch.setattr(
+        tpo.models, "policy_from_spec", lambda spec, **options: ScriptedPolicy(reply, batching=True, name="fake")
+    )
     result = run("Q", "--depth", "0", "--width", "2")
     assert result.exit_code == 0, result.output
     assert "[/INST] 7 is arr[i] [bold]x[/bold]" in result.output  # the best answer, verbatim in the panel
@@ -148,8 +149,9 @@ def test_mode_revision(built: Built) -> None:
 
 
 def test_seed_temperature_and_max_tokens_reach_the_requests(built: Built) -> None:
-    result = run("Count to ten.", "--json", "-d", "0", "-n", "2", "--seed", "42", "--temperature", "0.3",
-                 "--max-tokens", "64")
+    result = run(
+        "Count to ten.", "--json", "-d", "0", "-n", "2", "--seed", "42", "--temperature", "0.3", "--max-tokens", "64"
+    )
     data = json.loads(result.stdout)
     assert data["seed"] == 42
     assert built.policy is not None
@@ -219,8 +221,10 @@ def test_bad_llamacpp_options_fail_before_loading_the_model() -> None:
 
 def test_config_file_gives_defaults_that_the_command_line_overrides(built: Built, tmp_path: Path) -> None:
     config = tmp_path / "run.yaml"
-    config.write_text("prompt: Count to ten.\nwidth: 3\ndepth: 1\nseed: 7\njson: true\n"
-                      "policy: openai:some-model\npolicy-option: {timeout_s: 30}\n")
+    config.write_text(
+        "prompt: Count to ten.\nwidth: 3\ndepth: 1\nseed: 7\njson: true\n"
+        "policy: openai:some-model\npolicy-option: {timeout_s: 30}\n"
+    )
     result = run("--config", str(config), "--width", "2")
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
@@ -265,8 +269,15 @@ def test_version_as_V_or_version() -> None:
 
 def tpo_main(**env: str) -> subprocess.CompletedProcess[str]:
     """The ``tpo`` entry point (``tpo.cli:main``) in a fresh process, with ``env`` added to the environment."""
-    return subprocess.run([sys.executable, "-c", "from tpo.cli import main; main()"], env={**os.environ, **env},
-                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120, check=False)
+    return subprocess.run(
+        [sys.executable, "-c", "from tpo.cli import main; main()"],
+        env={**os.environ, **env},
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 @pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])
@@ -301,7 +312,9 @@ def tpo_script() -> str:
 def test_a_real_run_on_the_bundled_model() -> None:
     done = subprocess.run(
         [tpo_script(), "run", "What is the capital of France?", "--depth", "1", "--width", "2", "--max-tokens", "48"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr
     err = done.stderr

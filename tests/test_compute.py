@@ -73,8 +73,9 @@ def test_the_estimator_handles_large_n_and_its_limits() -> None:
 
 def _run(**options: Any) -> Run:
     prompts = [tpo.Prompt.of(f"Question {i}", id=f"q{i}") for i in range(6)]
-    results = list(tpo.optimize_many(prompts, policy=ScriptedPolicy(pure_reply), reward=FunctionReward(hash_score),
-                                     **options))
+    results = list(
+        tpo.optimize_many(prompts, policy=ScriptedPolicy(pure_reply), reward=FunctionReward(hash_score), **options)
+    )
     return Run("x.jsonl", run_label(results), tuple(results))
 
 
@@ -102,9 +103,11 @@ def test_compute_curve_is_cumulative_and_matches_the_steps() -> None:
     total = statistics.fmean(r.usage.completion_tokens for r in run.results)
     assert tokens[-1] == pytest.approx(total)
     # Results written before steps recorded their cumulative usage give the same curve.
-    old = Run(run.path, run.label, tuple(
-        replace(r, steps=tuple(replace(s, cumulative=None) for s in r.steps)) for r in run.results
-    ))
+    old = Run(
+        run.path,
+        run.label,
+        tuple(replace(r, steps=tuple(replace(s, cumulative=None) for s in r.steps)) for r in run.results),
+    )
     assert compute_curve(old) == curve
     r = run.results[0]
     assert cumulative_usage(r, 99) == cumulative_usage(r, 2)
@@ -152,8 +155,9 @@ def test_no_best_of_n_run_means_no_matched_comparison() -> None:
 
 def test_flops_use_each_model_s_size_and_none_when_one_is_unknown() -> None:
     def run(policy: ScriptedPolicy, critic: ScriptedPolicy | None = None, **options: Any) -> tpo.TPOResult:
-        return tpo.optimize("Q", policy=policy, critic=critic, reward=FunctionReward(hash_score), width=2, depth=1,
-                            **options)
+        return tpo.optimize(
+            "Q", policy=policy, critic=critic, reward=FunctionReward(hash_score), width=2, depth=1, **options
+        )
 
     sized = ScriptedPolicy(pure_reply)
     sized.parameter_count = 3e9  # type: ignore[attr-defined]  # a backend that reports its size
@@ -171,8 +175,9 @@ def test_flops_use_each_model_s_size_and_none_when_one_is_unknown() -> None:
     r = run(sized, ScriptedPolicy(pure_reply))
     assert r.usage.flops is None and all(s.usage.prompt_flops is None for s in r.steps)
     # ... unless the run never asks the critic (best-of-N).
-    bon = tpo.optimize("Q", policy=sized, critic=ScriptedPolicy(pure_reply), reward=FunctionReward(hash_score),
-                       mode="bon", width=3)
+    bon = tpo.optimize(
+        "Q", policy=sized, critic=ScriptedPolicy(pure_reply), reward=FunctionReward(hash_score), mode="bon", width=3
+    )
     assert bon.usage.flops == pytest.approx(2 * 3e9 * bon.usage.tokens)
     bad = ScriptedPolicy(pure_reply)
     bad.parameter_count = "8B"  # type: ignore[attr-defined]

@@ -84,10 +84,14 @@ def test_csv_rows_are_read_again_from_the_file_not_kept_in_memory(tmp_path: Path
     path = tmp_path / "in.csv"
     # A byte-order mark, Windows line ends, a quoted cell spanning lines, and a blank line.
     path.write_bytes(
-        b"\xef\xbb\xbfprompt,answer\r\n\"Line one\r\nline two\",1\r\n\r\nPlain question?,2\r\nLast one,3\r\n"
+        b'\xef\xbb\xbfprompt,answer\r\n"Line one\r\nline two",1\r\n\r\nPlain question?,2\r\nLast one,3\r\n'
     )
     ds = read_prompts(path, shuffle=True, seed=3)
-    expected = {"Line one\r\nline two": {"answer": "1"}, "Plain question?": {"answer": "2"}, "Last one": {"answer": "3"}}
+    expected = {
+        "Line one\r\nline two": {"answer": "1"},
+        "Plain question?": {"answer": "2"},
+        "Last one": {"answer": "3"},
+    }
     assert dict(summary(ds)) == expected and ds.rows_read == 3
     # Rows are found again by their offset in the file: an edit after the check is noticed, not hidden by a copy.
     path.write_bytes(path.read_bytes().replace(b"Last one", b"Lost one"))
@@ -189,7 +193,11 @@ def test_derived_ids_are_stable_and_depend_on_the_whole_row(tmp_path: Path) -> N
     b = read_prompts([dict(reversed(list(r.items()))) for r in ROWS]).ids
     assert a == b and len(set(a)) == 3 and all(len(i) == 16 and int(i, 16) >= 0 for i in a)
     # Pinned, so a change of the derivation (which would orphan every resumable run) is noticed.
-    assert read_prompts([{"prompt": "hi"}]).ids == [hashlib.sha256(b'{"prompt":"hi"}').hexdigest()[:16]] == ["14479f4e87d340fe"]
+    assert (
+        read_prompts([{"prompt": "hi"}]).ids
+        == [hashlib.sha256(b'{"prompt":"hi"}').hexdigest()[:16]]
+        == ["14479f4e87d340fe"]
+    )
     changed = read_prompts([{**ROWS[0], "answer": "5"}]).ids
     assert changed[0] != a[0]
 
@@ -198,11 +206,22 @@ def test_carried_fields_are_made_json_ready(tmp_path: Path) -> None:
     import datetime as dt
     import decimal
 
-    row = {"prompt": "p", "when": dt.date(2025, 1, 2), "price": decimal.Decimal("1.5"), "nan": float("nan"),
-           "raw": b"text", "nested": {"a": [1, 2.5, None]}}
+    row = {
+        "prompt": "p",
+        "when": dt.date(2025, 1, 2),
+        "price": decimal.Decimal("1.5"),
+        "nan": float("nan"),
+        "raw": b"text",
+        "nested": {"a": [1, 2.5, None]},
+    }
     (prompt,) = read_prompts([row])
-    assert dict(prompt.metadata) == {"when": "2025-01-02", "price": 1.5, "nan": None, "raw": "text",
-                                     "nested": {"a": [1, 2.5, None]}}
+    assert dict(prompt.metadata) == {
+        "when": "2025-01-02",
+        "price": 1.5,
+        "nan": None,
+        "raw": "text",
+        "nested": {"a": [1, 2.5, None]},
+    }
     with pytest.raises(InputError, match=r"row 1: field 'blob' holds binary data"):
         read_prompts([{"prompt": "p", "blob": b"\xff\x00"}])
     with pytest.raises(InputError, match=r"row 1: field 'obj' holds a object"):
@@ -244,7 +263,7 @@ BAD_LINES = [
     ('{"prompt": ""}', "line 3: the prompt field 'prompt' is empty"),
     ('{"question": "q"}', "line 4: has no field 'prompt'"),
     ('{"prompt": 12}', "line 5: the prompt field 'prompt' holds a number"),
-    ('[1, 2]', "line 6: expected a JSON object, got a list"),
+    ("[1, 2]", "line 6: expected a JSON object, got a list"),
     ('{"prompt": [{"role": "user"}]}', "line 7: field 'prompt': message 0 has no text content"),
     ('{"prompt": "ok"}', "line 8: is identical to line 1"),
     ('{"prompt": null}', "line 9: the prompt field 'prompt' is empty"),
@@ -253,7 +272,7 @@ BAD_LINES = [
 
 def _bad_file(tmp_path: Path) -> Path:
     path = tmp_path / "in.jsonl"
-    body = "\n".join(line for line, _ in BAD_LINES).encode() + b"\n\xff\xfe{\"prompt\": \"x\"}\n"
+    body = "\n".join(line for line, _ in BAD_LINES).encode() + b'\n\xff\xfe{"prompt": "x"}\n'
     path.write_bytes(body)
     return path
 
@@ -274,11 +293,18 @@ def test_lenient_mode_skips_and_reports(tmp_path: Path) -> None:
     ds = read_prompts(_bad_file(tmp_path), skip_invalid=True)
     assert [p.messages[0].content for p in ds] == ["ok"]
     assert ds.problem_count == 9 and len(ds.problems) == 9
-    assert [p.where.rsplit("/", 1)[-1] for p in ds.problems] == [f"in.jsonl line {n}" for n in (2, 3, 4, 5, 6, 7, 8, 9, 10)]
+    assert [p.where.rsplit("/", 1)[-1] for p in ds.problems] == [
+        f"in.jsonl line {n}" for n in (2, 3, 4, 5, 6, 7, 8, 9, 10)
+    ]
 
 
 def test_duplicate_ids_from_the_id_field(tmp_path: Path) -> None:
-    rows = [{"id": "a", "prompt": "x"}, {"id": "b", "prompt": "y"}, {"id": "a", "prompt": "z"}, {"id": True, "prompt": "w"}]
+    rows = [
+        {"id": "a", "prompt": "x"},
+        {"id": "b", "prompt": "y"},
+        {"id": "a", "prompt": "z"},
+        {"id": True, "prompt": "w"},
+    ]
     path = write_jsonl(tmp_path / "in.jsonl", rows)
     with pytest.raises(InputError) as e:
         read_prompts(path, id_field="id")
@@ -299,17 +325,20 @@ def test_problem_list_is_capped(tmp_path: Path) -> None:
     assert len(ds) == 1 and ds.problem_count == 50 and len(ds.problems) == MAX_LISTED_PROBLEMS
 
 
-@pytest.mark.parametrize("name, content, expected", [
-    ("in.jsonl", b"", "in.jsonl: the input has no rows"),
-    ("in.jsonl", b"\n\n  \n", "in.jsonl: the input has no rows"),
-    ("in.json", b"[]", "in.json: the input has no rows"),
-    ("in.csv", b"prompt,answer\n", "in.csv: the input has no rows"),
-    ("in.jsonl", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "in.jsonl: looks like a binary file"),
-    ("in.csv", b"a,b\x00c\n1,2\n", "in.csv: looks like a binary file"),
-    ("in.json", b'[{"prompt": "a"},\n {"prompt": }]', "in.json line 2 (item 2): not valid JSON"),
-    ("in.json", b'{"prompt": "a"}', "in.json: expected a JSON list of objects"),
-    ("in.parquet", b"not parquet at all", "in.parquet: not a readable Parquet file"),
-])
+@pytest.mark.parametrize(
+    "name, content, expected",
+    [
+        ("in.jsonl", b"", "in.jsonl: the input has no rows"),
+        ("in.jsonl", b"\n\n  \n", "in.jsonl: the input has no rows"),
+        ("in.json", b"[]", "in.json: the input has no rows"),
+        ("in.csv", b"prompt,answer\n", "in.csv: the input has no rows"),
+        ("in.jsonl", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "in.jsonl: looks like a binary file"),
+        ("in.csv", b"a,b\x00c\n1,2\n", "in.csv: looks like a binary file"),
+        ("in.json", b'[{"prompt": "a"},\n {"prompt": }]', "in.json line 2 (item 2): not valid JSON"),
+        ("in.json", b'{"prompt": "a"}', "in.json: expected a JSON list of objects"),
+        ("in.parquet", b"not parquet at all", "in.parquet: not a readable Parquet file"),
+    ],
+)
 def test_unreadable_inputs_fail_even_when_lenient(tmp_path: Path, name: str, content: bytes, expected: str) -> None:
     path = tmp_path / name
     path.write_bytes(content)
@@ -394,13 +423,20 @@ def test_the_id_field_is_found_when_every_row_has_exactly_one(tmp_path: Path) ->
     assert plain.id_field is None and plain.id_note is None
 
 
-@pytest.mark.parametrize("rows, why", [
-    ([{"id": "a", "prompt": "x"}, {"prompt": "y"}], "1 of 2 rows have no field 'id'"),
-    ([{"id": "a", "prompt": "x"}, {"uid": "b", "prompt": "y"}],
-     "the rows differ in which of the fields 'id' or 'uid' they have"),
-    ([{"id": "a", "uid": "u", "prompt": "x"}, {"id": "b", "prompt": "y"}],
-     "1 of 2 rows have more than one of the fields 'id' or 'uid'"),
-])
+@pytest.mark.parametrize(
+    "rows, why",
+    [
+        ([{"id": "a", "prompt": "x"}, {"prompt": "y"}], "1 of 2 rows have no field 'id'"),
+        (
+            [{"id": "a", "prompt": "x"}, {"uid": "b", "prompt": "y"}],
+            "the rows differ in which of the fields 'id' or 'uid' they have",
+        ),
+        (
+            [{"id": "a", "uid": "u", "prompt": "x"}, {"id": "b", "prompt": "y"}],
+            "1 of 2 rows have more than one of the fields 'id' or 'uid'",
+        ),
+    ],
+)
 def test_no_id_field_is_guessed_when_rows_disagree(rows: list[dict[str, Any]], why: str) -> None:
     ds = read_prompts(rows)
     assert ds.id_field is None and all(len(i) == 16 for i in ds.ids)
@@ -408,8 +444,12 @@ def test_no_id_field_is_guessed_when_rows_disagree(rows: list[dict[str, Any]], w
 
 
 def test_an_id_field_found_automatically_is_checked_like_a_named_one(tmp_path: Path) -> None:
-    rows = [{"id": "a", "prompt": "x"}, {"id": "b", "prompt": "y"}, {"id": "a", "prompt": "z"},
-            {"id": None, "prompt": "w"}]
+    rows = [
+        {"id": "a", "prompt": "x"},
+        {"id": "b", "prompt": "y"},
+        {"id": "a", "prompt": "z"},
+        {"id": None, "prompt": "w"},
+    ]
     path = write_jsonl(tmp_path / "in.jsonl", rows)
     with pytest.raises(InputError) as e:
         read_prompts(path)

@@ -27,8 +27,12 @@ def test_d2_n5_makes_exactly_the_calls_of_the_method(policy: ScriptedPolicy, rew
     reqs = policy.requests
     assert [(r.purpose, r.step, r.n) for r in reqs] == [
         ("sample", 0, 5),
-        ("loss", 1, 1), ("gradient", 1, 1), ("update", 1, 5),
-        ("loss", 2, 1), ("gradient", 2, 1), ("update", 2, 5),
+        ("loss", 1, 1),
+        ("gradient", 1, 1),
+        ("update", 1, 5),
+        ("loss", 2, 1),
+        ("gradient", 2, 1),
+        ("update", 2, 5),
     ]
     assert all(r.prompt_id == "0" for r in reqs)
     assert reqs[0].messages == (Message("user", "What is TPO?"),)
@@ -106,7 +110,13 @@ def test_width_one_works(policy: ScriptedPolicy, reward: FunctionReward) -> None
     result = tpo.optimize("q", policy=policy, reward=reward, width=1, depth=2)
     assert result.status == "complete"
     assert [(r.purpose, r.n) for r in policy.requests] == [
-        ("sample", 1), ("loss", 1), ("gradient", 1), ("update", 1), ("loss", 1), ("gradient", 1), ("update", 1),
+        ("sample", 1),
+        ("loss", 1),
+        ("gradient", 1),
+        ("update", 1),
+        ("loss", 1),
+        ("gradient", 1),
+        ("update", 1),
     ]
     assert [c.text for c in result.candidates] == [
         "Answer 0 to prompt 0.",
@@ -425,7 +435,9 @@ def test_early_stop_by_patience(policy: ScriptedPolicy) -> None:
 
 
 def test_a_run_that_uses_all_its_steps_did_not_stop_early(policy: ScriptedPolicy, reward: FunctionReward) -> None:
-    result = tpo.optimize("q", policy=policy, reward=reward, width=5, depth=2, early_stop_score=18, early_stop_patience=1)
+    result = tpo.optimize(
+        "q", policy=policy, reward=reward, width=5, depth=2, early_stop_score=18, early_stop_patience=1
+    )
     assert len(result.steps) == 3
     assert result.score == 18.0
     assert result.stopped_early is None
@@ -433,8 +445,17 @@ def test_a_run_that_uses_all_its_steps_did_not_stop_early(policy: ScriptedPolicy
 
 def test_critic_writes_critiques_feedback_and_rewrites(reward: FunctionReward) -> None:
     policy, critic = ScriptedPolicy(name="policy"), ScriptedPolicy(name="critic")
-    result = tpo.optimize("q", policy=policy, critic=critic, reward=reward, width=2, depth=1,
-                          critic_temperature=0.1, critic_max_tokens=77, temperature=0.9)
+    result = tpo.optimize(
+        "q",
+        policy=policy,
+        critic=critic,
+        reward=reward,
+        width=2,
+        depth=1,
+        critic_temperature=0.1,
+        critic_max_tokens=77,
+        temperature=0.9,
+    )
     assert [r.purpose for r in policy.requests] == ["sample"]
     assert [r.purpose for r in critic.requests] == ["loss", "gradient", "update"]
     assert [r.sampling.temperature for r in critic.requests] == [0.1, 0.1, 0.9]
@@ -557,11 +578,15 @@ def _failing_for(prompt_id: str, purpose: str, exc: Exception) -> ScriptedPolicy
     return ScriptedPolicy(reply)
 
 
-@pytest.mark.parametrize("exc", [BackendError("server went away", backend="scripted", status=503), ConnectionError("reset")])
+@pytest.mark.parametrize(
+    "exc", [BackendError("server went away", backend="scripted", status=503), ConnectionError("reset")]
+)
 def test_backend_failure_fails_that_prompt_only(exc: Exception) -> None:
     policy = _failing_for("1", "update", exc)
     reward = FunctionReward(hash_score)
-    results = {r.prompt_id: r for r in tpo.optimize_many(["a", "b", "c"], policy=policy, reward=reward, width=3, depth=2)}
+    results = {
+        r.prompt_id: r for r in tpo.optimize_many(["a", "b", "c"], policy=policy, reward=reward, width=3, depth=2)
+    }
 
     assert {k: r.status for k, r in results.items()} == {"0": "complete", "1": "failed", "2": "complete"}
     failed = results["1"]
@@ -618,8 +643,12 @@ def test_a_slow_prompt_does_not_hold_up_the_others() -> None:
 
     policy = ScriptedPolicy(pure_reply, latency_s=latency)
     started = time.perf_counter()
-    order = [r.prompt_id for r in tpo.optimize_many([f"q{i}" for i in range(prompts)], policy=policy,
-                                                    reward=FunctionReward(hash_score), width=5, depth=2)]
+    order = [
+        r.prompt_id
+        for r in tpo.optimize_many(
+            [f"q{i}" for i in range(prompts)], policy=policy, reward=FunctionReward(hash_score), width=5, depth=2
+        )
+    ]
     wall_s = time.perf_counter() - started
 
     assert sorted(order, key=int) == [str(i) for i in range(prompts)]
@@ -643,8 +672,9 @@ def test_a_batching_backend_gets_every_prompts_requests_of_a_step_in_one_call(ba
         reward = FunctionReward(lambda ms, answers: [hash_score((), a) for a in answers], batched=True)
     else:
         reward = FunctionReward(hash_score)
-    results = list(tpo.optimize_many([f"q{i}" for i in range(prompts)], policy=policy, reward=reward,
-                                     width=5, depth=depth))
+    results = list(
+        tpo.optimize_many([f"q{i}" for i in range(prompts)], policy=policy, reward=reward, width=5, depth=depth)
+    )
 
     assert all(r.status == "complete" for r in results)
     assert len(policy.calls) == 1 + 3 * depth
@@ -679,16 +709,25 @@ def test_batches_stay_whole_when_prompts_have_different_amounts_to_score(batched
         reward = FunctionReward(lambda ms, answers: [hash_score((), a) for a in answers], batched=True)
     else:
         reward = FunctionReward(hash_score)
-    results = list(tpo.optimize_many([f"q{i}" for i in range(prompts)], policy=policy, reward=reward,
-                                     width=3, depth=depth))
+    results = list(
+        tpo.optimize_many([f"q{i}" for i in range(prompts)], policy=policy, reward=reward, width=3, depth=depth)
+    )
     assert all(r.status == "complete" and len(r.steps) == depth + 1 for r in results)
     assert [len(call) for call in policy.calls] == [prompts] * (1 + 3 * depth)
 
 
 def test_max_concurrent_prompts_bounds_the_work_in_flight() -> None:
     policy = ScriptedPolicy(pure_reply, batching=True)
-    results = list(tpo.optimize_many([f"q{i}" for i in range(10)], policy=policy, reward=FunctionReward(hash_score),
-                                     width=2, depth=1, max_concurrent_prompts=3))
+    results = list(
+        tpo.optimize_many(
+            [f"q{i}" for i in range(10)],
+            policy=policy,
+            reward=FunctionReward(hash_score),
+            width=2,
+            depth=1,
+            max_concurrent_prompts=3,
+        )
+    )
     assert len(results) == 10
     assert max(len(call) for call in policy.calls) <= 3
 
@@ -698,8 +737,9 @@ def test_max_concurrent_prompts_bounds_the_work_in_flight() -> None:
 
 def test_every_call_gets_its_derived_seed() -> None:
     policy = ScriptedPolicy(pure_reply)
-    results = list(tpo.optimize_many(["a", "b"], policy=policy, reward=FunctionReward(hash_score), width=2, depth=2,
-                                     seed=1234))
+    results = list(
+        tpo.optimize_many(["a", "b"], policy=policy, reward=FunctionReward(hash_score), width=2, depth=2, seed=1234)
+    )
     for r in policy.requests:
         assert r.sampling.seed == tpo.derive_seed(1234, r.prompt_id, r.step, r.purpose)
     seeds = [r.sampling.seed for r in policy.requests]
@@ -719,8 +759,9 @@ def test_derive_seed_is_stable_across_versions() -> None:
 
 def test_same_seed_gives_the_same_result_and_another_seed_does_not() -> None:
     def run(seed: int) -> dict:
-        result = tpo.optimize("q", policy=ScriptedPolicy(pure_reply), reward=FunctionReward(hash_score), width=4,
-                              depth=2, seed=seed)
+        result = tpo.optimize(
+            "q", policy=ScriptedPolicy(pure_reply), reward=FunctionReward(hash_score), width=4, depth=2, seed=seed
+        )
         return strip_timings(result.to_dict())
 
     a, b, c = run(5), run(5), run(6)
@@ -764,8 +805,9 @@ def test_an_async_on_step_callback_is_awaited(policy: ScriptedPolicy, reward: Fu
 def test_resume_continues_from_the_next_step_and_matches_an_uninterrupted_run(through_json: bool) -> None:
     reward = FunctionReward(hash_score)
     partials: list[TPOResult] = []
-    full = tpo.optimize("q", policy=ScriptedPolicy(pure_reply), reward=reward, width=4, depth=3, seed=3,
-                        on_step=partials.append)
+    full = tpo.optimize(
+        "q", policy=ScriptedPolicy(pure_reply), reward=reward, width=4, depth=3, seed=3, on_step=partials.append
+    )
     checkpoint = partials[1]  # after step 1
     assert checkpoint.status == "partial" and len(checkpoint.steps) == 2
     if through_json:
@@ -775,7 +817,12 @@ def test_resume_continues_from_the_next_step_and_matches_an_uninterrupted_run(th
     resumed = tpo.optimize("q", policy=policy, reward=reward2, width=4, depth=3, seed=3, resume=checkpoint)
 
     assert [(r.purpose, r.step) for r in policy.requests] == [
-        ("loss", 2), ("gradient", 2), ("update", 2), ("loss", 3), ("gradient", 3), ("update", 3),
+        ("loss", 2),
+        ("gradient", 2),
+        ("update", 2),
+        ("loss", 3),
+        ("gradient", 3),
+        ("update", 3),
     ]
     assert len(reward2.requests) == 8
     assert resumed.status == "complete"
@@ -790,12 +837,24 @@ def test_resume_through_optimize_many(reward: FunctionReward) -> None:
         if len(result.steps) == 1:
             partials[result.prompt_id] = result
 
-    full = {r.prompt_id: r for r in tpo.optimize_many(["a", "b"], policy=ScriptedPolicy(pure_reply),
-                                                      reward=FunctionReward(hash_score), width=2, depth=2,
-                                                      on_step=keep_first_step)}
+    full = {
+        r.prompt_id: r
+        for r in tpo.optimize_many(
+            ["a", "b"],
+            policy=ScriptedPolicy(pure_reply),
+            reward=FunctionReward(hash_score),
+            width=2,
+            depth=2,
+            on_step=keep_first_step,
+        )
+    }
     policy = ScriptedPolicy(pure_reply)
-    resumed = {r.prompt_id: r for r in tpo.optimize_many(["a", "b"], policy=policy, reward=FunctionReward(hash_score),
-                                                         width=2, depth=2, resume={"0": partials["0"]})}
+    resumed = {
+        r.prompt_id: r
+        for r in tpo.optimize_many(
+            ["a", "b"], policy=policy, reward=FunctionReward(hash_score), width=2, depth=2, resume={"0": partials["0"]}
+        )
+    }
     assert [r.purpose for r in policy.requests if r.prompt_id == "0"] == ["loss", "gradient", "update"] * 2
     assert next(r.purpose for r in policy.requests if r.prompt_id == "1") == "sample"
     for pid in ("0", "1"):
@@ -810,8 +869,9 @@ def test_resuming_a_complete_result_does_no_work(policy: ScriptedPolicy, reward:
 
 
 def test_resuming_a_failed_result_starts_again() -> None:
-    failed = tpo.optimize("q", policy=_failing_for("0", "loss", BackendError("down")),
-                          reward=FunctionReward(hash_score), width=2, depth=1)
+    failed = tpo.optimize(
+        "q", policy=_failing_for("0", "loss", BackendError("down")), reward=FunctionReward(hash_score), width=2, depth=1
+    )
     assert failed.status == "failed"
     policy = ScriptedPolicy(pure_reply)
     result = tpo.optimize("q", policy=policy, reward=FunctionReward(hash_score), width=2, depth=1, resume=failed)
@@ -872,11 +932,13 @@ def test_a_batching_reward_raising_fails_the_answers_of_that_call() -> None:
             return [Score(float(number_in(r.answer))) for r in requests]
 
     reward = Batched("Answer 2 ", RewardError)
-    results = {r.prompt_id: r for r in tpo.optimize_many(["a", "b"], policy=ScriptedPolicy(), reward=reward,
-                                                         width=3, depth=0)}
+    results = {
+        r.prompt_id: r for r in tpo.optimize_many(["a", "b"], policy=ScriptedPolicy(), reward=reward, width=3, depth=0)
+    }
     assert [len(call) for call in reward.calls] == [6]  # both prompts' samples in one call
-    assert all(c.score is None and c.score_error == "the batch was refused"
-               for r in results.values() for c in r.candidates)
+    assert all(
+        c.score is None and c.score_error == "the batch was refused" for r in results.values() for c in r.candidates
+    )
 
 
 def test_submit_many_keeps_run_errors_per_item_and_lets_cancellation_and_user_errors_through() -> None:
@@ -932,8 +994,11 @@ def test_concurrent_calls_on_a_fresh_engine_share_one_preparation() -> None:
     engine = tpo.Engine(policy, FunctionReward(hash_score), config=TPOConfig(width=2, depth=1))
 
     async def main() -> list[TPOResult]:
-        return list(await asyncio.gather(engine.optimize("a", id="a"), engine.optimize("b", id="b"),
-                                         engine.optimize("c", id="c")))
+        return list(
+            await asyncio.gather(
+                engine.optimize("a", id="a"), engine.optimize("b", id="b"), engine.optimize("c", id="c")
+            )
+        )
 
     results = asyncio.run(main())
     assert [r.status for r in results] == ["complete"] * 3, [r.error for r in results]
@@ -960,12 +1025,26 @@ def test_a_failed_preparation_is_tried_again_by_the_next_call() -> None:
 
 def test_a_resume_of_another_conversation_fails_only_that_prompt() -> None:
     partials: list[TPOResult] = []
-    tpo.optimize("another question", policy=ScriptedPolicy(pure_reply), reward=FunctionReward(hash_score), width=2,
-                 depth=1, on_step=partials.append)
+    tpo.optimize(
+        "another question",
+        policy=ScriptedPolicy(pure_reply),
+        reward=FunctionReward(hash_score),
+        width=2,
+        depth=1,
+        on_step=partials.append,
+    )
     policy = ScriptedPolicy(pure_reply)
-    results = {r.prompt_id: r for r in tpo.optimize_many(["a", "b", "c"], policy=policy,
-                                                         reward=FunctionReward(hash_score), width=2, depth=1,
-                                                         resume={"1": partials[0]})}
+    results = {
+        r.prompt_id: r
+        for r in tpo.optimize_many(
+            ["a", "b", "c"],
+            policy=policy,
+            reward=FunctionReward(hash_score),
+            width=2,
+            depth=1,
+            resume={"1": partials[0]},
+        )
+    }
     assert {k: r.status for k, r in results.items()} == {"0": "complete", "1": "failed", "2": "complete"}
     assert results["1"].error == (
         "InputError: prompt '1': the result to resume from belongs to a different conversation (prompt '0')"
@@ -979,8 +1058,12 @@ def test_a_conversation_that_cannot_be_made_to_fit_fails_only_that_prompt() -> N
     # 401 turns: the chat-template allowance per message alone exceeds the window.
     turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i}"} for i in range(401)]
     policy = ScriptedPolicy(pure_reply, window=2048)
-    results = {r.prompt_id: r for r in tpo.optimize_many(["a", turns, "c"], policy=policy,
-                                                         reward=FunctionReward(hash_score), width=2, depth=1)}
+    results = {
+        r.prompt_id: r
+        for r in tpo.optimize_many(
+            ["a", turns, "c"], policy=policy, reward=FunctionReward(hash_score), width=2, depth=1
+        )
+    }
     assert {k: r.status for k, r in results.items()} == {"0": "complete", "1": "failed", "2": "complete"}
     assert (results["1"].error or "").startswith(
         "InputError: prompt '1': a request does not fit the context window of 2048 tokens"
@@ -996,8 +1079,11 @@ def test_a_user_error_from_a_backend_is_not_mistaken_for_one_prompts_failure() -
         return pure_reply(request)
 
     with pytest.raises(tpo.ConfigError, match="set up wrongly"):
-        list(tpo.optimize_many(["a", "b", "c"], policy=ScriptedPolicy(reply), reward=FunctionReward(hash_score),
-                               width=2, depth=1))
+        list(
+            tpo.optimize_many(
+                ["a", "b", "c"], policy=ScriptedPolicy(reply), reward=FunctionReward(hash_score), width=2, depth=1
+            )
+        )
 
 
 # --------------------------------------------------------------------------- batch caps
@@ -1045,8 +1131,7 @@ def test_partial_results_are_built_only_for_an_on_step_callback(monkeypatch: pyt
     assert len(built) == 1  # the final result only
     built.clear()
     seen: list[TPOResult] = []
-    tpo.optimize("q", policy=ScriptedPolicy(), reward=FunctionReward(hash_score), width=2, depth=3,
-                 on_step=seen.append)
+    tpo.optimize("q", policy=ScriptedPolicy(), reward=FunctionReward(hash_score), width=2, depth=3, on_step=seen.append)
     assert len(seen) == 4 and len(built) == 4 + 1
 
 
@@ -1063,13 +1148,28 @@ def test_the_reward_models_details_are_kept_json_safe_with_each_candidate() -> N
         n = number_in(answer)
         if n == 1:
             return Score.failed("the judge gave no rating", {"reply": "I cannot say."})
-        return Score(float(n), details={"rating": n, "components": {"length": (1, 2.5)}, 3: _Opaque(),
-                                        "nan": math.nan, "ok": True, "none": None})
+        return Score(
+            float(n),
+            details={
+                "rating": n,
+                "components": {"length": (1, 2.5)},
+                3: _Opaque(),
+                "nan": math.nan,
+                "ok": True,
+                "none": None,
+            },
+        )
 
     result = tpo.optimize("q", policy=ScriptedPolicy(), reward=FunctionReward(score), width=2, depth=0)
     scored, failed = result.candidates
-    assert scored.score_details == {"rating": 0, "components": {"length": [1, 2.5]}, "3": "an opaque object",
-                                    "nan": "nan", "ok": True, "none": None}
+    assert scored.score_details == {
+        "rating": 0,
+        "components": {"length": [1, 2.5]},
+        "3": "an opaque object",
+        "nan": "nan",
+        "ok": True,
+        "none": None,
+    }
     assert failed.score is None and failed.score_details == {"reply": "I cannot say."}
     text = result.to_json()
     assert "NaN" not in text

@@ -25,9 +25,12 @@ def test_concurrent_calls_with_different_configs_share_batches_and_match_their_o
     results = asyncio.run(run_all())
     assert len(policy.calls[0]) == 3  # the three samples went out together
     for result, (key, config) in zip(results, configs.items(), strict=True):
-        alone = tpo.optimize(tpo.Prompt(key, (tpo.Message("user", f"Question {key}?"),)),
-                             policy=ScriptedPolicy(pure_reply), reward=FunctionReward(hash_score),
-                             config=config or TPOConfig(width=3, depth=1))
+        alone = tpo.optimize(
+            tpo.Prompt(key, (tpo.Message("user", f"Question {key}?"),)),
+            policy=ScriptedPolicy(pure_reply),
+            reward=FunctionReward(hash_score),
+            config=config or TPOConfig(width=3, depth=1),
+        )
         assert result.answer == alone.answer and result.config == alone.config
         assert [c.id for c in result.candidates] == [c.id for c in alone.candidates]
     assert [r.config["width"] for r in results] == [2, 4, 3] and results[1].steps[1].kind == "revision"

@@ -41,10 +41,16 @@ TAG = tpo.DEFAULT_PROMPTS.tag
 # The answers each prompt gets, by step: step 0 are the samples, later steps the rewrites.
 # Prompt "a" rewrites its best answer into an exact copy of a step-0 answer at step 2 (a repeat).
 SCRIPT: dict[str, list[list[str]]] = {
-    "a": [["a0 score=1", "a1 score=2", "a2 score=3"], ["a3 score=4", "a4 score=5", "a5 score=6"],
-          ["a2 score=3", "a6 score=8", "a7 score=9"]],
-    "b": [["b0 score=0", "b1 score=0.0", "b2 score=3"], ["b3 score=2", "b4 score=2.0", "b5 score=2.00"],
-          ["b6 score=1", "b7 score=1.0", "b8 score=1.00"]],
+    "a": [
+        ["a0 score=1", "a1 score=2", "a2 score=3"],
+        ["a3 score=4", "a4 score=5", "a5 score=6"],
+        ["a2 score=3", "a6 score=8", "a7 score=9"],
+    ],
+    "b": [
+        ["b0 score=0", "b1 score=0.0", "b2 score=3"],
+        ["b3 score=2", "b4 score=2.0", "b5 score=2.00"],
+        ["b6 score=1", "b7 score=1.0", "b8 score=1.00"],
+    ],
     "c": [["c0 score=5", "c1 score=6", "c2 score=7"]],  # its backend fails at step 1
 }
 
@@ -69,10 +75,13 @@ def score_in_text(messages: Any, answer: str) -> float:
     return float(m.group(1))
 
 
-def write_run(path: Path, prompts: Sequence[Any], reply: Any = scripted_reply, reward: Any = score_in_text,
-              **options: Any) -> Path:
+def write_run(
+    path: Path, prompts: Sequence[Any], reply: Any = scripted_reply, reward: Any = score_in_text, **options: Any
+) -> Path:
     with path.open("w", encoding="utf-8") as f:
-        for result in tpo.optimize_many(list(prompts), policy=ScriptedPolicy(reply), reward=FunctionReward(reward), **options):
+        for result in tpo.optimize_many(
+            list(prompts), policy=ScriptedPolicy(reply), reward=FunctionReward(reward), **options
+        ):
             f.write(result.to_json() + "\n")
     return path
 
@@ -351,7 +360,9 @@ def test_math_accuracy_checks_final_answers_with_math_verify(tmp_path: Path) -> 
     assert asyncio.run(inside_a_loop()) == m
 
 
-def test_math_accuracy_counts_a_failed_check_of_an_answer_as_wrong(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_math_accuracy_counts_a_failed_check_of_an_answer_as_wrong(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from tpo.rewards.verifier import MathReward
     from tpo.types import Score
 
@@ -387,8 +398,10 @@ def test_math_accuracy_counts_a_failed_check_of_an_answer_as_wrong(tmp_path: Pat
 def test_eval_command_prints_tables_and_writes_json(tpo_run: Run, tmp_path: Path) -> None:
     other = bon_run(tmp_path, "B", {"a": 1, "b": 5, "c": 0})
     out = tmp_path / "eval.json"
-    res = CliRunner().invoke(cli, ["eval", tpo_run.path, other.path, "--label", "TPO", "--label", "BoN", "--json", str(out),
-                                   "--tie-eps", "0.5"])
+    res = CliRunner().invoke(
+        cli,
+        ["eval", tpo_run.path, other.path, "--label", "TPO", "--label", "BoN", "--json", str(out), "--tie-eps", "0.5"],
+    )
 
     assert res.exit_code == 0, res.output
     for text in ("Runs", "TPO: reward per step", "TPO: cost per prompt", "Paired comparison", "1 failed prompt"):
@@ -442,8 +455,13 @@ def test_eval_tables_fit_the_terminal_on_a_terminal(tpo_run: Run) -> None:
 
     leader, follower = pty.openpty()
     env = {**os.environ, "COLUMNS": "80", "LINES": "50", "NO_COLOR": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", "from tpo.cli import main; main()", "eval", tpo_run.path,
-                             "--label", LONG_LABEL], stdin=subprocess.DEVNULL, stdout=follower, stderr=follower, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from tpo.cli import main; main()", "eval", tpo_run.path, "--label", LONG_LABEL],
+        stdin=subprocess.DEVNULL,
+        stdout=follower,
+        stderr=follower,
+        env=env,
+    )
     os.close(follower)
     chunks = []
     try:

@@ -63,8 +63,9 @@ def reward(messages: Any, answer: str) -> float:
 def run_file(path: Path, prompts: list[tpo.Prompt], *, policy_name: str = "scripted", **options: Any) -> Path:
     options = {"width": 2, "depth": 1, **options}
     with path.open("w", encoding="utf-8") as f:
-        for result in tpo.optimize_many(prompts, policy=ScriptedPolicy(reply, name=policy_name),
-                                        reward=FunctionReward(reward), **options):
+        for result in tpo.optimize_many(
+            prompts, policy=ScriptedPolicy(reply, name=policy_name), reward=FunctionReward(reward), **options
+        ):
             f.write(result.to_json() + "\n")
     return path
 
@@ -74,8 +75,11 @@ def alpaca_run(tmp_path: Path) -> Path:
     prompts = [
         tpo.Prompt.of("What is the capital of France?", id="a1", metadata={"dataset": "helpful_base"}),
         # A benchmark row whose prompt was templated: the original instruction is in the metadata.
-        tpo.Prompt.of([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q: name a prime\nA:"}],
-                      id="a2", metadata={"instruction": "Name a prime.", "dataset": "koala"}),
+        tpo.Prompt.of(
+            [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q: name a prime\nA:"}],
+            id="a2",
+            metadata={"instruction": "Name a prime.", "dataset": "koala"},
+        ),
         tpo.Prompt.of("This prompt cannot be scored", id="a3"),
         tpo.Prompt.of("Write a plan md", id="a4md"),
     ]
@@ -115,8 +119,11 @@ def test_alpaca_eval_records_without_dataset_and_with_a_chosen_name(alpaca_run: 
 
 
 def test_alpaca_eval_export_warns_about_the_suffix_and_earlier_turns(tmp_path: Path) -> None:
-    conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
-                    {"role": "user", "content": "And now?"}]
+    conversation = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "And now?"},
+    ]
     results, _ = read_results(run_file(tmp_path / "r.jsonl", [tpo.Prompt.of(conversation, id="t")]))
     report = export_results(results, "alpaca-eval", tmp_path / "outputs.jsonl")
     assert any("expects .json" in w for w in report.warnings)
@@ -144,7 +151,9 @@ def test_strict_export_refuses_unfinished_prompts_and_writes_nothing(alpaca_run:
 @pytest.fixture
 def arena_results(tmp_path: Path) -> list[TPOResult]:
     prompts = [
-        tpo.Prompt.of("Explain quicksort md", id="row-2", metadata={"question_id": "q-b", "category": "arena-hard-v0.1"}),
+        tpo.Prompt.of(
+            "Explain quicksort md", id="row-2", metadata={"question_id": "q-b", "category": "arena-hard-v0.1"}
+        ),
         tpo.Prompt.of("Explain heapsort", id="row-1", metadata={"question_id": "q-a", "category": "arena-hard-v0.1"}),
         tpo.Prompt.of("This prompt cannot be scored", id="row-3", metadata={"question_id": "q-c"}),
     ]
@@ -180,7 +189,10 @@ def test_arena_hard_writes_the_current_schema_for_v01_too(arena_results: list[TP
     assert [pid for pid, _ in report.skipped] == ["row-3"]
     answers = load_answers(answer_dir, "uid")
     assert list(answers) == ["tpo-llama"]
-    assert list(answers["tpo-llama"]) == ["q-a", "q-b"]  # the v0.1 question ids, sorted as reorg_answer_file leaves them
+    assert list(answers["tpo-llama"]) == [
+        "q-a",
+        "q-b",
+    ]  # the v0.1 question ids, sorted as reorg_answer_file leaves them
     finals = {r.metadata["question_id"]: r for r in arena_results}
     for uid, rec in answers["tpo-llama"].items():
         assert list(rec) == ["uid", "ans_id", "model", "messages", "tstamp", "metadata"]
@@ -195,8 +207,14 @@ def test_arena_hard_writes_the_current_schema_for_v01_too(arena_results: list[TP
 
 def test_arena_hard_legacy_schema_is_the_pre_2025_v01_layout(arena_results: list[TPOResult], tmp_path: Path) -> None:
     answer_dir = tmp_path / "data" / "arena-hard-v0.1" / "model_answer"
-    report = export_results(arena_results, "arena-hard", answer_dir, model_name="tpo-llama",
-                            arena_hard_schema="legacy", count_tokens=ESTIMATE)
+    report = export_results(
+        arena_results,
+        "arena-hard",
+        answer_dir,
+        model_name="tpo-llama",
+        arena_hard_schema="legacy",
+        count_tokens=ESTIMATE,
+    )
 
     assert (report.arena_hard_schema, report.arena_hard_benchmark) == ("legacy", "v0.1")
     answers = load_answers(answer_dir, "question_id")
@@ -211,7 +229,10 @@ def test_arena_hard_legacy_schema_is_the_pre_2025_v01_layout(arena_results: list
         assert turn["token_len"] == rec["conv_metadata"]["token_len"] == estimate_token_len(turn["content"])
     style = answers["tpo-llama"]["q-b"]["conv_metadata"]
     assert (sum(style["header_count"].values()), style["list_count"], sum(style["bold_count"].values())) == (
-        1, {"ordered": 2, "unordered": 1}, 1)
+        1,
+        {"ordered": 2, "unordered": 1},
+        1,
+    )
 
 
 def test_arena_hard_v2_answer_file(tmp_path: Path) -> None:
@@ -251,7 +272,9 @@ def test_arena_hard_benchmark_is_checked_against_the_folder_and_the_schema(tmp_p
     assert resolve_arena_hard_benchmark(tmp_path / "answers") is None  # no folder names one: any version
     assert resolve_arena_hard_benchmark(tmp_path / "answers", "v0.1", schema="legacy") == "v0.1"
     assert resolve_arena_hard_benchmark(tmp_path / "answers", schema="legacy") is None
-    with pytest.raises(ConfigError, match=r"v0\.1 \(--arena-hard-benchmark\) does not match the folder arena-hard-v2\.0"):
+    with pytest.raises(
+        ConfigError, match=r"v0\.1 \(--arena-hard-benchmark\) does not match the folder arena-hard-v2\.0"
+    ):
         resolve_arena_hard_benchmark(v2, "v0.1")
     with pytest.raises(ConfigError, match=r"legacy answer schema exists for arena-hard-v0\.1 only"):
         resolve_arena_hard_benchmark(v2, schema="legacy")
@@ -306,8 +329,9 @@ def fake_tiktoken(monkeypatch: pytest.MonkeyPatch, load: Any) -> list[str]:
         asked.append(model)
         return load()
 
-    monkeypatch.setitem(__import__("sys").modules, "tiktoken",
-                        types.SimpleNamespace(encoding_for_model=encoding_for_model))
+    monkeypatch.setitem(
+        __import__("sys").modules, "tiktoken", types.SimpleNamespace(encoding_for_model=encoding_for_model)
+    )
     return asked
 
 
@@ -347,7 +371,9 @@ def test_token_len_is_an_estimate_without_tiktoken_or_its_file(monkeypatch: pyte
     results, _ = read_results(run_file(tmp_path / "r.jsonl", [tpo.Prompt.of("Hi", id="x", metadata={"uid": "u"})]))
     res = CliRunner().invoke(cli, ["export", str(tmp_path / "r.jsonl"), "-f", "arena-hard", "-o", str(tmp_path / "o")])
     assert res.exit_code == 0, res.output
-    assert "token_len: estimate" in res.output and "token_len is an estimate (about four characters a token)" in res.output
+    assert (
+        "token_len: estimate" in res.output and "token_len is an estimate (about four characters a token)" in res.output
+    )
     record = json.loads(next((tmp_path / "o").glob("*.jsonl")).read_text(encoding="utf-8"))
     assert record["metadata"]["token_len"] == estimate_token_len(results[0].answer or "")
 
@@ -366,30 +392,36 @@ def test_token_len_with_the_real_tiktoken_where_its_encoding_loads() -> None:
 # --------------------------------------------------------------------------- markdown counts
 
 
-@pytest.mark.parametrize(("text", "headers", "lists", "bold"), [
-    # Code is left out: "# not a header" and "- not a list" inside the fence do not count.
-    (FINAL, 1, {"ordered": 2, "unordered": 1}, 1),
-    # Arena-Hard's pattern skips a block whose code holds a backtick, and pairs its closing fence with
-    # the next block's opening one: the prose between them (a header, a list item) is not counted.
-    ("```js\nconst s = `x`;\n```\n\n# Title\n\n- item\n\n```sh\nls\n```\n", 0, {"ordered": 0, "unordered": 0}, 0),
-    # The same without the backtick: both blocks are removed and the prose between them counts.
-    ("```js\nconst s = 'x';\n```\n\n# Title\n\n- item\n\n```sh\nls\n```\n", 1, {"ordered": 0, "unordered": 1}, 0),
-    # A removed block's text is removed wherever it occurs: the bold line before the code goes too.
-    ("Intro\n**Note**\n```\n**Note**\n```\n", 0, {"ordered": 0, "unordered": 0}, 0),
-    # Inline code (single backticks) is prose to it; an unclosed fence removes nothing.
-    ("Use `**x**` here\n", 0, {"ordered": 0, "unordered": 0}, 1),
-    ("```py\n# comment\n1. one\n", 1, {"ordered": 1, "unordered": 0}, 0),
-    # A four-backtick fence around a fenced example: the inner fences pair up, the outer ones do not.
-    ("````md\n```py\nx\n```\n# h\n````\n- a\n", 0, {"ordered": 0, "unordered": 1}, 0),
-    # An empty block, "__" bold and deep headers.
-    ("``````\n###### six\n__b__ and **c**\n", 1, {"ordered": 0, "unordered": 0}, 2),
-])
+@pytest.mark.parametrize(
+    ("text", "headers", "lists", "bold"),
+    [
+        # Code is left out: "# not a header" and "- not a list" inside the fence do not count.
+        (FINAL, 1, {"ordered": 2, "unordered": 1}, 1),
+        # Arena-Hard's pattern skips a block whose code holds a backtick, and pairs its closing fence with
+        # the next block's opening one: the prose between them (a header, a list item) is not counted.
+        ("```js\nconst s = `x`;\n```\n\n# Title\n\n- item\n\n```sh\nls\n```\n", 0, {"ordered": 0, "unordered": 0}, 0),
+        # The same without the backtick: both blocks are removed and the prose between them counts.
+        ("```js\nconst s = 'x';\n```\n\n# Title\n\n- item\n\n```sh\nls\n```\n", 1, {"ordered": 0, "unordered": 1}, 0),
+        # A removed block's text is removed wherever it occurs: the bold line before the code goes too.
+        ("Intro\n**Note**\n```\n**Note**\n```\n", 0, {"ordered": 0, "unordered": 0}, 0),
+        # Inline code (single backticks) is prose to it; an unclosed fence removes nothing.
+        ("Use `**x**` here\n", 0, {"ordered": 0, "unordered": 0}, 1),
+        ("```py\n# comment\n1. one\n", 1, {"ordered": 1, "unordered": 0}, 0),
+        # A four-backtick fence around a fenced example: the inner fences pair up, the outer ones do not.
+        ("````md\n```py\nx\n```\n# h\n````\n- a\n", 0, {"ordered": 0, "unordered": 1}, 0),
+        # An empty block, "__" bold and deep headers.
+        ("``````\n###### six\n__b__ and **c**\n", 1, {"ordered": 0, "unordered": 0}, 2),
+    ],
+)
 def test_markdown_counts_match_arena_hard(text: str, headers: int, lists: dict[str, int], bold: int) -> None:
     counts = markdown_counts(text)
     assert list(counts) == ["header_count", "list_count", "bold_count"]
     assert list(counts["header_count"]) == ["h1", "h2", "h3", "h4", "h5", "h6"]
     assert (sum(counts["header_count"].values()), counts["list_count"], sum(counts["bold_count"].values())) == (
-        headers, lists, bold)
+        headers,
+        lists,
+        bold,
+    )
 
 
 def test_arena_hard_model_name_must_match_the_file(arena_results: list[TPOResult], tmp_path: Path) -> None:
@@ -414,7 +446,10 @@ def test_jsonl_export_has_id_prompt_and_answer_only(alpaca_run: Path, tmp_path: 
     assert set(rows) == {"a1", "a2", "a4md"}
     assert all(set(row) == {"id", "prompt", "answer"} for row in rows.values())
     assert rows["a1"]["prompt"] == "What is the capital of France?"
-    assert rows["a2"]["prompt"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q: name a prime\nA:"}]
+    assert rows["a2"]["prompt"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Q: name a prime\nA:"},
+    ]
     assert rows["a4md"]["answer"] == FINAL.strip()
 
 
@@ -452,33 +487,51 @@ def test_export_command_skips_with_a_warning_and_strict_fails(alpaca_run: Path, 
     assert "Wrote 3 answer(s)" in res.output
     assert len(json.loads(out.read_text(encoding="utf-8"))) == 3
 
-    res = CliRunner().invoke(cli, ["export", str(alpaca_run), "-f", "jsonl", "-o", str(tmp_path / "s.jsonl"), "--strict"])
+    res = CliRunner().invoke(
+        cli, ["export", str(alpaca_run), "-f", "jsonl", "-o", str(tmp_path / "s.jsonl"), "--strict"]
+    )
     assert res.exit_code == 2
     assert "did not finish" in res.output and not (tmp_path / "s.jsonl").exists()
 
 
-
 def test_export_command_arena_hard_schema_benchmark_and_token_len(alpaca_run: Path, tmp_path: Path) -> None:
     answers = tmp_path / "data" / "arena-hard-v0.1" / "model_answer"
-    res = CliRunner().invoke(cli, ["export", str(alpaca_run), "-f", "arena-hard", "-o", str(answers), "--model-name", "tpo-x"])
+    res = CliRunner().invoke(
+        cli, ["export", str(alpaca_run), "-f", "arena-hard", "-o", str(answers), "--model-name", "tpo-x"]
+    )
     assert res.exit_code == 0, res.output
     assert "in arena-hard format (current answer schema, benchmark v0.1; token_len: " in res.output
     assert "uid" in json.loads((answers / "tpo-x.jsonl").read_text(encoding="utf-8").splitlines()[0])
     if "token_len: estimate" in res.output:  # no tiktoken, or no encoding file: the command says so
         assert "token_len is an estimate" in res.output
 
-    res = CliRunner().invoke(cli, ["export", str(alpaca_run), "-f", "arena-hard", "-o", str(tmp_path / "old"),
-                                   "--arena-hard-schema", "legacy", "--model-name", "tpo-x"])
+    res = CliRunner().invoke(
+        cli,
+        [
+            "export",
+            str(alpaca_run),
+            "-f",
+            "arena-hard",
+            "-o",
+            str(tmp_path / "old"),
+            "--arena-hard-schema",
+            "legacy",
+            "--model-name",
+            "tpo-x",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "(legacy answer schema, any benchmark version;" in res.output
     assert "question_id" in json.loads((tmp_path / "old" / "tpo-x.jsonl").read_text(encoding="utf-8").splitlines()[0])
 
-    res = CliRunner().invoke(cli, ["export", str(alpaca_run), "-f", "arena-hard", "-o", str(answers),
-                                   "--arena-hard-benchmark", "v2.0"])
+    res = CliRunner().invoke(
+        cli, ["export", str(alpaca_run), "-f", "arena-hard", "-o", str(answers), "--arena-hard-benchmark", "v2.0"]
+    )
     assert res.exit_code == 2 and "does not match the folder arena-hard-v0.1" in res.output
     # The old option, which mixed the two, names its replacements instead of writing the wrong layout.
-    res = CliRunner().invoke(cli, ["export", str(alpaca_run), "-f", "arena-hard", "-o", str(tmp_path / "x"),
-                                   "--arena-hard-version", "v0.1"])
+    res = CliRunner().invoke(
+        cli, ["export", str(alpaca_run), "-f", "arena-hard", "-o", str(tmp_path / "x"), "--arena-hard-version", "v0.1"]
+    )
     assert res.exit_code == 2 and "--arena-hard-schema" in res.output and "--arena-hard-benchmark" in res.output
     assert not (tmp_path / "x").exists()
 
@@ -491,8 +544,13 @@ def test_text_that_utf8_cannot_hold_is_escaped_not_lost(tmp_path: Path) -> None:
 
     path = tmp_path / "odd.jsonl"
     with path.open("w", encoding="utf-8") as f:
-        for r in tpo.optimize_many([tpo.Prompt.of("Q", id="o")], policy=ScriptedPolicy(odd_reply),
-                                   reward=FunctionReward(lambda m, a: 1.0), mode="bon", width=2):
+        for r in tpo.optimize_many(
+            [tpo.Prompt.of("Q", id="o")],
+            policy=ScriptedPolicy(odd_reply),
+            reward=FunctionReward(lambda m, a: 1.0),
+            mode="bon",
+            width=2,
+        ):
             f.write(r.to_json() + "\n")
     results, _ = read_results(path)
     for fmt, out in (("jsonl", tmp_path / "o.jsonl"), ("alpaca-eval", tmp_path / "o.json")):

@@ -56,8 +56,14 @@ def rows(n: int) -> list[dict[str, Any]]:
 
 def batch(n: int, out: Path, policy: Any, reward: Any = None, **kwargs: Any) -> BatchSummary:
     dataset = read_prompts(rows(n), id_field="id")
-    return run_batch(dataset, out, policy=policy, reward=reward or FunctionReward(hash_score, name="hash"),
-                     config=kwargs.pop("config", CONFIG), **kwargs)
+    return run_batch(
+        dataset,
+        out,
+        policy=policy,
+        reward=reward or FunctionReward(hash_score, name="hash"),
+        config=kwargs.pop("config", CONFIG),
+        **kwargs,
+    )
 
 
 def lines(path: Path) -> list[dict[str, Any]]:
@@ -75,7 +81,9 @@ def closed_url() -> str:
 # ---------------------------------------------------------------------- pre-flight: servers
 
 
-def test_an_unreachable_server_fails_the_run_in_seconds_before_any_prompt(tmp_path: Path, allow_real_requests: None) -> None:
+def test_an_unreachable_server_fails_the_run_in_seconds_before_any_prompt(
+    tmp_path: Path, allow_real_requests: None
+) -> None:
     # The defaults retry each request 6 times with backoff: about a minute per prompt without the check.
     policy = OpenAIPolicy("m", base_url=closed_url())
     out = tmp_path / "out.jsonl"
@@ -101,7 +109,9 @@ def test_the_commands_fail_in_seconds_on_an_unreachable_server(tmp_path: Path, a
     assert (tmp_path / "out.jsonl").read_text() == ""
 
 
-def test_a_refused_key_is_a_configuration_error(server: FakeOpenAIServer, tmp_path: Path, allow_real_requests: None) -> None:
+def test_a_refused_key_is_a_configuration_error(
+    server: FakeOpenAIServer, tmp_path: Path, allow_real_requests: None
+) -> None:
     server.reset(routes={"/v1/models": Reply(401, {"error": {"message": "Incorrect API key provided"}})})
     policy = OpenAIPolicy("m", base_url=server.base_url, api_key="sk-wrong-key-1234")
     refused = r"refused the API key: HTTP 401: Incorrect API key provided \(check the API key"
@@ -120,7 +130,9 @@ def test_a_server_that_answers_passes_whatever_it_says_about_its_models(
     assert summary.ok and server.chat_calls()
 
 
-def test_a_silent_server_fails_the_check_after_probe_timeout_s(server: FakeOpenAIServer, allow_real_requests: None) -> None:
+def test_a_silent_server_fails_the_check_after_probe_timeout_s(
+    server: FakeOpenAIServer, allow_real_requests: None
+) -> None:
     server.reset(routes={"/v1/models": Reply(body={"data": []}, delay_s=5)})
     policy = OpenAIPolicy("m", base_url=server.base_url, probe_timeout_s=0.3)
     started = time.monotonic()
@@ -144,13 +156,15 @@ def test_the_http_reward_checks_its_server(server: FakeOpenAIServer, allow_real_
     with pytest.raises(RewardError, match=r"cannot be reached .*ConnectError"):
         asyncio.run(_checked(HTTPReward(f"http://127.0.0.1:{free_port()}/pooling", max_retries=5)))
     assert time.monotonic() - started < QUICK_S
-    server.reset(routes={
-        "/pooling": Reply(422, {"detail": "field required: model"}),
-        "/classify": Reply(200, {"data": [{"index": 0}]}),
-        "/busy": Reply(503, "loading"),
-        "/picky": Reply(400, {"error": "metadata.answer is required"}),
-        "/ok": Reply(200, {"data": [{"index": 0, "data": [1.5]}]}),
-    })
+    server.reset(
+        routes={
+            "/pooling": Reply(422, {"detail": "field required: model"}),
+            "/classify": Reply(200, {"data": [{"index": 0}]}),
+            "/busy": Reply(503, "loading"),
+            "/picky": Reply(400, {"error": "metadata.answer is required"}),
+            "/ok": Reply(200, {"data": [{"index": 0, "data": [1.5]}]}),
+        }
+    )
     base = server.root_url
     with pytest.raises(RewardError, match=r"refused a trivial request: HTTP 422: .*field required"):
         asyncio.run(_checked(HTTPReward(f"{base}/pooling")))
@@ -172,12 +186,15 @@ def no_answer(messages: Any) -> float:
     return 1.0
 
 
-@pytest.mark.parametrize("fn, batched, expected", [
-    (no_answer, None, r"cannot be called as tpo calls it, fn\(messages, answer\).*its signature is \(messages"),
-    (lambda answer, *, metadata: 1.0, None, r"fn\(messages, answer\)"),
-    (lambda messages, answer, extra: 1.0, None, r"missing a required argument: 'extra'"),
-    (lambda messages_list: [1.0], True, r"fn\(list_of_messages, list_of_answers\)"),
-])
+@pytest.mark.parametrize(
+    "fn, batched, expected",
+    [
+        (no_answer, None, r"cannot be called as tpo calls it, fn\(messages, answer\).*its signature is \(messages"),
+        (lambda answer, *, metadata: 1.0, None, r"fn\(messages, answer\)"),
+        (lambda messages, answer, extra: 1.0, None, r"missing a required argument: 'extra'"),
+        (lambda messages_list: [1.0], True, r"fn\(list_of_messages, list_of_answers\)"),
+    ],
+)
 def test_a_python_reward_with_the_wrong_parameters_fails_before_any_prompt(
     tmp_path: Path, fn: Any, batched: bool | None, expected: str
 ) -> None:
@@ -187,19 +204,24 @@ def test_a_python_reward_with_the_wrong_parameters_fails_before_any_prompt(
     assert policy.requests == [] and lines(tmp_path / "out.jsonl") == []
 
 
-@pytest.mark.parametrize("fn, batched", [
-    (lambda messages, answer: 1.0, None),
-    (lambda messages, answer, metadata: 1.0, None),
-    (lambda *args, **kwargs: 1.0, None),
-    (lambda messages, answer, scale=2.0: 1.0, None),
-    (lambda messages_list, answers, metadata=None: [1.0] * len(answers), True),
-    (max, None),  # a builtin that says nothing of its parameters: its first call will tell
-])
+@pytest.mark.parametrize(
+    "fn, batched",
+    [
+        (lambda messages, answer: 1.0, None),
+        (lambda messages, answer, metadata: 1.0, None),
+        (lambda *args, **kwargs: 1.0, None),
+        (lambda messages, answer, scale=2.0: 1.0, None),
+        (lambda messages_list, answers, metadata=None: [1.0] * len(answers), True),
+        (max, None),  # a builtin that says nothing of its parameters: its first call will tell
+    ],
+)
 def test_python_rewards_that_can_be_called_pass(fn: Any, batched: bool | None) -> None:
     asyncio.run(apreflight(PythonReward(fn, batched=batched)))
 
 
-def test_checks_reach_inside_wrappers_and_a_judges_own_backend(server: FakeOpenAIServer, allow_real_requests: None) -> None:
+def test_checks_reach_inside_wrappers_and_a_judges_own_backend(
+    server: FakeOpenAIServer, allow_real_requests: None
+) -> None:
     wrapped = WeightedReward([FunctionReward(hash_score), PythonReward(no_answer)])
     with pytest.raises(ConfigError, match="cannot be called as tpo calls it"):
         asyncio.run(apreflight(ScriptedPolicy(pure_reply), wrapped))
@@ -216,8 +238,20 @@ def test_the_cli_refuses_a_python_reward_with_the_wrong_parameters_before_sampli
     rm.write_text("def score(answer):\n    return 1.0\n")
     data = tmp_path / "in.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows(4)))
-    result = invoke("batch", data, "-o", tmp_path / "out.jsonl", "--id-field", "id", "--policy", "openai:m",
-                    "--base-url", server.base_url, "--reward", f"python:{rm}:score")
+    result = invoke(
+        "batch",
+        data,
+        "-o",
+        tmp_path / "out.jsonl",
+        "--id-field",
+        "id",
+        "--policy",
+        "openai:m",
+        "--base-url",
+        server.base_url,
+        "--reward",
+        f"python:{rm}:score",
+    )
     assert result.exit_code == 2, result.output
     assert f"python:{rm}:score cannot be called as tpo calls it" in " ".join(result.stderr.split())
     assert server.chat_calls() == []
@@ -273,8 +307,13 @@ def test_the_run_goes_on_unless_the_first_k_all_fail_alike(tmp_path: Path, case:
         options = {"fail_fast_after": 0}
     if case == "no more prompts than K":
         n = 4
-    summary = batch(n, tmp_path / "out.jsonl", ScriptedPolicy(reply), config=CONFIG.with_options(max_concurrent_prompts=1),
-                    **options)
+    summary = batch(
+        n,
+        tmp_path / "out.jsonl",
+        ScriptedPolicy(reply),
+        config=CONFIG.with_options(max_concurrent_prompts=1),
+        **options,
+    )
     assert summary.done == n
     assert summary.failed == (n - 1 if case == "one success" else n)
 
@@ -284,15 +323,34 @@ def test_fail_fast_after_is_checked() -> None:
         FailFast(-1, 10)
 
 
-def test_the_cli_stops_after_k_identical_failures(tmp_path: Path, server: FakeOpenAIServer, allow_real_requests: None) -> None:
+def test_the_cli_stops_after_k_identical_failures(
+    tmp_path: Path, server: FakeOpenAIServer, allow_real_requests: None
+) -> None:
     server.reset(lambda call: Reply(400, {"error": {"message": "this model is not served here"}}))
     data = tmp_path / "in.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows(30)))
     rm = tmp_path / "rm.py"
     rm.write_text("def score(messages, answer):\n    return 1.0\n")
     out = tmp_path / "out.jsonl"
-    args = [data, "-o", out, "--id-field", "id", "-n", 1, "-d", 0, "--policy", "openai:m", "--base-url", server.base_url,
-            "--reward", f"python:{rm}:score", "--concurrency", 2]
+    args = [
+        data,
+        "-o",
+        out,
+        "--id-field",
+        "id",
+        "-n",
+        1,
+        "-d",
+        0,
+        "--policy",
+        "openai:m",
+        "--base-url",
+        server.base_url,
+        "--reward",
+        f"python:{rm}:score",
+        "--concurrency",
+        2,
+    ]
     stopped = invoke("batch", *args, "--fail-fast", 3)
     assert stopped.exit_code == 1, stopped.output
     assert "stopped early: the first 3 prompts all failed with the same error" in stopped.stderr

@@ -24,8 +24,17 @@ from tpo.cli import cli
 from tpo.cli._common import Models
 from tpo.testing import FunctionReward, ScriptedPolicy
 
-CONNECTION = {"timeout_s": 5, "max_retries": 0, "max_concurrency": 4, "backoff_s": 0.1, "max_backoff_s": 1,
-              "max_retry_after_s": 0, "probe_timeout_s": 2, "base_url": "http://a:1/v1", "api_key_env": "K"}
+CONNECTION = {
+    "timeout_s": 5,
+    "max_retries": 0,
+    "max_concurrency": 4,
+    "backoff_s": 0.1,
+    "max_backoff_s": 1,
+    "max_retry_after_s": 0,
+    "probe_timeout_s": 2,
+    "base_url": "http://a:1/v1",
+    "api_key_env": "K",
+}
 
 
 def test_the_openai_backend_declares_its_connection_settings() -> None:
@@ -36,28 +45,54 @@ def test_the_openai_backend_declares_its_connection_settings() -> None:
 
 def test_result_options_leave_out_what_plugins_declare_harmless() -> None:
     models = {
-        "policy": "openai:m", "policy_options": {**CONNECTION, "native_n": False, "extra_body": {"top_k": 5}},
-        "critic": None, "critic_options": {"timeout_s": 9},
+        "policy": "openai:m",
+        "policy_options": {**CONNECTION, "native_n": False, "extra_body": {"top_k": 5}},
+        "critic": None,
+        "critic_options": {"timeout_s": 9},
         "reward": ["judge:openai:j", "math"],
-        "reward_options": {"judge.backend_options": {"timeout_s": 3, "context_window": 8192}, "1.max_tokens": 9,
-                           "math.field": "gold", "9.timeout_s": 1},
-        "reward_weights": None, "rubric_sha256": None,
+        "reward_options": {
+            "judge.backend_options": {"timeout_s": 3, "context_window": 8192},
+            "1.max_tokens": 9,
+            "math.field": "gold",
+            "9.timeout_s": 1,
+        },
+        "reward_weights": None,
+        "rubric_sha256": None,
     }
     kept = result_options(models)
     assert kept["policy_options"] == {"native_n": False, "extra_body": {"top_k": 5}}
     assert kept["critic_options"] == {}  # the critic is the policy: the openai backend's options apply
-    assert kept["reward_options"] == {"judge.backend_options": {"context_window": 8192}, "1.max_tokens": 9,
-                                      "math.field": "gold", "9.timeout_s": 1}
+    assert kept["reward_options"] == {
+        "judge.backend_options": {"context_window": 8192},
+        "1.max_tokens": 9,
+        "math.field": "gold",
+        "9.timeout_s": 1,
+    }
     assert {k: v for k, v in kept.items() if not k.endswith("_options")} == {
-        k: v for k, v in models.items() if not k.endswith("_options")}
+        k: v for k, v in models.items() if not k.endswith("_options")
+    }
     # A plugin tpo cannot load (or one with undeclared options) keeps all its options.
-    assert result_options({"policy": "scripted", "policy_options": {"timeout_s": 5}})["policy_options"] == {"timeout_s": 5}
-    http = {"timeout_s": 5, "max_retries": 1, "concurrency": 2, "backoff_s": 1, "max_backoff_s": 2, "max_retry_after_s": 0,
-            "api_key_env": "K", "index": 1, "headers": {"x-model": "v2"}}
+    assert result_options({"policy": "scripted", "policy_options": {"timeout_s": 5}})["policy_options"] == {
+        "timeout_s": 5
+    }
+    http = {
+        "timeout_s": 5,
+        "max_retries": 1,
+        "concurrency": 2,
+        "backoff_s": 1,
+        "max_backoff_s": 2,
+        "max_retry_after_s": 0,
+        "api_key_env": "K",
+        "index": 1,
+        "headers": {"x-model": "v2"},
+    }
     assert result_options({"reward": "http:h/pooling", "reward_options": http})["reward_options"] == {
-        "index": 1, "headers": {"x-model": "v2"}}
-    assert result_options({"reward": "python:m:f", "reward_options": {"concurrency": 4, "batched": True}}
-                          )["reward_options"] == {"batched": True}
+        "index": 1,
+        "headers": {"x-model": "v2"},
+    }
+    assert result_options({"reward": "python:m:f", "reward_options": {"concurrency": 4, "batched": True}})[
+        "reward_options"
+    ] == {"batched": True}
     # The math reward's timeout fails slow checks: it changes results, and stays.
     assert result_options({"reward": "math", "reward_options": {"timeout_s": 1}})["reward_options"] == {"timeout_s": 1}
 
@@ -92,19 +127,56 @@ def data(tmp_path: Path) -> Path:
 
 
 def invoke(data: Path, out: Path, *args: object) -> Result:
-    return CliRunner().invoke(cli, ["batch", str(data), "-o", str(out), "--id-field", "id", "-n", "1", "-d", "1",
-                                    "--policy", "openai:m", *map(str, args)], catch_exceptions=False)
+    return CliRunner().invoke(
+        cli,
+        [
+            "batch",
+            str(data),
+            "-o",
+            str(out),
+            "--id-field",
+            "id",
+            "-n",
+            "1",
+            "-d",
+            "1",
+            "--policy",
+            "openai:m",
+            *map(str, args),
+        ],
+        catch_exceptions=False,
+    )
 
 
 def test_failed_prompts_are_retried_with_new_connection_settings(tmp_path: Path, data: Path, flaky: Flaky) -> None:
     out = tmp_path / "out.jsonl"
     flaky.failing = {"q1", "q2"}
-    first = invoke(data, out, "--policy-option", "timeout_s=5", "--policy-option", "max_concurrency=8",
-                   "--base-url", "http://gpu-a:8000/v1")
+    first = invoke(
+        data,
+        out,
+        "--policy-option",
+        "timeout_s=5",
+        "--policy-option",
+        "max_concurrency=8",
+        "--base-url",
+        "http://gpu-a:8000/v1",
+    )
     assert first.exit_code == 1, first.output
     flaky.failing = set()
-    again = invoke(data, out, "--policy-option", "timeout_s=600", "--policy-option", "max_retries=10",
-                   "--policy-option", "backoff_s=2", "--base-url", "http://gpu-b:8000/v1", "--concurrency", 2)
+    again = invoke(
+        data,
+        out,
+        "--policy-option",
+        "timeout_s=600",
+        "--policy-option",
+        "max_retries=10",
+        "--policy-option",
+        "backoff_s=2",
+        "--base-url",
+        "http://gpu-b:8000/v1",
+        "--concurrency",
+        2,
+    )
     assert again.exit_code == 0, again.output
     assert "retrying 2 prompt(s)" in again.stderr
     results = [json.loads(line) for line in out.read_text().splitlines()]
@@ -121,7 +193,7 @@ def test_options_that_change_results_are_still_refused_without_a_confusing_line(
     tmp_path: Path, data: Path, flaky: Flaky
 ) -> None:
     out = tmp_path / "out.jsonl"
-    assert invoke(data, out, "--policy-option", "extra_body={\"top_k\": 5}").exit_code == 0
+    assert invoke(data, out, "--policy-option", 'extra_body={"top_k": 5}').exit_code == 0
     refused = invoke(data, out, "--policy-option", "timeout_s=30")
     assert refused.exit_code == 2, refused.output
     assert "models.policy_options.extra_body.top_k: 5 → <unset>" in refused.stderr

@@ -39,7 +39,9 @@ def lp(token: str, p: float, top: dict[str, float] | None = None) -> TokenLogpro
 class LogprobPolicy(ScriptedPolicy):
     """A scripted policy that also returns log-probabilities, built from each reply's text."""
 
-    def __init__(self, replies: object, logprobs_for: Callable[[str], tuple[TokenLogprob, ...]], **kwargs: object) -> None:
+    def __init__(
+        self, replies: object, logprobs_for: Callable[[str], tuple[TokenLogprob, ...]], **kwargs: object
+    ) -> None:
         super().__init__(replies, supports_logprobs=True, **kwargs)  # type: ignore[arg-type]
         self._logprobs_for = logprobs_for
 
@@ -215,7 +217,9 @@ def test_prefer_replaces_the_rubric() -> None:
 
 def test_custom_instructions_and_case_templates() -> None:
     policy = ScriptedPolicy(["Rating: 4"])
-    reward = JudgeReward(policy, instructions="Criteria: {{rubric}}", case="Q={{conversation}} A={{answer}}", examples=False)
+    reward = JudgeReward(
+        policy, instructions="Criteria: {{rubric}}", case="Q={{conversation}} A={{answer}}", examples=False
+    )
     ask(reward, ["42"])
     assert policy.requests[0].messages[0].content == f"Criteria: {DEFAULT_RUBRIC}\n\nQ=Why is the sky blue? A=42"
     with pytest.raises(PromptTemplateError, match="rubric"):

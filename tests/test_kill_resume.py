@@ -64,10 +64,29 @@ def _cli(input_path: Path) -> Start:
         if log is not None:
             env["TPO_TEST_CALL_LOG"] = str(log)
         command = [
-            str(TPO), "batch", str(input_path), "-o", str(output), "--id-field", "id",
-            "--policy", "scripted", "--policy-option", "latency_s=0.02",
-            "--reward", f"python:{FIXTURE / 'reward.py'}:score",
-            "--width", str(WIDTH), "--depth", str(DEPTH), "--seed", "11", "--concurrency", "8", "--log", "plain",
+            str(TPO),
+            "batch",
+            str(input_path),
+            "-o",
+            str(output),
+            "--id-field",
+            "id",
+            "--policy",
+            "scripted",
+            "--policy-option",
+            "latency_s=0.02",
+            "--reward",
+            f"python:{FIXTURE / 'reward.py'}:score",
+            "--width",
+            str(WIDTH),
+            "--depth",
+            str(DEPTH),
+            "--seed",
+            "11",
+            "--concurrency",
+            "8",
+            "--log",
+            "plain",
         ]
         return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
@@ -78,8 +97,12 @@ def _driver(input_path: Path) -> Start:
     def start(output: Path, log: Path | None) -> subprocess.Popen[bytes]:
         env = {**os.environ, "PYTHONPATH": str(HERE.parent / "src")}
         log_arg = str(log) if log is not None else os.devnull
-        return subprocess.Popen([sys.executable, str(DRIVER), str(input_path), str(output), log_arg, "0.02"],
-                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        return subprocess.Popen(
+            [sys.executable, str(DRIVER), str(input_path), str(output), log_arg, "0.02"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
 
     return start
 
@@ -89,7 +112,9 @@ def _finish(proc: subprocess.Popen[bytes], timeout_s: float = 90) -> None:
     assert proc.returncode == 0, err.decode()
 
 
-def _kill_and_resume(start: Start, output: Path, log: Path, schedule: list[tuple[str, float]]) -> list[tuple[str, float, int]]:
+def _kill_and_resume(
+    start: Start, output: Path, log: Path, schedule: list[tuple[str, float]]
+) -> list[tuple[str, float, int]]:
     """Start the run, SIGKILL it when the schedule says, and again; finally let it finish. Returns the kills made."""
     kills = []
     for kind, when in schedule:
@@ -172,9 +197,15 @@ def test_kill_9_of_a_real_tpo_batch_process_then_resume_matches_an_uninterrupted
     output, log = tmp_path / "out.jsonl", tmp_path / "calls.tsv"
     rng = random.Random(20250501)
     # Kill when a few more results were written, and at random times (start-up included).
-    schedule: list[tuple[str, float]] = [("more", 5), ("time", rng.uniform(0.2, 1.5)), ("more", 20),
-                                         ("time", rng.uniform(1.0, 2.5)), ("more", 1), ("time", rng.uniform(0.5, 2.0)),
-                                         ("more", 15)]
+    schedule: list[tuple[str, float]] = [
+        ("more", 5),
+        ("time", rng.uniform(0.2, 1.5)),
+        ("more", 20),
+        ("time", rng.uniform(1.0, 2.5)),
+        ("more", 1),
+        ("time", rng.uniform(0.5, 2.0)),
+        ("more", 15),
+    ]
     kills = _kill_and_resume(start, output, log, schedule)
     _check(output, reference, log, kills)
 
@@ -190,8 +221,13 @@ def test_kill_9_during_checkpoint_compactions_of_run_batch(tmp_path: Path) -> No
 
     output, log = tmp_path / "out.jsonl", tmp_path / "calls.tsv"
     rng = random.Random(7)
-    schedule: list[tuple[str, float]] = [("time", rng.uniform(0.5, 1.5)), ("more", 10), ("time", rng.uniform(0.5, 1.5)),
-                                         ("more", 25), ("time", rng.uniform(0.3, 1.0))]
+    schedule: list[tuple[str, float]] = [
+        ("time", rng.uniform(0.5, 1.5)),
+        ("more", 10),
+        ("time", rng.uniform(0.5, 1.5)),
+        ("more", 25),
+        ("time", rng.uniform(0.3, 1.0)),
+    ]
     kills = _kill_and_resume(start, output, log, schedule)
     _check(output, reference, log, kills)
 
@@ -216,8 +252,11 @@ def test_sigterm_stops_a_real_tpo_batch_process_cleanly_and_a_rerun_resumes(tmp_
     _, raw_err = proc.communicate(timeout=30)
     err = raw_err.decode()
     assert proc.returncode == 143, err
-    found = re.search(r"Stopped by SIGTERM: (\d+) of 100 prompts are finished in .*out\.jsonl\. "
-                      r"Run the same command again to continue\.", err)
+    found = re.search(
+        r"Stopped by SIGTERM: (\d+) of 100 prompts are finished in .*out\.jsonl\. "
+        r"Run the same command again to continue\.",
+        err,
+    )
     assert found, err
     done = int(found.group(1))
     # Every line whole: the results and checkpoints in hand were written before the process ended.

@@ -29,11 +29,20 @@ from tpo.registry import policy_from_spec
 from tpo.rewards.judge import JudgeReward
 
 
-def request(messages: Sequence[Message] | str, *, n: int = 1, seed: int | None = 7, max_tokens: int = 12,
-            temperature: float = 1.0, logprobs: int | None = None) -> GenerationRequest:
+def request(
+    messages: Sequence[Message] | str,
+    *,
+    n: int = 1,
+    seed: int | None = 7,
+    max_tokens: int = 12,
+    temperature: float = 1.0,
+    logprobs: int | None = None,
+) -> GenerationRequest:
     msgs = (Message("user", messages),) if isinstance(messages, str) else tuple(messages)
     return GenerationRequest(
-        msgs, n=n, sampling=SamplingParams(temperature=temperature, top_p=0.95, max_tokens=max_tokens, seed=seed),
+        msgs,
+        n=n,
+        sampling=SamplingParams(temperature=temperature, top_p=0.95, max_tokens=max_tokens, seed=seed),
         logprobs=logprobs,
     )
 
@@ -132,8 +141,9 @@ def test_capabilities() -> None:
 @pytest.mark.real_model
 def test_n_samples_differ_and_repeat_with_the_same_seed(policy: LlamaCppPolicy) -> None:
     prompt = "Write one short line of poetry about the sea."
-    first, again, other = generate(policy, request(prompt, n=3, seed=11), request(prompt, n=3, seed=11),
-                                   request(prompt, n=3, seed=12))
+    first, again, other = generate(
+        policy, request(prompt, n=3, seed=11), request(prompt, n=3, seed=11), request(prompt, n=3, seed=12)
+    )
     assert len(first.texts) == 3 and len(set(first.texts)) == 3
     assert first.texts == again.texts
     # Sample i uses seed + i, so a request seeded one higher shifts the samples by one.
@@ -190,7 +200,7 @@ def test_logprobs_line_up_with_the_text(policy: LlamaCppPolicy) -> None:
             values = [v for _, v in t.top]
             assert values == sorted(values, reverse=True)
             assert t.logprob <= values[0] + 1e-9
-            assert sum(2.718281828459045 ** v for v in values) <= 1.0 + 1e-6
+            assert sum(2.718281828459045**v for v in values) <= 1.0 + 1e-6
     assert gen.completion_tokens == sum(len(t or ()) for t in gen.logprobs) or "stop" in gen.finish_reasons
     [plain] = generate(policy, request("Name a colour.", max_tokens=4))
     assert plain.logprobs is None
@@ -199,8 +209,11 @@ def test_logprobs_line_up_with_the_text(policy: LlamaCppPolicy) -> None:
 CONVERSATIONS = [
     [Message("user", "Hi")],
     [Message("system", "You answer in French."), Message("user", "What is the capital of Italy?")],
-    [Message("user", "Tell me a joke."), Message("assistant", "Why did the chicken cross the road?"),
-     Message("user", "Why?")],
+    [
+        Message("user", "Tell me a joke."),
+        Message("assistant", "Why did the chicken cross the road?"),
+        Message("user", "Why?"),
+    ],
     [Message("user", "Ünïcödé, emoji 🙂, 中文, and <|im_end|> typed by a user.")],
     [Message("user", "word " * 600)],
 ]
@@ -269,8 +282,10 @@ def test_concurrent_calls_are_serialised_and_timed(policy: LlamaCppPolicy) -> No
     before_busy, before_served = policy.busy_s, policy.requests_served
 
     async def both() -> list:  # type: ignore[type-arg]
-        return await asyncio.gather(policy.generate([request("One", max_tokens=4)]),
-                                    policy.generate([request("Two", max_tokens=4), request("Three", max_tokens=4)]))
+        return await asyncio.gather(
+            policy.generate([request("One", max_tokens=4)]),
+            policy.generate([request("Two", max_tokens=4), request("Three", max_tokens=4)]),
+        )
 
     first, second = asyncio.run(both())
     assert len(first) == 1 and len(second) == 2 and all(g.texts for g in first + second)

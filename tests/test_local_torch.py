@@ -63,9 +63,17 @@ def test_device_names_that_are_refused(value: Any) -> None:
     ("value", "canonical"),
     [
         ("auto", "auto"),
-        ("float32", "float32"), ("fp32", "float32"), ("float", "float32"), ("FLOAT32", "float32"),
-        ("bfloat16", "bfloat16"), ("bf16", "bfloat16"), ("BF16", "bfloat16"), ("torch.bfloat16", "bfloat16"),
-        ("float16", "float16"), ("fp16", "float16"), ("half", "float16"),
+        ("float32", "float32"),
+        ("fp32", "float32"),
+        ("float", "float32"),
+        ("FLOAT32", "float32"),
+        ("bfloat16", "bfloat16"),
+        ("bf16", "bfloat16"),
+        ("BF16", "bfloat16"),
+        ("torch.bfloat16", "bfloat16"),
+        ("float16", "float16"),
+        ("fp16", "float16"),
+        ("half", "float16"),
     ],
 )
 def test_dtype_names_and_aliases(value: str, canonical: str) -> None:
@@ -319,11 +327,17 @@ def test_the_policy_and_the_reward_pass_the_same_dtype_keyword(
     [
         ({}, {"device": "tpu"}, "device must be auto, cpu, cuda, cuda:N or mps, got 'tpu'"),
         ({}, {"device": "cuda:one"}, "device must be auto, cpu, cuda, cuda:N or mps, got 'cuda:one'"),
-        ({}, {"dtype": "int8"}, "dtype must be one of auto, float32, bfloat16, float16 (or bf16, fp16, half, fp32), "
-                                "got 'int8'"),
+        (
+            {},
+            {"dtype": "int8"},
+            "dtype must be one of auto, float32, bfloat16, float16 (or bf16, fp16, half, fp32), got 'int8'",
+        ),
         ({}, {"device": "cuda"}, "device 'cuda' was asked for, but torch sees no CUDA GPU"),
-        ({"cuda": 2}, {"device": "cuda:2"}, "device 'cuda:2' was asked for, but torch sees 2 CUDA GPU(s), "
-                                            "numbered 0 to 1"),
+        (
+            {"cuda": 2},
+            {"device": "cuda:2"},
+            "device 'cuda:2' was asked for, but torch sees 2 CUDA GPU(s), numbered 0 to 1",
+        ),
         ({}, {"device": "mps"}, "device 'mps' was asked for, but this torch has no MPS (Apple GPU) support here"),
     ],
 )

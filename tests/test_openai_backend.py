@@ -37,10 +37,21 @@ HELLO = (Message("user", "Say hello."),)
 FAST = {"backoff_s": 0.001, "max_backoff_s": 0.005}
 
 
-def request(n: int = 1, *, seed: int | None = 7, logprobs: int | None = None, max_tokens: int = 16,
-            messages: tuple[Message, ...] = HELLO, temperature: float = 0.7) -> GenerationRequest:
-    return GenerationRequest(messages, n=n, sampling=SamplingParams(temperature=temperature, top_p=0.9, max_tokens=max_tokens, seed=seed),
-                             logprobs=logprobs)
+def request(
+    n: int = 1,
+    *,
+    seed: int | None = 7,
+    logprobs: int | None = None,
+    max_tokens: int = 16,
+    messages: tuple[Message, ...] = HELLO,
+    temperature: float = 0.7,
+) -> GenerationRequest:
+    return GenerationRequest(
+        messages,
+        n=n,
+        sampling=SamplingParams(temperature=temperature, top_p=0.9, max_tokens=max_tokens, seed=seed),
+        logprobs=logprobs,
+    )
 
 
 def make(server: FakeOpenAIServer | str, **options: Any) -> OpenAIPolicy:
@@ -108,8 +119,13 @@ def test_from_spec_reads_base_url_and_key_from_the_environment(monkeypatch: pyte
     # The registry finds the built-in backend through its entry point, like any plugin.
     assert isinstance(policy_from_spec("openai:m", base_url="http://h:1/v1"), OpenAIPolicy)
     info = {p.name: p for p in list_plugins(BACKENDS_GROUP)}["openai"]
-    assert info.capabilities == {"batching": False, "supports_n": True, "supports_logprobs": True,
-                                 "counts_tokens": False, "knows_context_window": True}
+    assert info.capabilities == {
+        "batching": False,
+        "supports_n": True,
+        "supports_logprobs": True,
+        "counts_tokens": False,
+        "knows_context_window": True,
+    }
 
 
 @pytest.mark.parametrize(
@@ -125,7 +141,9 @@ def test_from_spec_reads_base_url_and_key_from_the_environment(monkeypatch: pyte
         ("m", {}, "needs an API key"),
     ],
 )
-def test_bad_options_are_config_errors(monkeypatch: pytest.MonkeyPatch, target: str, options: dict[str, Any], message: str) -> None:
+def test_bad_options_are_config_errors(
+    monkeypatch: pytest.MonkeyPatch, target: str, options: dict[str, Any], message: str
+) -> None:
     for var in ("OPENAI_BASE_URL", "OPENAI_API_KEY", "TPO_TEST_UNSET_VAR"):
         monkeypatch.delenv(var, raising=False)
     with pytest.raises(ConfigError, match=re.escape(message)):
@@ -156,8 +174,16 @@ def test_a_server_without_a_key_gets_a_placeholder(monkeypatch: pytest.MonkeyPat
 
 
 def test_sends_the_conversation_as_is_with_the_request_settings(server: FakeOpenAIServer) -> None:
-    conversation = (Message("system", "Be brief."), Message("user", "Hi"), Message("assistant", "Hello"), Message("user", "Again"))
-    [gen] = generate(make(server, extra_body={"top_k": 20}), request(3, seed=11, max_tokens=64, messages=conversation, temperature=0.3))
+    conversation = (
+        Message("system", "Be brief."),
+        Message("user", "Hi"),
+        Message("assistant", "Hello"),
+        Message("user", "Again"),
+    )
+    [gen] = generate(
+        make(server, extra_body={"top_k": 20}),
+        request(3, seed=11, max_tokens=64, messages=conversation, temperature=0.3),
+    )
     [call] = server.chat_calls()
     assert call.json == {
         "model": "test-model",
@@ -249,10 +275,16 @@ def test_native_n_can_be_forced_off(server: FakeOpenAIServer) -> None:
 
 
 def test_logprobs_are_asked_for_and_parsed(server: FakeOpenAIServer) -> None:
-    lp = {"content": [
-        {"token": "Hi", "logprob": -0.1, "top_logprobs": [{"token": "Hi", "logprob": -0.1}, {"token": "Yo", "logprob": -2.5}]},
-        {"token": "!", "logprob": None, "top_logprobs": []},
-    ]}
+    lp = {
+        "content": [
+            {
+                "token": "Hi",
+                "logprob": -0.1,
+                "top_logprobs": [{"token": "Hi", "logprob": -0.1}, {"token": "Yo", "logprob": -2.5}],
+            },
+            {"token": "!", "logprob": None, "top_logprobs": []},
+        ]
+    }
     server.handler = lambda call: Reply(body=completion(["Hi!", "Hey"], logprobs=[lp, None]))
     [gen] = generate(make(server), request(2, logprobs=2))
     call = server.chat_calls()[0].json
@@ -260,14 +292,19 @@ def test_logprobs_are_asked_for_and_parsed(server: FakeOpenAIServer) -> None:
     assert gen.logprobs is not None
     first, second = gen.logprobs
     assert first is not None and second is None
-    assert [(t.token, t.logprob, t.top) for t in first] == [("Hi", -0.1, (("Hi", -0.1), ("Yo", -2.5))), ("!", float("-inf"), ())]
+    assert [(t.token, t.logprob, t.top) for t in first] == [
+        ("Hi", -0.1, (("Hi", -0.1), ("Yo", -2.5))),
+        ("!", float("-inf"), ()),
+    ]
 
 
 # --------------------------------------------------------------------------- faults and retries
 
 
 def test_5xx_is_retried_until_it_succeeds(server: FakeOpenAIServer) -> None:
-    server.handler = scripted(Reply(500, "Internal Server Error", content_type="text/plain"), Reply(502, {"detail": "bad gateway"}))
+    server.handler = scripted(
+        Reply(500, "Internal Server Error", content_type="text/plain"), Reply(502, {"detail": "bad gateway"})
+    )
     policy = make(server)
     [gen] = generate(policy, request())
     assert gen.texts == ("answer 0 (seed 7)",)
@@ -449,7 +486,9 @@ def test_aclose_then_reuse_on_the_same_loop_and_the_next(server: FakeOpenAIServe
 # --------------------------------------------------------------------------- an injected transport, no server
 
 
-def chat_handler(replies: list[httpx.Response], seen: list[tuple[float, dict[str, Any]]]) -> Callable[[httpx.Request], httpx.Response]:
+def chat_handler(
+    replies: list[httpx.Response], seen: list[tuple[float, dict[str, Any]]]
+) -> Callable[[httpx.Request], httpx.Response]:
     """A MockTransport handler: ``replies`` in turn, then one choice that names the seed; records (time, body)."""
 
     def handle(req: httpx.Request) -> httpx.Response:
@@ -465,8 +504,13 @@ def chat_handler(replies: list[httpx.Response], seen: list[tuple[float, dict[str
 
 def mocked(handler: Callable[[httpx.Request], httpx.Response], **options: Any) -> OpenAIPolicy:
     # Port 9 on loopback: were the transport ignored, the request would fail to connect.
-    return OpenAIPolicy("test-model", base_url="http://127.0.0.1:9/v1", api_key=KEY,
-                        transport=httpx.MockTransport(handler), **{**FAST, **options})
+    return OpenAIPolicy(
+        "test-model",
+        base_url="http://127.0.0.1:9/v1",
+        api_key=KEY,
+        transport=httpx.MockTransport(handler),
+        **{**FAST, **options},
+    )
 
 
 def test_a_mock_transport_gets_retry_after_ms_honoured() -> None:
@@ -526,7 +570,10 @@ def test_a_client_of_the_callers_own_is_used_and_left_open() -> None:
     [
         ({"transport": object()}, "transport must be an httpx.AsyncBaseTransport"),
         ({"http_client": object()}, "http_client must be an httpx.AsyncClient"),
-        ({"transport": httpx.MockTransport(lambda r: httpx.Response(200)), "http_client": httpx.AsyncClient()}, "not both"),
+        (
+            {"transport": httpx.MockTransport(lambda r: httpx.Response(200)), "http_client": httpx.AsyncClient()},
+            "not both",
+        ),
         ({"rng": 5}, "rng must be a random.Random"),
     ],
 )
@@ -537,7 +584,9 @@ def test_bad_http_options_are_config_errors(options: dict[str, Any], message: st
 
 def test_http_options_are_not_for_the_command_line() -> None:
     with pytest.raises(ConfigError, match="openai: unknown option 'transport'"):
-        OpenAIPolicy.from_spec("m", base_url="http://127.0.0.1:9/v1", transport=httpx.MockTransport(lambda r: httpx.Response(200)))
+        OpenAIPolicy.from_spec(
+            "m", base_url="http://127.0.0.1:9/v1", transport=httpx.MockTransport(lambda r: httpx.Response(200))
+        )
 
 
 # --------------------------------------------------------------------------- the real-request guard
@@ -554,16 +603,34 @@ def test_the_guard_stops_real_servers_but_not_loopback_or_a_mock(server: FakeOpe
         assert remote.stats.http_requests == 0
         # A fake server on loopback and a mock transport cannot be real models.
         assert generate(make(server), request())[0].texts == ("answer 0 (seed 7)",)
-        mock = OpenAIPolicy("test-model", base_url="http://model.invalid/v1", api_key=KEY,
-                            transport=httpx.MockTransport(chat_handler([], seen)))
+        mock = OpenAIPolicy(
+            "test-model",
+            base_url="http://model.invalid/v1",
+            api_key=KEY,
+            transport=httpx.MockTransport(chat_handler([], seen)),
+        )
         assert generate(mock, request())[0].texts == ("single (seed 7)",)
 
 
 @pytest.mark.parametrize(
     ("host", "loopback"),
-    [("127.0.0.1", True), ("127.3.2.1", True), ("::1", True), ("[::1]", True), ("::ffff:127.0.0.1", True),
-     ("localhost", True), ("LOCALHOST.", True), ("api.localhost", True), ("0.0.0.0", False), ("10.0.0.1", False),
-     ("128.0.0.1", False), ("localhost.example.com", False), ("api.openai.com", False), ("", False), (None, False)],
+    [
+        ("127.0.0.1", True),
+        ("127.3.2.1", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("::ffff:127.0.0.1", True),
+        ("localhost", True),
+        ("LOCALHOST.", True),
+        ("api.localhost", True),
+        ("0.0.0.0", False),
+        ("10.0.0.1", False),
+        ("128.0.0.1", False),
+        ("localhost.example.com", False),
+        ("api.openai.com", False),
+        ("", False),
+        (None, False),
+    ],
 )
 def test_loopback_hosts(host: str | None, loopback: bool) -> None:
     assert is_loopback_host(host) is loopback
@@ -593,20 +660,45 @@ def window_of(policy: OpenAIPolicy) -> int | None:
     ("routes", "expected"),
     [
         # vLLM and SGLang: max_model_len per served model.
-        ({"/v1/models": Reply(body={"object": "list", "data": [
-            {"id": "other", "max_model_len": 4096}, {"id": "test-model", "max_model_len": 32768}]})}, 32768),
+        (
+            {
+                "/v1/models": Reply(
+                    body={
+                        "object": "list",
+                        "data": [{"id": "other", "max_model_len": 4096}, {"id": "test-model", "max_model_len": 32768}],
+                    }
+                )
+            },
+            32768,
+        ),
         # llama.cpp's server: the slot's n_ctx in /props.
         ({"/props": Reply(body={"default_generation_settings": {"n_ctx": 8192}, "total_slots": 1})}, 8192),
         # Ollama: num_ctx from the model's parameters, else its length capped at Ollama's default.
-        ({"/api/show": Reply(body={"parameters": "temperature 0.6\nnum_ctx 16384", "model_info": {"qwen3.context_length": 40960}})}, 16384),
-        ({"/api/show": Reply(body={"parameters": "stop \"<|im_end|>\"", "model_info": {"llama.context_length": 131072}})}, 4096),
+        (
+            {
+                "/api/show": Reply(
+                    body={"parameters": "temperature 0.6\nnum_ctx 16384", "model_info": {"qwen3.context_length": 40960}}
+                )
+            },
+            16384,
+        ),
+        (
+            {
+                "/api/show": Reply(
+                    body={"parameters": 'stop "<|im_end|>"', "model_info": {"llama.context_length": 131072}}
+                )
+            },
+            4096,
+        ),
         # text-generation-inference.
         ({"/info": Reply(body={"max_total_tokens": 6144, "max_input_tokens": 6000})}, 6144),
         # A server that does not tell.
         ({"/v1/models": Reply(body={"object": "list", "data": [{"id": "test-model"}]})}, None),
     ],
 )
-def test_the_context_window_is_read_from_the_server(server: FakeOpenAIServer, routes: dict[str, Reply], expected: int | None) -> None:
+def test_the_context_window_is_read_from_the_server(
+    server: FakeOpenAIServer, routes: dict[str, Reply], expected: int | None
+) -> None:
     server.reset(routes=routes)
     assert window_of(make(server)) == expected
 
@@ -677,6 +769,7 @@ def test_real_server_n_logprobs_usage_and_seeds(llama_server: LlamaServer) -> No
     assert gen.logprobs is not None and again.logprobs is None
     for text, tokens in zip(gen.texts, gen.logprobs, strict=True):
         assert tokens is not None and len(tokens) >= 1
+
         # A character split over several tokens (an emoji's bytes) has no text of its own in any one
         # of them, and llama.cpp's server reports such tokens without it: compare the rest.
         def whole(s: str) -> str:
@@ -696,7 +789,9 @@ def test_real_server_full_tpo_run(llama_server: LlamaServer) -> None:
     policy = real(llama_server, context_window=llama_server.n_ctx, api_key=KEY)
     reward = FunctionReward(lambda messages, answer: -abs(len(answer) - 60))
     try:
-        result = tpo.optimize("Name three colours.", policy=policy, reward=reward, width=2, depth=1, max_tokens=32, seed=1)
+        result = tpo.optimize(
+            "Name three colours.", policy=policy, reward=reward, width=2, depth=1, max_tokens=32, seed=1
+        )
     finally:
         asyncio.run(policy.aclose())
     assert result.status == "complete", result.error
@@ -717,10 +812,26 @@ def test_real_server_run_from_the_command_line_with_the_judge(llama_server: Llam
     env.pop("OPENAI_BASE_URL", None)
     # Best-of-2 keeps this short on a shared CPU; the TPO step itself runs in the test above.
     # The judge asks the same server for ratings with log-probabilities.
-    command = [str(Path(sys.executable).with_name("tpo")), "run", "Name three colours.", "--json",
-               "--policy", f"openai:{MODEL_ALIAS}", "--base-url", llama_server.base_url,
-               "--reward", "judge", "--mode", "bon", "--width", "2", "--max-tokens", "24",
-               "--policy-option", f"context_window={llama_server.n_ctx}"]
+    command = [
+        str(Path(sys.executable).with_name("tpo")),
+        "run",
+        "Name three colours.",
+        "--json",
+        "--policy",
+        f"openai:{MODEL_ALIAS}",
+        "--base-url",
+        llama_server.base_url,
+        "--reward",
+        "judge",
+        "--mode",
+        "bon",
+        "--width",
+        "2",
+        "--max-tokens",
+        "24",
+        "--policy-option",
+        f"context_window={llama_server.n_ctx}",
+    ]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout)

@@ -195,8 +195,16 @@ def test_options_are_frozen_and_plain() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         opts.top_k = 3  # type: ignore[misc]
     assert opts.min_p == 0.0 and isinstance(opts.min_p, float)
-    assert opts.to_dict() == {"n_ctx": None, "top_k": 40, "min_p": 0.0, "timeout_s": 10.0, "verbose": False,
-                              "mode": "fast", "name": None, "headers": {"A": "b"}}
+    assert opts.to_dict() == {
+        "n_ctx": None,
+        "top_k": 40,
+        "min_p": 0.0,
+        "timeout_s": 10.0,
+        "verbose": False,
+        "mode": "fast",
+        "name": None,
+        "headers": {"A": "b"},
+    }
     assert DemoOptions.names() == tuple(opts.to_dict())
 
 
@@ -256,24 +264,32 @@ BUILTINS: dict[tuple[str, str], tuple[str, dict[str, Any], str]] = {
     (BACKENDS_GROUP, "llamacpp"): ("llamacpp", {"n_ctx": "abc"}, "llamacpp: n_ctx must be an integer >= 16, got 'abc'"),
     (BACKENDS_GROUP, "openai"): ("openai:m", {"timeout_s": 0}, "openai: timeout_s must be a number > 0, got 0"),
     (BACKENDS_GROUP, "hf"): (
-        "hf:org/model", {"batch_size": "8"}, "the hf policy backend: batch_size must be an integer >= 1, got '8'"
+        "hf:org/model",
+        {"batch_size": "8"},
+        "the hf policy backend: batch_size must be an integer >= 1, got '8'",
     ),
     (BACKENDS_GROUP, "vllm"): (
-        "vllm:m", {"gpu_memory_utilization": 0},
+        "vllm:m",
+        {"gpu_memory_utilization": 0},
         "the vllm policy backend: gpu_memory_utilization must be a number in (0, 1], got 0",
     ),
     (REWARDS_GROUP, "judge"): ("judge", {"temperature": 9}, "judge: temperature must be a number in [0, 5], got 9"),
     (REWARDS_GROUP, "hf"): (
-        "hf:org/model", {"input_format": "xml"},
+        "hf:org/model",
+        {"input_format": "xml"},
         "the hf reward: input_format must be one of auto, chat, pair, got 'xml'",
     ),
     (REWARDS_GROUP, "vllm"): ("vllm:rm", {"index": -1}, "the vllm reward: index must be an integer >= 0, got -1"),
     (REWARDS_GROUP, "http"): (
-        "http:http://127.0.0.1:9/score", {"batched": "yes"}, "the http reward: batched must be true or false, got 'yes'"
+        "http:http://127.0.0.1:9/score",
+        {"batched": "yes"},
+        "the http reward: batched must be true or false, got 'yes'",
     ),
     (REWARDS_GROUP, "math"): ("math", {"timeout_s": 0}, "the math reward: timeout_s must be a number > 0, got 0"),
     (REWARDS_GROUP, "python"): (
-        "python:mod:fn", {"concurrency": 0}, "the python reward: concurrency must be an integer >= 1, got 0"
+        "python:mod:fn",
+        {"concurrency": 0},
+        "the python reward: concurrency must be an integer >= 1, got 0",
     ),
 }
 
@@ -345,18 +361,26 @@ def test_constructors_check_keyword_options_through_the_same_declaration() -> No
     cases = [
         (lambda: LlamaCppPolicy("x.gguf", n_ctx="abc"), "llamacpp: n_ctx must be an integer >= 16, got 'abc'"),
         (lambda: OpenAIPolicy("m", timeout_s=0), "openai: timeout_s must be a number > 0, got 0"),
-        (lambda: TransformersPolicy(None, None, batch_size="8"),
-         "the hf policy backend: batch_size must be an integer >= 1, got '8'"),
+        (
+            lambda: TransformersPolicy(None, None, batch_size="8"),
+            "the hf policy backend: batch_size must be an integer >= 1, got '8'",
+        ),
         (lambda: JudgeReward(ScriptedPolicy(), temperature=9), "judge: temperature must be a number in [0, 5], got 9"),
-        (lambda: SequenceClassifierReward(None, None, input_format="xml"),
-         "the hf reward: input_format must be one of auto, chat, pair, got 'xml'"),
+        (
+            lambda: SequenceClassifierReward(None, None, input_format="xml"),
+            "the hf reward: input_format must be one of auto, chat, pair, got 'xml'",
+        ),
         (lambda: VLLMReward(None, index=-1), "the vllm reward: index must be an integer >= 0, got -1"),
-        (lambda: HTTPReward("http://127.0.0.1:9/score", batched="yes"),
-         "the http reward: batched must be true or false, got 'yes'"),
+        (
+            lambda: HTTPReward("http://127.0.0.1:9/score", batched="yes"),
+            "the http reward: batched must be true or false, got 'yes'",
+        ),
         (lambda: MathReward(timeout_s=0), "the math reward: timeout_s must be a number > 0, got 0"),
         (lambda: PythonReward(len, concurrency=0), "the python reward: concurrency must be an integer >= 1, got 0"),
-        (lambda: PythonReward(len, concurency=2),
-         "the python reward: unknown option 'concurency'; it takes: batched, concurrency"),
+        (
+            lambda: PythonReward(len, concurency=2),
+            "the python reward: unknown option 'concurency'; it takes: batched, concurrency",
+        ),
     ]
     for make, message in cases:
         with pytest.raises(ConfigError) as info:

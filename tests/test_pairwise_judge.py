@@ -68,16 +68,19 @@ def rewrites_first(messages: Any, answer: str) -> float:
 def _write(path: Path, **options: Any) -> Path:
     prompts = [tpo.Prompt.of(f"Question {i}?", id=f"q{i}") for i in range(8)]
     with path.open("w", encoding="utf-8") as f:
-        for r in tpo.optimize_many(prompts, policy=ScriptedPolicy(pure_reply), reward=FunctionReward(rewrites_first),
-                                   **options):
+        for r in tpo.optimize_many(
+            prompts, policy=ScriptedPolicy(pure_reply), reward=FunctionReward(rewrites_first), **options
+        ):
             f.write(r.to_json() + "\n")
     return path
 
 
 @pytest.fixture
 def runs(tmp_path: Path) -> tuple[Run, Run]:
-    return (load_run(_write(tmp_path / "tpo.jsonl", width=2, depth=1)),
-            load_run(_write(tmp_path / "bon.jsonl", mode="bon", width=4)))
+    return (
+        load_run(_write(tmp_path / "tpo.jsonl", width=2, depth=1)),
+        load_run(_write(tmp_path / "bon.jsonl", mode="bon", width=4)),
+    )
 
 
 def _judge(a: Run, b: Run, output: Path, judge: ScriptedPolicy, **settings: Any) -> Any:
@@ -242,8 +245,13 @@ def test_another_judge_set_up_is_refused_unless_restarted(runs: tuple[Run, Run],
 
 def test_prompts_must_be_the_same_conversations(runs: tuple[Run, Run], tmp_path: Path) -> None:
     a, _ = runs
-    other = tpo.optimize_many([tpo.Prompt.of("Something else", id="q0")], policy=ScriptedPolicy(pure_reply),
-                              reward=FunctionReward(hash_score), mode="bon", width=2)
+    other = tpo.optimize_many(
+        [tpo.Prompt.of("Something else", id="q0")],
+        policy=ScriptedPolicy(pure_reply),
+        reward=FunctionReward(hash_score),
+        mode="bon",
+        width=2,
+    )
     with pytest.raises(InputError, match="prompt 'q0' has different conversations"):
         JudgeRun(a, Run("other.jsonl", "x", tuple(other)), tmp_path / "v.jsonl", judge={})
 
@@ -252,8 +260,10 @@ def test_prompts_must_be_the_same_conversations(runs: tuple[Run, Run], tmp_path:
 
 
 def _verdict(i: int, outcome: str, a_chars: int, b_chars: int) -> Verdict:
-    orders = (OrderVerdict("a", "1" if outcome == "a" else "2" if outcome == "b" else "tie", outcome, "r"),  # type: ignore[arg-type]
-              OrderVerdict("b", "2" if outcome == "a" else "1" if outcome == "b" else "tie", outcome, "r"))  # type: ignore[arg-type]
+    orders = (
+        OrderVerdict("a", "1" if outcome == "a" else "2" if outcome == "b" else "tie", outcome, "r"),  # type: ignore[arg-type]
+        OrderVerdict("b", "2" if outcome == "a" else "1" if outcome == "b" else "tie", outcome, "r"),
+    )  # type: ignore[arg-type]
     return Verdict(f"p{i}", "A", "B", "0" * 16, "1" * 16, a_chars, b_chars, outcome, orders, "judge")  # type: ignore[arg-type]
 
 
@@ -280,7 +290,10 @@ def test_summary_rates_and_intervals() -> None:
     assert (s.wins, s.ties, s.losses, s.judged) == (6, 2, 2, 10)
     assert s.win_rate_ties_half == pytest.approx(0.7)
     assert s.win_interval is not None and s.win_interval.low < 0.6 < s.win_interval.high
-    assert s.win_rate_ties_half_interval == summarize_verdicts(verdicts, bootstrap_samples=300, seed=1).win_rate_ties_half_interval
+    assert (
+        s.win_rate_ties_half_interval
+        == summarize_verdicts(verdicts, bootstrap_samples=300, seed=1).win_rate_ties_half_interval
+    )
     # Equal lengths: nothing to control for, so the length-controlled rate is the ties-as-half rate.
     assert s.lc_win_rate == pytest.approx(0.7, abs=1e-3) and s.length_coefficient == pytest.approx(0.0)
     with pytest.raises(InputError, match="no verdicts"):
@@ -290,12 +303,15 @@ def test_summary_rates_and_intervals() -> None:
 # --------------------------------------------------------------------------- the command
 
 
-def test_the_judge_command_judges_resumes_and_reports(runs: tuple[Run, Run], tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_judge_command_judges_resumes_and_reports(
+    runs: tuple[Run, Run], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     judges: list[ScriptedPolicy] = []
 
     def build(spec: str, options: dict[str, Any], server: dict[str, Any]) -> ScriptedPolicy:
-        assert spec == "openai:judge-model" and options == {"max_concurrency": 4} and server == {"base_url": "http://x/v1"}
+        assert (
+            spec == "openai:judge-model" and options == {"max_concurrency": 4} and server == {"base_url": "http://x/v1"}
+        )
         judges.append(ScriptedPolicy(prefers_rewrites))
         return judges[-1]
 
@@ -304,9 +320,27 @@ def test_the_judge_command_judges_resumes_and_reports(runs: tuple[Run, Run], tmp
     out = tmp_path / "verdicts.jsonl"
     rubric = tmp_path / "rubric.txt"
     rubric.write_text("Prefer the answer a careful expert would give.", encoding="utf-8")
-    args = ["judge", a.path, b.path, "--judge", "openai:judge-model", "-o", str(out), "--base-url", "http://x/v1",
-            "--judge-option", "max_concurrency=4", "--rubric-file", str(rubric), "--label", "TPO", "--label", "BoN",
-            "--bootstrap", "100"]
+    args = [
+        "judge",
+        a.path,
+        b.path,
+        "--judge",
+        "openai:judge-model",
+        "-o",
+        str(out),
+        "--base-url",
+        "http://x/v1",
+        "--judge-option",
+        "max_concurrency=4",
+        "--rubric-file",
+        str(rubric),
+        "--label",
+        "TPO",
+        "--label",
+        "BoN",
+        "--bootstrap",
+        "100",
+    ]
     result = CliRunner().invoke(cli, [*args, "--json", "-"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)

@@ -131,8 +131,7 @@ def test_extract_answer(reply: str, text: str, kind: str) -> None:
 def test_prompt_set_load_toml_overrides_some_templates(tmp_path: Path) -> None:
     path = tmp_path / "prompts.toml"
     path.write_text(
-        'tag = "answer"\n'
-        'gradient = "How should the preferred reply change? {{critique}}"\n',
+        'tag = "answer"\ngradient = "How should the preferred reply change? {{critique}}"\n',
         encoding="utf-8",
     )
     prompts = PromptSet.load(path)
@@ -155,8 +154,9 @@ def test_custom_prompts_are_used_by_the_engine(tmp_path: Path) -> None:
         encoding="utf-8",
     )
     policy = ScriptedPolicy()  # writes its rewrites between the tags the update prompt names
-    result = tpo.optimize("q", policy=policy, reward=FunctionReward(lambda m, a: 1.0), width=2, depth=1,
-                          prompts=PromptSet.load(path))
+    result = tpo.optimize(
+        "q", policy=policy, reward=FunctionReward(lambda m, a: 1.0), width=2, depth=1, prompts=PromptSet.load(path)
+    )
     update = policy.requests_for("update")[0].messages[0].content
     assert update.startswith("MY UPDATE for q: improve Answer 0") and "<final>" in update
     assert result.steps[1].extraction == {"tagged": 2}
@@ -166,7 +166,11 @@ def test_custom_prompts_are_used_by_the_engine(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("template", "value", "message"),
     [
-        ("update", "Improve {{chosen}} per {{feedback}} in <{{tag}}>.", r"lacks the placeholder\(s\) \{\{conversation\}\}"),
+        (
+            "update",
+            "Improve {{chosen}} per {{feedback}} in <{{tag}}>.",
+            r"lacks the placeholder\(s\) \{\{conversation\}\}",
+        ),
         ("loss_tpo", "Compare {{chosen}} with {{conversation}}.", r"lacks the placeholder\(s\) \{\{rejected\}\}"),
         ("loss_revision", "{{chosen}} {{conversation}} {{rejected}}", r"unknown placeholder\(s\) \{\{rejected\}\}"),
         ("gradient", "Fix {{answer}}", r"unknown placeholder\(s\) \{\{answer\}\}"),
@@ -175,8 +179,9 @@ def test_custom_prompts_are_used_by_the_engine(tmp_path: Path) -> None:
     ],
 )
 @pytest.mark.parametrize("suffix", [".toml", ".json"])
-def test_prompt_set_load_names_the_template_and_the_file(tmp_path: Path, template: str, value: object, message: str,
-                                                         suffix: str) -> None:
+def test_prompt_set_load_names_the_template_and_the_file(
+    tmp_path: Path, template: str, value: object, message: str, suffix: str
+) -> None:
     path = tmp_path / f"my-prompts{suffix}"
     if suffix == ".json":
         path.write_text(json.dumps({template: value}), encoding="utf-8")
@@ -200,8 +205,9 @@ def test_prompt_set_load_names_the_template_and_the_file(tmp_path: Path, templat
         ("p.toml", "tag = 5", "must be a plain word"),
     ],
 )
-def test_prompt_set_load_errors_are_config_errors_naming_the_file(tmp_path: Path, name: str, content: str,
-                                                                  message: str) -> None:
+def test_prompt_set_load_errors_are_config_errors_naming_the_file(
+    tmp_path: Path, name: str, content: str, message: str
+) -> None:
     path = tmp_path / name
     path.write_text(content, encoding="utf-8")
     with pytest.raises(tpo.ConfigError, match=message) as info:

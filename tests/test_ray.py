@@ -86,10 +86,13 @@ def test_ray_missing_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
         tpo.registry.reward_from_spec("ray:hf:./rm")
 
 
-@pytest.mark.parametrize(("spec", "message"), [
-    ("ray:", "needs the spec of the model to replicate"),
-    ("ray:ray:llamacpp", "replicates a wrapper of replicas"),
-])
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("ray:", "needs the spec of the model to replicate"),
+        ("ray:ray:llamacpp", "replicates a wrapper of replicas"),
+    ],
+)
 def test_bad_inner_specs_fail_before_ray_is_touched(monkeypatch: pytest.MonkeyPatch, spec: str, message: str) -> None:
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(ConfigError, match=message):
@@ -159,9 +162,15 @@ def _comparable(data: Any) -> Any:
 
 def _ray_models(reward_model: str, **policy_options: Any) -> tpo.Models:
     return build_models(
-        "ray:scripted", reward=f"ray:hf:{reward_model}",
-        policy_options={"replicas": 2, "num_cpus": CPUS, "latency_s": 0.01, "runtime_env": RUNTIME_ENV,
-                        **policy_options},
+        "ray:scripted",
+        reward=f"ray:hf:{reward_model}",
+        policy_options={
+            "replicas": 2,
+            "num_cpus": CPUS,
+            "latency_s": 0.01,
+            "runtime_env": RUNTIME_ENV,
+            **policy_options,
+        },
         reward_options={"replicas": 2, "num_cpus": CPUS, "max_batch_size": 8},
     )
 
@@ -171,8 +180,12 @@ def baseline(reward_model: str) -> dict[str, Any]:
     """The same run without Ray: the scripted plugin and the reward model in this process."""
     sys.path.insert(0, str(FIXTURE))  # where importlib.metadata finds the scripted plugin here
     try:
-        models = build_models("scripted", reward=f"hf:{reward_model}", policy_options={"latency_s": 0.01},
-                              reward_options={"max_batch_size": 8})
+        models = build_models(
+            "scripted",
+            reward=f"hf:{reward_model}",
+            policy_options={"latency_s": 0.01},
+            reward_options={"max_batch_size": 8},
+        )
         with_models = _run(models)
         models.close()
     finally:
@@ -222,6 +235,7 @@ def test_a_replica_killed_mid_run_loses_nothing(ray_address: str, reward_model: 
     async def main() -> tuple[dict[str, Any], list[Any], list[Any]]:
         models = _ray_models(reward_model)
         try:
+
             def kill() -> None:
                 # One policy replica (restarted by Ray: max_restarts=3) and one reward replica, mid-call.
                 ray.kill(models.policy._pool._replicas[0].actor, no_restart=False)  # type: ignore[union-attr]
@@ -267,9 +281,12 @@ def test_without_restarts_the_run_finishes_on_the_replica_left_and_fails_when_no
 def test_a_replica_that_cannot_build_fails_before_any_work(ray_address: str, tmp_path: Path) -> None:
     started = time.monotonic()
     with pytest.raises(ConfigError, match="nonexistent"):
-        build_models("ray:scripted", reward=f"ray:hf:{tmp_path / 'nonexistent'}",
-                     policy_options={"replicas": 2, "num_cpus": CPUS, "runtime_env": RUNTIME_ENV},
-                     reward_options={"replicas": 2, "num_cpus": CPUS})
+        build_models(
+            "ray:scripted",
+            reward=f"ray:hf:{tmp_path / 'nonexistent'}",
+            policy_options={"replicas": 2, "num_cpus": CPUS, "runtime_env": RUNTIME_ENV},
+            reward_options={"replicas": 2, "num_cpus": CPUS},
+        )
     # Not installed in this process nor, without runtime_env, in the actors: they say so.
     with pytest.raises(ConfigError, match="unknown policy backend 'scripted'"):
         tpo.registry.policy_from_spec("ray:scripted", replicas=2, num_cpus=CPUS)
@@ -289,12 +306,42 @@ def _batch(input_path: Path, output: Path, log: Path | None, ray_address: str | 
     if ray_address is not None:
         # Each process's replicas log their calls to a file of its own: what a killed process left undone shows.
         actor_env = {"PYTHONPATH": str(FIXTURE), **({"TPO_TEST_CALL_LOG": str(log)} if log else {})}
-        policy = ["--policy", "ray:scripted", "--ray-address", ray_address, "--policy-option", "replicas=2",
-                  "--policy-option", f"num_cpus={CPUS}",
-                  "--policy-option", "runtime_env=" + json.dumps({"env_vars": actor_env})]
-    command = [str(TPO), "batch", str(input_path), "-o", str(output), "--id-field", "id", *policy,
-               "--policy-option", "latency_s=0.02", "--reward", f"python:{FIXTURE / 'reward.py'}:score",
-               "--width", "3", "--depth", "2", "--seed", "11", "--concurrency", "8", "--log", "plain"]
+        policy = [
+            "--policy",
+            "ray:scripted",
+            "--ray-address",
+            ray_address,
+            "--policy-option",
+            "replicas=2",
+            "--policy-option",
+            f"num_cpus={CPUS}",
+            "--policy-option",
+            "runtime_env=" + json.dumps({"env_vars": actor_env}),
+        ]
+    command = [
+        str(TPO),
+        "batch",
+        str(input_path),
+        "-o",
+        str(output),
+        "--id-field",
+        "id",
+        *policy,
+        "--policy-option",
+        "latency_s=0.02",
+        "--reward",
+        f"python:{FIXTURE / 'reward.py'}:score",
+        "--width",
+        "3",
+        "--depth",
+        "2",
+        "--seed",
+        "11",
+        "--concurrency",
+        "8",
+        "--log",
+        "plain",
+    ]
     return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
@@ -312,8 +359,9 @@ def test_kill_9_of_tpo_batch_on_ray_replicas_then_resume_matches_an_uninterrupte
 ) -> None:
     prompts = 40
     input_path = tmp_path / "prompts.jsonl"
-    input_path.write_text("".join(json.dumps({"id": f"p{i:03d}", "prompt": f"Question number {i}?"}) + "\n"
-                                  for i in range(prompts)))
+    input_path.write_text(
+        "".join(json.dumps({"id": f"p{i:03d}", "prompt": f"Question number {i}?"}) + "\n" for i in range(prompts))
+    )
     reference = tmp_path / "reference.jsonl"
     proc = _batch(input_path, reference, None, None)  # without Ray
     assert proc.wait(timeout=120) == 0, proc.stderr.read().decode() if proc.stderr else ""
@@ -363,7 +411,9 @@ def test_kill_9_of_tpo_batch_on_ray_replicas_then_resume_matches_an_uninterrupte
 def test_sigterm_still_stops_tpo_batch_cleanly_with_ray_replicas(ray_address: str, tmp_path: Path) -> None:
     """Ray installs a SIGTERM handler of its own when it connects; tpo batch keeps its clean stop (exit 143)."""
     input_path = tmp_path / "prompts.jsonl"
-    input_path.write_text("".join(json.dumps({"id": f"p{i:03d}", "prompt": f"Question {i}?"}) + "\n" for i in range(40)))
+    input_path.write_text(
+        "".join(json.dumps({"id": f"p{i:03d}", "prompt": f"Question {i}?"}) + "\n" for i in range(40))
+    )
     output = tmp_path / "out.jsonl"
     proc = _batch(input_path, output, None, ray_address)
     started = time.monotonic()

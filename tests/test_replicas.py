@@ -109,8 +109,11 @@ async def _all(policy: ReplicatedPolicy, count: int, n: int = 1) -> list[Generat
 
 def test_urls_come_as_a_list_or_comma_separated() -> None:
     assert split_urls("http://a/v1, http://b/v1", what="base_url") == ["http://a/v1", "http://b/v1"]
-    assert split_urls(["http://a/v1", "http://b/v1,http://c/v1"], what="base_url") == ["http://a/v1", "http://b/v1",
-                                                                                        "http://c/v1"]
+    assert split_urls(["http://a/v1", "http://b/v1,http://c/v1"], what="base_url") == [
+        "http://a/v1",
+        "http://b/v1",
+        "http://c/v1",
+    ]
     with pytest.raises(ConfigError, match="empty URL between its commas"):
         split_urls("http://a/v1,,http://b/v1", what="base_url")
     with pytest.raises(ConfigError, match="'http://a/v1' more than once"):

@@ -52,8 +52,20 @@ class Sim:
             self.port = int(probe.getsockname()[1])
         self.url = f"http://127.0.0.1:{self.port}/v1"
         self.proc = subprocess.Popen(
-            [sys.executable, str(SIM), "--port", str(self.port), "--slots", str(slots), "--answer-tokens", "16",
-             "--time-scale", "20"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                sys.executable,
+                str(SIM),
+                "--port",
+                str(self.port),
+                "--slots",
+                str(slots),
+                "--answer-tokens",
+                "16",
+                "--time-scale",
+                "20",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -232,9 +244,25 @@ def test_tpo_batch_with_several_base_urls_shows_each_server(sims: list[Sim], tmp
     env = {**os.environ, "OPENAI_BASE_URL": f"{sims[0].url},{sims[1].url}", "OPENAI_API_KEY": "sk-test"}
 
     def batch(output: str, *base_urls: str) -> list[str]:
-        command = [str(TPO), "batch", str(prompts), "-o", str(tmp_path / output), "--policy", "openai:sim",
-                   "--reward", f"python:{ROOT / 'tests' / 'plugin_fixture' / 'reward.py'}:score",
-                   "--width", "2", "--depth", "1", "--max-tokens", "16", "--log", "plain"]
+        command = [
+            str(TPO),
+            "batch",
+            str(prompts),
+            "-o",
+            str(tmp_path / output),
+            "--policy",
+            "openai:sim",
+            "--reward",
+            f"python:{ROOT / 'tests' / 'plugin_fixture' / 'reward.py'}:score",
+            "--width",
+            "2",
+            "--depth",
+            "1",
+            "--max-tokens",
+            "16",
+            "--log",
+            "plain",
+        ]
         for url in base_urls:
             command += ["--base-url", url]
         out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
@@ -255,11 +283,27 @@ def test_tpo_run_shows_each_server(sims: list[Sim]) -> None:
     env = {**os.environ, "OPENAI_API_KEY": "sk-test"}
     env.pop("OPENAI_BASE_URL", None)
     out = subprocess.run(
-        [str(TPO), "run", "Why is the sea salty?", "--policy", "openai:sim",
-         "--base-url", f"{sims[0].url},{sims[1].url}",
-         "--reward", f"python:{ROOT / 'tests' / 'plugin_fixture' / 'reward.py'}:score", "--width", "2", "--depth", "1",
-         "--max-tokens", "16"],
-        env=env, capture_output=True, text=True, timeout=120,
+        [
+            str(TPO),
+            "run",
+            "Why is the sea salty?",
+            "--policy",
+            "openai:sim",
+            "--base-url",
+            f"{sims[0].url},{sims[1].url}",
+            "--reward",
+            f"python:{ROOT / 'tests' / 'plugin_fixture' / 'reward.py'}:score",
+            "--width",
+            "2",
+            "--depth",
+            "1",
+            "--max-tokens",
+            "16",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert out.returncode == 0, out.stderr
     lines = [line.strip() for line in out.stderr.splitlines() if line.strip().startswith("policy replica ")]

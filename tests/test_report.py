@@ -43,7 +43,9 @@ def run_file(path: Path, n: int = 4, **options: Any) -> Path:
     prompts = [tpo.Prompt.of(f"Question {i}", id=f"q{i}") for i in range(n)]
     prompts.append(tpo.Prompt.of("Say </script><b>hi</b>", id="evil"))
     with path.open("w", encoding="utf-8") as f:
-        for result in tpo.optimize_many(prompts, policy=ScriptedPolicy(reply), reward=FunctionReward(reward), **options):
+        for result in tpo.optimize_many(
+            prompts, policy=ScriptedPolicy(reply), reward=FunctionReward(reward), **options
+        ):
             f.write(result.to_json() + "\n")
     return path
 
@@ -87,7 +89,7 @@ def test_the_content_security_policy_allows_only_the_inlined_script_and_style(tw
         return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
 
     (style,) = re.findall(r"<style>(.*?)</style>", page, re.DOTALL)
-    (_, js), = [s for s in scripts(page) if "application/json" not in s[0]]
+    ((_, js),) = [s for s in scripts(page) if "application/json" not in s[0]]
     assert "default-src 'none'" in csp
     assert f"script-src {digest(js)}" in csp
     assert f"style-src {digest(style)}" in csp
@@ -113,8 +115,13 @@ def test_text_that_utf8_cannot_hold_still_makes_a_page(tmp_path: Path) -> None:
     odd = "half an emoji \ud83d and a NUL \x00"
     path = tmp_path / "odd.jsonl"
     with path.open("w", encoding="utf-8") as f:
-        for r in tpo.optimize_many([tpo.Prompt.of("Q", id="o")], policy=ScriptedPolicy(lambda req: [odd] * req.n),
-                                   reward=FunctionReward(lambda m, a: 1.0), mode="bon", width=2):
+        for r in tpo.optimize_many(
+            [tpo.Prompt.of("Q", id="o")],
+            policy=ScriptedPolicy(lambda req: [odd] * req.n),
+            reward=FunctionReward(lambda m, a: 1.0),
+            mode="bon",
+            width=2,
+        ):
             f.write(r.to_json() + "\n")
     out = write_report([path], tmp_path / "odd.html")
     data = embedded_data(out.read_text(encoding="utf-8"))
@@ -178,7 +185,9 @@ def test_a_run_without_scores_still_renders(tmp_path: Path) -> None:
     path = tmp_path / "failed.jsonl"
     prompts = [tpo.Prompt.of("Q", id="x")]
     with path.open("w", encoding="utf-8") as f:
-        for r in tpo.optimize_many(prompts, policy=ScriptedPolicy(), reward=FunctionReward(lambda m, a: 1 / 0), width=2):
+        for r in tpo.optimize_many(
+            prompts, policy=ScriptedPolicy(), reward=FunctionReward(lambda m, a: 1 / 0), width=2
+        ):
             f.write(r.to_json() + "\n")
     page = build_report([load_run(path)])
     assert "No scored answers to draw" in page
@@ -199,8 +208,9 @@ def test_a_thousand_prompts_embed_compactly(tmp_path: Path) -> None:
 
 def test_report_command_writes_the_file(two_runs: list[Path], tmp_path: Path) -> None:
     out = tmp_path / "out" / "report.html"
-    res = CliRunner().invoke(cli, ["report", *map(str, two_runs), "-o", str(out), "--label", "TPO", "--label", "BoN",
-                                   "--title", "Sweep"])
+    res = CliRunner().invoke(
+        cli, ["report", *map(str, two_runs), "-o", str(out), "--label", "TPO", "--label", "BoN", "--title", "Sweep"]
+    )
     assert res.exit_code == 0, res.output
     assert f"Wrote {out}" in res.output
     page = out.read_text(encoding="utf-8")

@@ -44,7 +44,18 @@ pytestmark = [
     pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium)"),
 ]
 
-WORDS = ["flamingo", "glacier", "harpsichord", "lantern", "meridian", "nebula", "origami", "quartz", "saffron", "tundra"]
+WORDS = [
+    "flamingo",
+    "glacier",
+    "harpsichord",
+    "lantern",
+    "meridian",
+    "nebula",
+    "origami",
+    "quartz",
+    "saffron",
+    "tundra",
+]
 XSS = "<script>alert(1)</script><img src=x onerror=alert(2)>"
 
 
@@ -61,15 +72,31 @@ class Browser:
             os.dup2(b, 4)
 
         args = [
-            executable, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-quic",
-            "--disable-default-apps", "--disable-extensions", "--mute-audio", "--remote-debugging-pipe",
-            f"--user-data-dir={profile}", "about:blank",
+            executable,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-quic",
+            "--disable-default-apps",
+            "--disable-extensions",
+            "--mute-audio",
+            "--remote-debugging-pipe",
+            f"--user-data-dir={profile}",
+            "about:blank",
         ]
         # close_fds=False: fds 3 and 4 must survive into chromium (Python's own fds close on exec anyway).
         self._proc = subprocess.Popen(
-            args, close_fds=False, preexec_fn=wire_fds, stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            args,
+            close_fds=False,
+            preexec_fn=wire_fds,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         os.close(to_child_r)
         os.close(from_child_w)
@@ -79,7 +106,9 @@ class Browser:
         self.events: list[tuple[str, dict[str, Any], str | None]] = []
         self.session: str | None = None
 
-    def call(self, method: str, params: dict[str, Any] | None = None, *, session: bool = True, timeout_s: float = 30) -> Any:
+    def call(
+        self, method: str, params: dict[str, Any] | None = None, *, session: bool = True, timeout_s: float = 30
+    ) -> Any:
         """Send a command and wait for its reply; events that arrive meanwhile are kept in ``events``."""
         msg: dict[str, Any] = {"id": next(self._ids), "method": method, "params": params or {}}
         if session and self.session:
@@ -96,8 +125,18 @@ class Browser:
                 self.events.append((reply["method"], reply.get("params", {}), reply.get("sessionId")))
                 if reply["method"] == "Page.javascriptDialogOpening":
                     # An alert would block the page; answer it (the test fails on the event anyway).
-                    os.write(self._w, json.dumps({"id": next(self._ids), "method": "Page.handleJavaScriptDialog",
-                                                  "params": {"accept": True}, "sessionId": reply.get("sessionId")}).encode() + b"\0")
+                    os.write(
+                        self._w,
+                        json.dumps(
+                            {
+                                "id": next(self._ids),
+                                "method": "Page.handleJavaScriptDialog",
+                                "params": {"accept": True},
+                                "sessionId": reply.get("sessionId"),
+                            }
+                        ).encode()
+                        + b"\0",
+                    )
 
     def _next(self, deadline: float) -> dict[str, Any]:
         while b"\0" not in self._buf:
@@ -114,15 +153,22 @@ class Browser:
     def open_page(self) -> None:
         """A fresh tab with the domains the checks listen to."""
         target = self.call("Target.createTarget", {"url": "about:blank"}, session=False)["targetId"]
-        self.session = self.call("Target.attachToTarget", {"targetId": target, "flatten": True}, session=False)["sessionId"]
+        self.session = self.call("Target.attachToTarget", {"targetId": target, "flatten": True}, session=False)[
+            "sessionId"
+        ]
         for domain in ("Page", "Runtime", "Log", "Network"):
             self.call(f"{domain}.enable")
-        self.call("Emulation.setDeviceMetricsOverride", {"width": 1400, "height": 1000, "deviceScaleFactor": 1, "mobile": False})
+        self.call(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": 1400, "height": 1000, "deviceScaleFactor": 1, "mobile": False},
+        )
 
     def goto(self, url: str, timeout_s: float = 30) -> None:
         self.events.clear()
         self.call("Page.navigate", {"url": url})
-        self.wait_for("document.documentElement && document.documentElement.getAttribute('data-ready') === '1'", timeout_s)
+        self.wait_for(
+            "document.documentElement && document.documentElement.getAttribute('data-ready') === '1'", timeout_s
+        )
 
     def js(self, expression: str) -> Any:
         result = self.call("Runtime.evaluate", {"expression": expression, "returnByValue": True, "awaitPromise": True})
@@ -140,8 +186,14 @@ class Browser:
     def type_into(self, selector: str, text: str) -> None:
         """Focus a field, clear it, and type ``text`` as keyboard input (fires the page's input events)."""
         self.js(f"(() => {{ const e = document.querySelector({json.dumps(selector)}); e.focus(); e.select(); }})()")
-        self.call("Input.dispatchKeyEvent", {"type": "keyDown", "key": "Backspace", "code": "Backspace", "windowsVirtualKeyCode": 8})
-        self.call("Input.dispatchKeyEvent", {"type": "keyUp", "key": "Backspace", "code": "Backspace", "windowsVirtualKeyCode": 8})
+        self.call(
+            "Input.dispatchKeyEvent",
+            {"type": "keyDown", "key": "Backspace", "code": "Backspace", "windowsVirtualKeyCode": 8},
+        )
+        self.call(
+            "Input.dispatchKeyEvent",
+            {"type": "keyUp", "key": "Backspace", "code": "Backspace", "windowsVirtualKeyCode": 8},
+        )
         for ch in text:
             self.call("Input.dispatchKeyEvent", {"type": "keyDown", "text": ch, "key": ch})
             self.call("Input.dispatchKeyEvent", {"type": "keyUp", "key": ch})
@@ -160,15 +212,22 @@ class Browser:
 
     def network_requests(self) -> list[str]:
         """URLs the page asked the network for (its own file and data: URLs aside)."""
-        return [p["request"]["url"] for m, p, _ in self.events if m == "Network.requestWillBeSent"
-                and not p["request"]["url"].startswith(("file:", "data:"))]
+        return [
+            p["request"]["url"]
+            for m, p, _ in self.events
+            if m == "Network.requestWillBeSent" and not p["request"]["url"].startswith(("file:", "data:"))
+        ]
 
     def screenshot(self, path: Path) -> None:
         height = int(self.js("document.documentElement.scrollHeight"))
-        shot = self.call("Page.captureScreenshot", {
-            "format": "png", "captureBeyondViewport": True,
-            "clip": {"x": 0, "y": 0, "width": 1400, "height": min(height, 6000), "scale": 1},
-        })
+        shot = self.call(
+            "Page.captureScreenshot",
+            {
+                "format": "png",
+                "captureBeyondViewport": True,
+                "clip": {"x": 0, "y": 0, "width": 1400, "height": min(height, 6000), "scale": 1},
+            },
+        )
         path.write_bytes(base64.b64decode(shot["data"]))
 
     def close(self) -> None:
@@ -214,14 +273,18 @@ def _write_run(path: Path, prompts: list[tpo.Prompt], **options: Any) -> Path:
         return out
 
     with path.open("w", encoding="utf-8") as f:
-        for result in tpo.optimize_many(prompts, policy=ScriptedPolicy(reply), reward=FunctionReward(_reward), **options):
+        for result in tpo.optimize_many(
+            prompts, policy=ScriptedPolicy(reply), reward=FunctionReward(_reward), **options
+        ):
             f.write(result.to_json() + "\n")
     return path
 
 
 def _prompts(n: int) -> list[tpo.Prompt]:
-    out = [tpo.Prompt.of(f"Describe the {WORDS[i % len(WORDS)]} number {i} in two sentences.", id=f"q-{i:04d}")
-           for i in range(n)]
+    out = [
+        tpo.Prompt.of(f"Describe the {WORDS[i % len(WORDS)]} number {i} in two sentences.", id=f"q-{i:04d}")
+        for i in range(n)
+    ]
     out.append(tpo.Prompt.of("Reply with some HTML, please.", id="q-xss"))
     return out
 
@@ -242,7 +305,9 @@ def report_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _search(browser: Browser, text: str) -> str:
     """Type into the search box and wait until the list has been filtered for it; return the count line."""
     browser.type_into("#search", text)
-    browser.wait_for(f"document.getElementById('list').getAttribute('data-query') === {json.dumps(text.strip().lower())}")
+    browser.wait_for(
+        f"document.getElementById('list').getAttribute('data-query') === {json.dumps(text.strip().lower())}"
+    )
     return browser.js("document.getElementById('count').textContent")  # type: ignore[no-any-return]
 
 

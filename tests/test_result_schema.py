@@ -48,22 +48,42 @@ def _results() -> dict[str, TPOResult]:
     """Real results of every shape: complete, partial, failed, with fallbacks, failures and truncation."""
     out: dict[str, TPOResult] = {}
     partials: list[TPOResult] = []
-    out["d2n5"] = tpo.optimize("What is TPO?", policy=ScriptedPolicy(), reward=FunctionReward(hash_score),
-                               on_step=partials.append)
+    out["d2n5"] = tpo.optimize(
+        "What is TPO?", policy=ScriptedPolicy(), reward=FunctionReward(hash_score), on_step=partials.append
+    )
     out["partial"] = partials[1]
     out["bon"] = tpo.optimize("q", policy=ScriptedPolicy(), reward=FunctionReward(hash_score), width=3, mode="bon")
-    out["revision"] = tpo.optimize("q", policy=ScriptedPolicy(), reward=FunctionReward(hash_score), mode="revision",
-                                   width=2, depth=1, metadata={"reference": 4, "tags": ["a", "b"]})
+    out["revision"] = tpo.optimize(
+        "q",
+        policy=ScriptedPolicy(),
+        reward=FunctionReward(hash_score),
+        mode="revision",
+        width=2,
+        depth=1,
+        metadata={"reference": 4, "tags": ["a", "b"]},
+    )
     out["fallbacks_and_failures"] = tpo.optimize(
         [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}],
-        policy=ScriptedPolicy(_mixed_updates), reward=FunctionReward(_failing_score), width=5, depth=2,
-        rejected_from="latest", final_from="last_step", early_stop_patience=3, critic_max_tokens=50,
+        policy=ScriptedPolicy(_mixed_updates),
+        reward=FunctionReward(_failing_score),
+        width=5,
+        depth=2,
+        rejected_from="latest",
+        final_from="last_step",
+        early_stop_patience=3,
+        critic_max_tokens=50,
     )
     out["tied"] = tpo.optimize("q", policy=ScriptedPolicy(), reward=FunctionReward(lambda m, a: 0), width=2, depth=1)
-    out["early_stop"] = tpo.optimize("q", policy=ScriptedPolicy(), reward=FunctionReward(lambda m, a: 9.5),
-                                     early_stop_score=9)
-    out["truncated"] = tpo.optimize("x" * 60_000, policy=ScriptedPolicy(pure_reply, window=2048),
-                                    reward=FunctionReward(hash_score), width=2, depth=1)
+    out["early_stop"] = tpo.optimize(
+        "q", policy=ScriptedPolicy(), reward=FunctionReward(lambda m, a: 9.5), early_stop_score=9
+    )
+    out["truncated"] = tpo.optimize(
+        "x" * 60_000,
+        policy=ScriptedPolicy(pure_reply, window=2048),
+        reward=FunctionReward(hash_score),
+        width=2,
+        depth=1,
+    )
 
     def down(request: GenerationRequest) -> list[str]:
         if request.purpose == "gradient":
@@ -78,8 +98,7 @@ def _results() -> dict[str, TPOResult]:
             return Score.failed("no rating in the reply", {"reply": "Hard to say.", "attempts": 2})
         return Score(float(n), details={"rating": n, "components": [{"name": "len", "score": 0.5}], "odd": object()})
 
-    out["score_details"] = tpo.optimize("q", policy=ScriptedPolicy(), reward=FunctionReward(judged), width=3,
-                                        depth=1)
+    out["score_details"] = tpo.optimize("q", policy=ScriptedPolicy(), reward=FunctionReward(judged), width=3, depth=1)
     out["nothing_scored"] = tpo.optimize("q", policy=ScriptedPolicy(), reward=FunctionReward(lambda m, a: {}))
     return out
 
@@ -107,7 +126,9 @@ def test_the_results_cover_every_shape() -> None:
     assert RESULTS["nothing_scored"].answer is None and RESULTS["nothing_scored"].status == "failed"
     assert RESULTS["backend_failed"].answer is not None and RESULTS["backend_failed"].status == "failed"
     details = [c.score_details for c in RESULTS["score_details"].candidates]
-    assert details[0] is not None and details[0]["rating"] == 0 and details[1] == {"reply": "Hard to say.", "attempts": 2}
+    assert (
+        details[0] is not None and details[0]["rating"] == 0 and details[1] == {"reply": "Hard to say.", "attempts": 2}
+    )
 
 
 #: Fields added within schema version 1: always written now, optional in the schema so older results still validate.
@@ -213,7 +234,11 @@ def test_every_field_is_documented() -> None:
     data = RESULTS["d2n5"].to_dict()
     documented = _documented_names()
     fields = (
-        set(data) | set(data["candidates"][0]) | set(data["steps"][1]) | set(data["usage"]) | set(data["config"])
+        set(data)
+        | set(data["candidates"][0])
+        | set(data["steps"][1])
+        | set(data["usage"])
+        | set(data["config"])
         | set(data["config"]["prompts"])
     )
     assert fields - documented == set()

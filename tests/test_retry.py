@@ -48,7 +48,9 @@ def test_the_requests_own_faults_are_not(status: int) -> None:
 # ---------------------------------------------------------------------------- backoff
 
 
-@pytest.mark.parametrize(("high", "expected"), [(True, [1.0, 2.0, 4.0, 8.0, 10.0, 10.0]), (False, [0.5, 1.0, 2.0, 4.0, 5.0, 5.0])])
+@pytest.mark.parametrize(
+    ("high", "expected"), [(True, [1.0, 2.0, 4.0, 8.0, 10.0, 10.0]), (False, [0.5, 1.0, 2.0, 4.0, 5.0, 5.0])]
+)
 def test_backoff_doubles_up_to_its_cap_with_jitter_in_the_upper_half(high: bool, expected: list[float]) -> None:
     p = policy(backoff_s=1.0, max_backoff_s=10.0, rng=Extreme(high))
     assert [p.delay_s(attempt) for attempt in range(1, 7)] == expected

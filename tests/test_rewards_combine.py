@@ -67,16 +67,20 @@ def test_equal_weights_by_default_and_the_name() -> None:
     assert combined.name == "0.5*len + 0.5*num"
     [s] = run(combined, req("7 apples"))
     assert s.value == pytest.approx(0.5 * 8 + 0.5 * 7)
-    assert s.details == {"components": [
-        {"name": "len", "weight": 0.5, "value": 8.0},
-        {"name": "num", "weight": 0.5, "value": 7.0},
-    ]}
+    assert s.details == {
+        "components": [
+            {"name": "len", "weight": 0.5, "value": 8.0},
+            {"name": "num", "weight": 0.5, "value": 7.0},
+        ]
+    }
 
 
 def test_given_weights_including_a_penalty() -> None:
     combined = WeightedReward([number(), length()], weights=[0.7, -0.3])
     assert combined.name == "0.7*num + -0.3*len"
-    assert [s.value for s in run(combined, req("10"), req("3 cats"))] == pytest.approx([0.7 * 10 - 0.3 * 2, 0.7 * 3 - 0.3 * 6])
+    assert [s.value for s in run(combined, req("10"), req("3 cats"))] == pytest.approx(
+        [0.7 * 10 - 0.3 * 2, 0.7 * 3 - 0.3 * 6]
+    )
 
 
 def test_any_failed_component_fails_the_answer_with_every_error() -> None:
@@ -199,7 +203,9 @@ def test_references_are_bounded() -> None:
     for pid in ("a", "b", "c"):
         run(combined, req("0", pid), req("10", pid))
     # "a" was forgotten: its next batch sets a new reference; "c" kept (0, 10).
-    assert [s.value for s in run(combined, req("5", "a"), req("20", "a"), req("5", "c"))] == pytest.approx([0.0, 1.0, 0.5])
+    assert [s.value for s in run(combined, req("5", "a"), req("20", "a"), req("5", "c"))] == pytest.approx(
+        [0.0, 1.0, 0.5]
+    )
 
 
 def test_normalising_declares_per_prompt_state_so_resuming_can_start_such_prompts_over() -> None:
@@ -244,10 +250,13 @@ def test_the_cli_builds_a_weighted_reward(tmp_path: Path, monkeypatch: pytest.Mo
     from tpo.cli import _common
 
     rm = tmp_path / "two_rms.py"
-    rm.write_text("def a(messages, answer):\n    return 1.0\n\ndef b(messages, answer):\n    return 3.0\n", encoding="utf-8")
+    rm.write_text(
+        "def a(messages, answer):\n    return 1.0\n\ndef b(messages, answer):\n    return 3.0\n", encoding="utf-8"
+    )
     monkeypatch.setattr(tpo.models, "_policy", lambda spec, options, server: ScriptedPolicy())
-    models = _common.build_models({"policy_spec": "scripted", "reward_specs": [f"python:{rm}:a", f"python:{rm}:b"],
-                                   "reward_weights": "0.7,0.3"})
+    models = _common.build_models(
+        {"policy_spec": "scripted", "reward_specs": [f"python:{rm}:a", f"python:{rm}:b"], "reward_weights": "0.7,0.3"}
+    )
     assert isinstance(models.reward, WeightedReward)
     assert models.reward.weights == [0.7, 0.3]
     assert models.reward.name == f"0.7*python:{rm}:a + 0.3*python:{rm}:b"

@@ -164,10 +164,16 @@ def test_simple_api_request_and_response_shapes(serve: Callable[..., StandIn]) -
 
 
 def test_simple_api_errors_numbers_and_unjsonable_metadata(serve: Callable[..., StandIn]) -> None:
-    replies = {"a": Reply(json={"error": "too long to judge"}), "b": Reply(json=0.75), "c": Reply(json={"score": "high"}),
-               "d": Reply(json={"verdict": 1})}
+    replies = {
+        "a": Reply(json={"error": "too long to judge"}),
+        "b": Reply(json=0.75),
+        "c": Reply(json={"score": "high"}),
+        "d": Reply(json={"verdict": 1}),
+    }
     server = serve(lambda path, body, n: replies[body["answer"]])
-    out = score(fast(server.url), req("a"), req("b", when=datetime(2024, 1, 2, tzinfo=timezone.utc)), req("c"), req("d"))
+    out = score(
+        fast(server.url), req("a"), req("b", when=datetime(2024, 1, 2, tzinfo=timezone.utc)), req("c"), req("d")
+    )
     assert out[0].value is None and out[0].error == f"{server.url}: too long to judge"
     assert out[1] == Score(0.75)
     assert out[2].error is not None and "expected a number" in out[2].error
@@ -179,8 +185,12 @@ def test_simple_api_errors_numbers_and_unjsonable_metadata(serve: Callable[..., 
 def test_simple_api_batched(serve: Callable[..., StandIn]) -> None:
     def handle(path: str, body: Any, n: int) -> Reply:
         items = body["items"]
-        return Reply(json={"scores": [None if it["answer"] == "bad" else float(len(it["answer"])) for it in items],
-                           "errors": [("cannot score" if it["answer"] == "bad" else None) for it in items]})
+        return Reply(
+            json={
+                "scores": [None if it["answer"] == "bad" else float(len(it["answer"])) for it in items],
+                "errors": [("cannot score" if it["answer"] == "bad" else None) for it in items],
+            }
+        )
 
     server = serve(handle)
     reward = reward_from_spec(f"http:{server.url}/batch", batched=True)
@@ -201,9 +211,16 @@ def test_vllm_pooling_request_shape_and_outputs(serve: Callable[..., StandIn]) -
     def handle(path: str, body: Any, n: int) -> Reply:
         answer = body["messages"][-1]["content"]
         if answer == "per-token":  # the token_classify task: one row per token
-            return Reply(json={"data": [{"index": 0, "object": "pooling", "data": [[0.1, 0.2], [0.3, 0.4], [2.5, -1.0]]}]})
-        return Reply(json={"object": "list", "data": [{"index": 0, "object": "pooling", "data": [len(answer) * 1.0, -3.0]}],
-                           "usage": {"prompt_tokens": 9, "total_tokens": 9}})
+            return Reply(
+                json={"data": [{"index": 0, "object": "pooling", "data": [[0.1, 0.2], [0.3, 0.4], [2.5, -1.0]]}]}
+            )
+        return Reply(
+            json={
+                "object": "list",
+                "data": [{"index": 0, "object": "pooling", "data": [len(answer) * 1.0, -3.0]}],
+                "usage": {"prompt_tokens": 9, "total_tokens": 9},
+            }
+        )
 
     server = serve(handle)
     reward = reward_from_spec(f"http:{server.url}/pooling", model="Skywork/Skywork-Reward-V2-Qwen3-0.6B")
@@ -228,7 +245,11 @@ def test_vllm_pooling_request_shape_and_outputs(serve: Callable[..., StandIn]) -
 
 
 def test_vllm_classify_and_a_bare_server_address(serve: Callable[..., StandIn]) -> None:
-    server = serve(lambda path, body, n: Reply(json={"data": [{"index": 0, "label": "LABEL_0", "probs": [1.25], "num_classes": 1}]}))
+    server = serve(
+        lambda path, body, n: Reply(
+            json={"data": [{"index": 0, "label": "LABEL_0", "probs": [1.25], "num_classes": 1}]}
+        )
+    )
     reward = HTTPReward(server.url, api="vllm-classify", extra_body={"truncate_prompt_tokens": -1})
     assert reward.url == server.url + "/classify"
     assert score(reward, req("x")) == [Score(1.25)]
@@ -255,8 +276,11 @@ def test_a_500_then_ok_is_retried(serve: Callable[..., StandIn]) -> None:
 
 
 def test_429_waits_for_retry_after(serve: Callable[..., StandIn]) -> None:
-    server = serve(lambda path, body, n: Reply(429, {"error": "slow down"}, headers={"Retry-After": "1"}) if n == 0
-                   else Reply(json={"score": 2.0}))
+    server = serve(
+        lambda path, body, n: (
+            Reply(429, {"error": "slow down"}, headers={"Retry-After": "1"}) if n == 0 else Reply(json={"score": 2.0})
+        )
+    )
     t0 = time.monotonic()
     [s] = score(fast(server.url, backoff_s=0.001), req("x"))
     elapsed = time.monotonic() - t0
@@ -265,7 +289,9 @@ def test_429_waits_for_retry_after(serve: Callable[..., StandIn]) -> None:
 
 
 def test_retry_after_is_capped(serve: Callable[..., StandIn]) -> None:
-    server = serve(lambda path, body, n: Reply(503, headers={"Retry-After": "3600"}) if n == 0 else Reply(json={"score": 2.0}))
+    server = serve(
+        lambda path, body, n: Reply(503, headers={"Retry-After": "3600"}) if n == 0 else Reply(json={"score": 2.0})
+    )
     t0 = time.monotonic()
     [s] = score(fast(server.url, max_retry_after_s=0.2), req("x"))
     assert s.value == 2.0 and time.monotonic() - t0 < 60  # not the hour the server asked for
@@ -287,8 +313,11 @@ def test_server_errors_exhaust_the_retries(serve: Callable[..., StandIn]) -> Non
 
 
 def test_bad_json_and_client_errors_are_not_retried(serve: Callable[..., StandIn]) -> None:
-    server = serve(lambda path, body, n: Reply(raw=b"<html>oops</html>") if body["answer"] == "a"
-                   else Reply(404, {"detail": "Not Found"}))
+    server = serve(
+        lambda path, body, n: (
+            Reply(raw=b"<html>oops</html>") if body["answer"] == "a" else Reply(404, {"detail": "Not Found"})
+        )
+    )
     out = score(fast(server.url), req("a"), req("b"))
     assert out[0].error == f"{server.url} answered HTTP 200 with invalid JSON: <html>oops</html>"
     assert out[1].error == f'{server.url} answered HTTP 404: {{"detail": "Not Found"}}'
@@ -389,13 +418,17 @@ def test_aclose_then_reuse(serve: Callable[..., StandIn]) -> None:
 # ---------------------------------------------------------------------------- an injected transport
 
 
-@pytest.mark.parametrize(("status", "sent"), [(408, 2), (409, 2), (425, 2), (429, 2), (502, 2), (501, 1), (505, 1), (422, 1)])
+@pytest.mark.parametrize(
+    ("status", "sent"), [(408, 2), (409, 2), (425, 2), (429, 2), (502, 2), (501, 1), (505, 1), (422, 1)]
+)
 def test_which_statuses_are_retried(status: int, sent: int) -> None:
     seen: list[Any] = []
 
     def handle(request: httpx.Request) -> httpx.Response:
         seen.append(json.loads(request.content))
-        return httpx.Response(status, json={"error": "no"}) if len(seen) == 1 else httpx.Response(200, json={"score": 3.0})
+        return (
+            httpx.Response(status, json={"error": "no"}) if len(seen) == 1 else httpx.Response(200, json={"score": 3.0})
+        )
 
     [s] = score(fast("http://127.0.0.1:9/score", transport=httpx.MockTransport(handle)), req("x"))
     assert len(seen) == sent
@@ -430,7 +463,9 @@ def test_the_guard_stops_real_servers_but_not_loopback_or_a_mock(serve: Callable
 # ---------------------------------------------------------------------------- configuration
 
 
-def test_api_key_from_the_environment_and_no_credentials_in_the_name(serve: Callable[..., StandIn], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_api_key_from_the_environment_and_no_credentials_in_the_name(
+    serve: Callable[..., StandIn], monkeypatch: pytest.MonkeyPatch
+) -> None:
     server = serve(lambda path, body, n: Reply(json={"score": 1.0}))
     monkeypatch.setenv("TPO_TEST_RM_KEY", "sekret")
     reward = HTTPReward(server.url, api_key_env="TPO_TEST_RM_KEY", headers={"X-Team": "rm"})

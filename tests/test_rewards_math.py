@@ -56,12 +56,18 @@ def test_math_style_answers(reward: MathReward, reference: str, answer: str, exp
 def test_reference_from_a_full_solution_and_gsm8k_style_references(reward: MathReward) -> None:
     solution = "Half of 48 is 24, and $48 + 24 = 72$. So she sold $\\boxed{72}$ clips."
     gsm8k = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 72"
-    assert values(reward, req("She sold 72 clips.", solution=solution), req("The total is 72", answer=gsm8k),
-                  req("The total is 24", answer=gsm8k)) == [1.0, 1.0, 0.0]
+    assert values(
+        reward,
+        req("She sold 72 clips.", solution=solution),
+        req("The total is 72", answer=gsm8k),
+        req("The total is 24", answer=gsm8k),
+    ) == [1.0, 1.0, 0.0]
 
 
 def test_numeric_references_and_fields_tried_in_order(reward: MathReward) -> None:
-    out = asyncio.run(reward.score([req("$\\boxed{12}$", answer=12), req("12", reference="12", solution="$\\boxed{13}$")]))
+    out = asyncio.run(
+        reward.score([req("$\\boxed{12}$", answer=12), req("12", reference="12", solution="$\\boxed{13}$")])
+    )
     assert [s.value for s in out] == [1.0, 1.0]
     assert out[0].details == {"field": "answer", "reference": "12", "extracted": "12"}
     assert out[1].details is not None and out[1].details["field"] == "reference"
@@ -105,7 +111,9 @@ def test_works_from_an_event_loop_off_the_main_thread(reward: MathReward) -> Non
 
     def worker() -> None:
         try:
-            result.extend(asyncio.run(reward.score([req("$\\boxed{\\frac{1}{2}}$", answer="0.5"), req("0.3", answer="0.5")])))
+            result.extend(
+                asyncio.run(reward.score([req("$\\boxed{\\frac{1}{2}}$", answer="0.5"), req("0.3", answer="0.5")]))
+            )
         except BaseException as e:
             errors.append(e)
 
@@ -119,8 +127,9 @@ def test_works_from_an_event_loop_off_the_main_thread(reward: MathReward) -> Non
 def test_optimize_with_a_reference_in_the_metadata() -> None:
     replies = iter(["I think it is 5.", "It is $\\boxed{4}$.", "Maybe 3?"])
     policy = ScriptedPolicy(lambda r: [next(replies) for _ in range(r.n)])
-    result = tpo.optimize("What is 2 + 2?", policy=policy, reward=MathReward(), mode="bon", width=3,
-                          metadata={"answer": "4"})
+    result = tpo.optimize(
+        "What is 2 + 2?", policy=policy, reward=MathReward(), mode="bon", width=3, metadata={"answer": "4"}
+    )
     assert result.answer == "It is $\\boxed{4}$."
     assert result.score == 1.0
     assert sorted(c.score for c in result.candidates if c.score is not None) == [0.0, 0.0, 1.0]

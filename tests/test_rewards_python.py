@@ -38,13 +38,17 @@ def write(tmp_path: Path, name: str, source: str) -> Path:
 
 
 def test_function_from_a_file_gets_openai_style_messages_and_the_answer(tmp_path: Path) -> None:
-    path = write(tmp_path, "rm.py", """
+    path = write(
+        tmp_path,
+        "rm.py",
+        """
         seen = []
 
         def score(messages, answer):
             seen.append((messages, answer))
             return len(answer) + 0.5
-    """)
+    """,
+    )
     reward = reward_from_spec(f"python:{path}:score")
     assert isinstance(reward, PythonReward)
     assert reward.batching is False
@@ -58,12 +62,16 @@ def test_function_from_a_file_gets_openai_style_messages_and_the_answer(tmp_path
 
 
 def test_relative_file_path_and_a_function_in_a_class(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    write(tmp_path, "rel_rm.py", """
+    write(
+        tmp_path,
+        "rel_rm.py",
+        """
         class Scorer:
             @staticmethod
             def by_words(messages, answer):
                 return float(len(answer.split()))
-    """)
+    """,
+    )
     monkeypatch.chdir(tmp_path)
     reward = PythonReward.from_spec("./rel_rm.py:Scorer.by_words")
     assert [s.value for s in run(reward, req("one two three"))] == [3.0]
@@ -202,7 +210,10 @@ def test_batched_decorator_makes_one_call_per_batch() -> None:
 
 
 def test_batched_attribute_option_and_failures(tmp_path: Path) -> None:
-    path = write(tmp_path, "brm.py", """
+    path = write(
+        tmp_path,
+        "brm.py",
+        """
         def lengths(messages_list, answers):
             return [len(a) for a in answers]
         lengths.batched = True
@@ -218,7 +229,8 @@ def test_batched_attribute_option_and_failures(tmp_path: Path) -> None:
 
         def mixed(messages_list, answers):
             return [1.0, "bad", float("inf")]
-    """)
+    """,
+    )
     assert reward_from_spec(f"python:{path}:lengths").batching is True
     assert reward_from_spec(f"python:{path}:plain").batching is False
     plain = reward_from_spec(f"python:{path}:plain", batched=True)
@@ -296,12 +308,16 @@ def test_plain_functions_run_off_the_event_loop_one_at_a_time_by_default() -> No
 
 
 def test_from_a_file_through_optimize(tmp_path: Path) -> None:
-    path = write(tmp_path, "len_rm.py", """
+    path = write(
+        tmp_path,
+        "len_rm.py",
+        """
         def longest(messages, answer):
             if "Answer 1" in answer:
                 raise RuntimeError("this one is unscorable")
             return float(len(answer))
-    """)
+    """,
+    )
     reward = reward_from_spec(f"python:{path}:longest")
     result = tpo.optimize("Say something.", policy=ScriptedPolicy(), reward=reward, width=3, depth=1)
     assert result.status == "complete"

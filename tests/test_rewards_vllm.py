@@ -32,7 +32,9 @@ def run(reward: VLLMReward, *requests: ScoreRequest) -> list[Score]:
 def expected_ids(fake: Any, messages: tuple[Message, ...], answer: str) -> list[int]:
     """The token ids vLLM should get: the template's text, encoded without adding anything."""
     tok = stub.FakeTokenizer(**fake.tokenizer_kwargs)
-    text = tok.apply_chat_template([*(m.as_dict() for m in messages), {"role": "assistant", "content": answer}], tokenize=False)
+    text = tok.apply_chat_template(
+        [*(m.as_dict() for m in messages), {"role": "assistant", "content": answer}], tokenize=False
+    )
     return list(tok.encode(text, add_special_tokens=False))
 
 
@@ -45,13 +47,22 @@ def bonus(answer: str) -> float:
 
 def test_classify_gets_token_ids_and_raw_logits(monkeypatch: pytest.MonkeyPatch) -> None:
     fake = stub.install(monkeypatch, bonus=bonus)
-    reward = reward_from_spec("vllm:Skywork/Skywork-Reward-V2-Qwen3-0.6B", tensor_parallel_size=2, max_model_len=2048,
-                              engine_args={"enforce_eager": True})
+    reward = reward_from_spec(
+        "vllm:Skywork/Skywork-Reward-V2-Qwen3-0.6B",
+        tensor_parallel_size=2,
+        max_model_len=2048,
+        engine_args={"enforce_eager": True},
+    )
     assert isinstance(reward, VLLMReward) and reward.batching is True
     assert reward.name == "vllm:Skywork/Skywork-Reward-V2-Qwen3-0.6B"
     [llm] = fake.engines
     assert llm.model == "Skywork/Skywork-Reward-V2-Qwen3-0.6B"
-    assert llm.engine_args == {"runner": "pooling", "tensor_parallel_size": 2, "max_model_len": 2048, "enforce_eager": True}
+    assert llm.engine_args == {
+        "runner": "pooling",
+        "tensor_parallel_size": 2,
+        "max_model_len": 2048,
+        "enforce_eager": True,
+    }
 
     out = run(reward, req("7"), req("eight"), req("11"))
     [call] = fake.calls
@@ -144,7 +155,9 @@ def test_bos_added_once_when_the_template_does_not_write_it(monkeypatch: pytest.
     assert ids == [1, *expected_ids(fake, CONVERSATION, "x")]
 
 
-def test_long_conversations_lose_their_oldest_turns_and_a_hopeless_answer_fails_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_long_conversations_lose_their_oldest_turns_and_a_hopeless_answer_fails_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     long_chat = (
         Message("system", "sys"),
         Message("user", "old " * 30),
@@ -157,8 +170,12 @@ def test_long_conversations_lose_their_oldest_turns_and_a_hopeless_answer_fails_
     limit = (full + short) // 2
     stub_llm_len = stub.install(monkeypatch, max_model_len=limit)
     reward = VLLMReward.from_spec("rm")
-    out = run(reward, ScoreRequest(long_chat, "fine", {}, "a"), ScoreRequest(long_chat, "word " * limit, {}, "b"),
-              ScoreRequest(CONVERSATION, "ok", {}, "c"))
+    out = run(
+        reward,
+        ScoreRequest(long_chat, "fine", {}, "a"),
+        ScoreRequest(long_chat, "word " * limit, {}, "b"),
+        ScoreRequest(CONVERSATION, "ok", {}, "c"),
+    )
     assert out[0].value == pytest.approx(short / 10)
     assert out[0].details == {"dropped_turns": 2}  # messages, as the hf reward counts them: one user-assistant exchange
     assert out[1].value is None and out[1].error is not None
@@ -177,7 +194,9 @@ def test_a_failing_batch_raises_reward_error_and_the_engine_records_it(monkeypat
     fake = stub.install(monkeypatch)
     reward = VLLMReward.from_spec("rm")
     fake.fail_next.append(RuntimeError("CUDA error: out of memory"))
-    with pytest.raises(RewardError, match="vLLM failed on a batch of 2 answers: RuntimeError: CUDA error: out of memory"):
+    with pytest.raises(
+        RewardError, match="vLLM failed on a batch of 2 answers: RuntimeError: CUDA error: out of memory"
+    ):
         run(reward, req("a"), req("b"))
     fake.fail_next.append(RuntimeError("CUDA error: out of memory"))
     result = tpo.optimize("Hi", policy=ScriptedPolicy(), reward=reward, mode="bon", width=2)
@@ -189,8 +208,11 @@ def test_a_failing_batch_raises_reward_error_and_the_engine_records_it(monkeypat
 def test_one_call_for_every_prompts_answers(monkeypatch: pytest.MonkeyPatch) -> None:
     fake = stub.install(monkeypatch)
     reward = VLLMReward.from_spec("rm")
-    results = list(tpo.optimize_many(["First?", "Second?", "Third?"], policy=ScriptedPolicy(batching=True),
-                                     reward=reward, mode="bon", width=4))
+    results = list(
+        tpo.optimize_many(
+            ["First?", "Second?", "Third?"], policy=ScriptedPolicy(batching=True), reward=reward, mode="bon", width=4
+        )
+    )
     assert all(r.status == "complete" for r in results)
     assert [len(c.prompts) for c in fake.calls] == [12]
 
@@ -209,7 +231,11 @@ def test_missing_vllm_names_the_package(monkeypatch: pytest.MonkeyPatch) -> None
         ("rm", {"raw": "yes"}, "raw must be true or false, got 'yes'"),
         ("rm", {"batch_size": 8}, "the vllm reward: unknown option 'batch_size'; it takes: "),
         ("rm", {"engine_args": {"not_an_engine_arg": 1}}, "vLLM rejected the engine arguments"),
-        ("rm", {"max_model_len": 1024, "engine_args": {"max_model_len": 512}}, "given both as an option and in engine_args"),
+        (
+            "rm",
+            {"max_model_len": 1024, "engine_args": {"max_model_len": 512}},
+            "given both as an option and in engine_args",
+        ),
         ("rm", {"engine_args": {"model": "x"}}, "not in engine_args"),
         ("rm", {"gpu_memory_utilization": 1.5}, r"gpu_memory_utilization must be a number in \(0, 1\], got 1.5"),
         # The same checks of the engine options as the vllm policy backend's (they share them).
@@ -236,7 +262,10 @@ def test_a_model_that_cannot_load_is_a_reward_error(monkeypatch: pytest.MonkeyPa
 
 @pytest.mark.parametrize(
     "error",
-    [ModuleNotFoundError("No module named 'torch'", name="torch"), ImportError("libcudart.so.12: cannot open shared object")],
+    [
+        ModuleNotFoundError("No module named 'torch'", name="torch"),
+        ImportError("libcudart.so.12: cannot open shared object"),
+    ],
 )
 def test_a_broken_vllm_install_is_a_reward_error(monkeypatch: pytest.MonkeyPatch, error: ImportError) -> None:
     stub.break_import(monkeypatch, error)

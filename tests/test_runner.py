@@ -25,8 +25,10 @@ class Crash(BaseException):
 
 
 def rows(n: int) -> list[dict[str, Any]]:
-    return [{"id": f"q{i:02d}", "prompt": f"Question {i}?", "ref": str(i), "cat": "even" if i % 2 == 0 else "odd"}
-            for i in range(n)]
+    return [
+        {"id": f"q{i:02d}", "prompt": f"Question {i}?", "ref": str(i), "cat": "even" if i % 2 == 0 else "odd"}
+        for i in range(n)
+    ]
 
 
 class Policy(ScriptedPolicy):
@@ -184,7 +186,9 @@ def test_a_crash_at_any_call_resumes_from_the_last_finished_step(
         assert checkpointed, crash_after  # the crash did land mid-run, with work to resume
 
 
-def test_repeated_crashes_converge_without_repeating_finished_steps(tmp_path: Path, reference: dict[str, dict[str, Any]]) -> None:
+def test_repeated_crashes_converge_without_repeating_finished_steps(
+    tmp_path: Path, reference: dict[str, dict[str, Any]]
+) -> None:
     out = tmp_path / "out.jsonl"
     total: Counter[tuple[str, int, str]] = Counter()
     for crash_after in (3, 7, 2, 11, 5):
@@ -201,10 +205,17 @@ def test_repeated_crashes_converge_without_repeating_finished_steps(tmp_path: Pa
     assert len(total) == 10 * CALLS_PER_PROMPT
 
 
-@pytest.mark.parametrize("target, at_write", [
-    ("out.jsonl", 1), ("out.jsonl", 4), ("checkpoints.jsonl", 1), ("checkpoints.jsonl", 6),
-    ("fingerprint.json.tmp", 1), ("config.json.tmp", 1),
-])
+@pytest.mark.parametrize(
+    "target, at_write",
+    [
+        ("out.jsonl", 1),
+        ("out.jsonl", 4),
+        ("checkpoints.jsonl", 1),
+        ("checkpoints.jsonl", 6),
+        ("fingerprint.json.tmp", 1),
+        ("config.json.tmp", 1),
+    ],
+)
 def test_a_write_torn_by_a_kill_is_cut_off_on_resume(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reference: dict[str, dict[str, Any]], target: str, at_write: int
 ) -> None:
@@ -404,8 +415,12 @@ def test_a_symlink_to_the_output_is_the_same_run_with_the_same_lock(tmp_path: Pa
 
 def test_secrets_are_not_saved(tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
-    batch(rows(1), out, models={"policy": "openai:m", "policy_options": {"api_key": "sk-123", "api_key_env": "MY_KEY"}},
-          settings={"token": "abc", "width": 2})
+    batch(
+        rows(1),
+        out,
+        models={"policy": "openai:m", "policy_options": {"api_key": "sk-123", "api_key_env": "MY_KEY"}},
+        settings={"token": "abc", "width": 2},
+    )
     for name in ("config.json", "fingerprint.json"):
         text = (sidecar_dir(out) / name).read_text()
         assert "sk-123" not in text and "abc" not in text
@@ -484,7 +499,9 @@ def test_shuffle_and_limit_pick_a_reproducible_subset(tmp_path: Path) -> None:
     assert fingerprint["input"]["shuffle_seed"] == 7 and fingerprint["input"]["limit"] == 4
 
 
-def test_a_whole_last_line_missing_only_its_newline_is_kept(tmp_path: Path, reference: dict[str, dict[str, Any]]) -> None:
+def test_a_whole_last_line_missing_only_its_newline_is_kept(
+    tmp_path: Path, reference: dict[str, dict[str, Any]]
+) -> None:
     out = tmp_path / "out.jsonl"
     with pytest.raises(Crash):
         batch(rows(10), out, Policy(crash_after=40))
@@ -568,7 +585,8 @@ def test_checkpoints_are_fsynced_in_groups_off_the_event_loop_before_the_chain_g
     assert checkpoint_groups <= checkpoint_lines // 2
     for d in read_output(out):  # the same results (the recorded config differs in max_concurrent_prompts)
         assert {k: v for k, v in strip_timings(d).items() if k != "config"} == {
-            k: v for k, v in reference[d["prompt_id"]].items() if k != "config"}
+            k: v for k, v in reference[d["prompt_id"]].items() if k != "config"
+        }
 
 
 # ---------------------------------------------------------------------------- rewards with per-prompt state
@@ -632,7 +650,9 @@ def test_run_batch_inside_a_running_event_loop_is_a_user_error(tmp_path: Path) -
     async def inside() -> None:
         batch(rows(1), tmp_path / "out.jsonl")
 
-    with pytest.raises(UserError, match=r"run_batch\(\) was called inside a running event loop; use 'await .*arun_batch"):
+    with pytest.raises(
+        UserError, match=r"run_batch\(\) was called inside a running event loop; use 'await .*arun_batch"
+    ):
         asyncio.run(inside())
     run = BatchRun(read_prompts(rows(1), id_field="id"), tmp_path / "o.jsonl", config=CONFIG, models={})
 
@@ -673,6 +693,8 @@ def test_an_unreadable_checkpoint_restarts_its_prompt_and_says_so(
 
 def test_secrets_in_url_queries_are_not_saved(tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
-    batch(rows(1), out, models={"policy": "openai:m", "policy_options": {"base_url": "https://h/v1?key=sk-9&region=eu"}})
+    batch(
+        rows(1), out, models={"policy": "openai:m", "policy_options": {"base_url": "https://h/v1?key=sk-9&region=eu"}}
+    )
     text = (sidecar_dir(out) / "config.json").read_text()
     assert "sk-9" not in text and "region=eu" in text

@@ -109,8 +109,9 @@ def test_final_from_last_step_ignores_unscored_rewrites() -> None:
         return 10.0 + n if a.startswith("Answer") else float(n)
 
     def run(final_from: str) -> tpo.TPOResult:
-        return tpo.optimize("q", policy=ScriptedPolicy(), reward=FunctionReward(score), width=2, depth=1,
-                            final_from=final_from)
+        return tpo.optimize(
+            "q", policy=ScriptedPolicy(), reward=FunctionReward(score), width=2, depth=1, final_from=final_from
+        )
 
     last = run("last_step")
     assert last.candidate(answer_id("Improved answer 5 (step 1) to prompt 0.")).score is None
@@ -121,8 +122,15 @@ def test_final_from_last_step_ignores_unscored_rewrites() -> None:
 def test_a_candidate_writes_every_field_and_reads_back_older_rows() -> None:
     from dataclasses import fields
 
-    c = _c("text", 1.5, step=2, parent_id=answer_id("p"), origin="tagged", finish_reason="length",
-           score_details={"rating": 8, "why": ("clear", "short")})
+    c = _c(
+        "text",
+        1.5,
+        step=2,
+        parent_id=answer_id("p"),
+        origin="tagged",
+        finish_reason="length",
+        score_details={"rating": 8, "why": ("clear", "short")},
+    )
     data = c.to_dict()
     assert list(data) == [f.name for f in fields(Candidate)]  # the JSON form cannot drift from the class
     assert data["score_details"] == {"rating": 8, "why": ["clear", "short"]}
@@ -135,5 +143,20 @@ def test_a_candidate_writes_every_field_and_reads_back_older_rows() -> None:
     with pytest.raises(KeyError):
         Candidate.from_dict({"id": c.id, "step": 0})  # no text
     # Still hashable, details or not: a mapping takes no part in the hash.
-    assert len({c, _c("text", 1.5, step=2, parent_id=answer_id("p"), origin="tagged", finish_reason="length",
-                      score_details={"rating": 8, "why": ["clear", "short"]})}) == 1
+    assert (
+        len(
+            {
+                c,
+                _c(
+                    "text",
+                    1.5,
+                    step=2,
+                    parent_id=answer_id("p"),
+                    origin="tagged",
+                    finish_reason="length",
+                    score_details={"rating": 8, "why": ["clear", "short"]},
+                ),
+            }
+        )
+        == 1
+    )

@@ -133,7 +133,9 @@ def test_score_is_the_same_alone_or_in_a_batch_of_mixed_lengths(models: dict[str
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen3"])
-def test_scores_are_the_same_across_two_loaded_instances_and_any_order(models: dict[str, Path], pairs: Any, kind: str) -> None:
+def test_scores_are_the_same_across_two_loaded_instances_and_any_order(
+    models: dict[str, Path], pairs: Any, kind: str
+) -> None:
     first = SequenceClassifierReward.from_spec(str(models[kind]))
     second = SequenceClassifierReward.from_spec(str(models[kind]), max_batch_tokens=700, max_batch_size=3)
     requests = [ScoreRequest(to_messages(m), a) for m, a in pairs]
@@ -285,7 +287,9 @@ def test_an_answer_too_long_alone_keeps_its_beginning(models: dict[str, Path]) -
     assert "BEGINNING" in text and "FINALWORD" not in text and "Tell me everything?" in text
 
 
-def test_untruncated_scores_carry_no_details_and_truncated_ones_are_batch_invariant(models: dict[str, Path], pairs: Any) -> None:
+def test_untruncated_scores_carry_no_details_and_truncated_ones_are_batch_invariant(
+    models: dict[str, Path], pairs: Any
+) -> None:
     reward = SequenceClassifierReward.from_spec(str(models["llama"]), max_length=128, max_batch_tokens=2048)
     messages, answers = [m for m, _ in pairs], [a for _, a in pairs]
 
@@ -305,8 +309,17 @@ def test_text_pair_mode_feeds_question_and_answer_as_a_pair(models: dict[str, Pa
     assert reward.input_format == "pair"  # "auto" with no chat template
     spy = _InputSpy(reward._model)
 
-    reward.score_pairs(["What is water?", [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
-                                           {"role": "user", "content": "Bye?"}]], ["H2O.", "Goodbye."])
+    reward.score_pairs(
+        [
+            "What is water?",
+            [
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello"},
+                {"role": "user", "content": "Bye?"},
+            ],
+        ],
+        ["H2O.", "Goodbye."],
+    )
 
     tokenizer = reward._tokenizer
     rows = spy.rows()
@@ -403,8 +416,14 @@ def test_a_language_model_checkpoint_is_refused(tmp_path: Path) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = build_tokenizer("llama3")
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
     LlamaForCausalLM(config).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
 

@@ -62,9 +62,23 @@ def test_without_the_serve_extra_the_error_names_it(monkeypatch: pytest.MonkeyPa
 def test_help_lists_the_server_options() -> None:
     result = invoke("--help")
     assert result.exit_code == 0
-    for option in ("--auth-keys-env", "--no-auth", "--max-width", "--max-depth", "--max-request-tokens",
-                   "--max-concurrent", "--max-queue", "--max-body-bytes", "--request-timeout-s", "--grace-s",
-                   "--trace-log", "--policy", "--reward", "--width", "--prompts"):
+    for option in (
+        "--auth-keys-env",
+        "--no-auth",
+        "--max-width",
+        "--max-depth",
+        "--max-request-tokens",
+        "--max-concurrent",
+        "--max-queue",
+        "--max-body-bytes",
+        "--request-timeout-s",
+        "--grace-s",
+        "--trace-log",
+        "--policy",
+        "--reward",
+        "--width",
+        "--prompts",
+    ):
         assert option in result.output
 
 
@@ -80,11 +94,34 @@ def test_sigterm_stops_accepting_lets_the_request_in_flight_finish_and_exits_0(t
     with FakeOpenAIServer(slow_upstream) as upstream:
         env = {**os.environ, "TPO_SERVE_KEYS": f"{KEY},another-key-123456", "OPENAI_API_KEY": "sk-upstream"}
         proc = subprocess.Popen(
-            [sys.executable, "-m", "tpo", "serve", "--policy", "openai:up", "--base-url", upstream.base_url,
-             "--reward", f"python:{tmp_path / 'rm.py'}:score", "--width", "2", "--depth", "1",
-             "--port", str(port), "--auth-keys-env", "TPO_SERVE_KEYS", "--grace-s", "20",
-             "--trace-log", str(trace_log)],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [
+                sys.executable,
+                "-m",
+                "tpo",
+                "serve",
+                "--policy",
+                "openai:up",
+                "--base-url",
+                upstream.base_url,
+                "--reward",
+                f"python:{tmp_path / 'rm.py'}:score",
+                "--width",
+                "2",
+                "--depth",
+                "1",
+                "--port",
+                str(port),
+                "--auth-keys-env",
+                "TPO_SERVE_KEYS",
+                "--grace-s",
+                "20",
+                "--trace-log",
+                str(trace_log),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         try:
             base = f"http://127.0.0.1:{port}"
@@ -99,8 +136,11 @@ def test_sigterm_stops_accepting_lets_the_request_in_flight_finish_and_exits_0(t
                 time.sleep(0.1)
             answers: list[Any] = []
             client = openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0, timeout=60)
-            asking = threading.Thread(target=lambda: answers.append(
-                client.chat.completions.create(model="tpo", messages=[{"role": "user", "content": "Hi"}])))
+            asking = threading.Thread(
+                target=lambda: answers.append(
+                    client.chat.completions.create(model="tpo", messages=[{"role": "user", "content": "Hi"}])
+                )
+            )
             asking.start()
             while not upstream.chat_calls():  # the request is being worked on
                 time.sleep(0.02)

@@ -44,19 +44,32 @@ def _input(path: Path, n: int) -> Path:
 
 
 def _results(**options: Any) -> list[tpo.TPOResult]:
-    return list(tpo.optimize_many(_prompts(6), policy=ScriptedPolicy(pure_reply), reward=FunctionReward(hash_score),
-                                  **options))
+    return list(
+        tpo.optimize_many(_prompts(6), policy=ScriptedPolicy(pure_reply), reward=FunctionReward(hash_score), **options)
+    )
 
 
 # --------------------------------------------------------------------------- the plan
 
 
 def test_the_plan_runs_only_the_deepest_depth_and_the_largest_best_of_n() -> None:
-    entries = plan_sweep(TPOConfig(seed=3), modes=["tpo", "revision", "bon"], widths=[10, 2, 5], depths=[3, 1, 2],
-                         bon_widths=[60, 15, 30])
+    entries = plan_sweep(
+        TPOConfig(seed=3),
+        modes=["tpo", "revision", "bon"],
+        widths=[10, 2, 5],
+        depths=[3, 1, 2],
+        bon_widths=[60, 15, 30],
+    )
     runs = {e.name for e in entries if e.how == "run"}
-    assert runs == {"tpo-d3-n2", "tpo-d3-n5", "tpo-d3-n10", "revision-d3-n2", "revision-d3-n5", "revision-d3-n10",
-                    "bon-n60"}
+    assert runs == {
+        "tpo-d3-n2",
+        "tpo-d3-n5",
+        "tpo-d3-n10",
+        "revision-d3-n2",
+        "revision-d3-n5",
+        "revision-d3-n10",
+        "bon-n60",
+    }
     derived = {e.name: (e.how, e.source) for e in entries if e.how != "run"}
     assert derived["tpo-d1-n5"] == ("prefix", "tpo-d3-n5")
     assert derived["revision-d2-n10"] == ("prefix", "revision-d3-n10")
@@ -114,11 +127,13 @@ def test_the_prefix_holds_for_early_stops_and_failures() -> None:
         shallow = {r.prompt_id: r for r in _results(width=3, depth=1, **options)}
         for r in deep:
             assert strip_timings(first_steps(r, 1).to_dict()) == strip_timings(shallow[r.prompt_id].to_dict())
-    (failed,) = tpo.optimize_many(_prompts(1), policy=ScriptedPolicy(failing_late), reward=FunctionReward(hash_score),
-                                  width=2, depth=3)
+    (failed,) = tpo.optimize_many(
+        _prompts(1), policy=ScriptedPolicy(failing_late), reward=FunctionReward(hash_score), width=2, depth=3
+    )
     assert failed.status == "failed"
-    (ok,) = tpo.optimize_many(_prompts(1), policy=ScriptedPolicy(pure_reply), reward=FunctionReward(hash_score),
-                              width=2, depth=1)
+    (ok,) = tpo.optimize_many(
+        _prompts(1), policy=ScriptedPolicy(pure_reply), reward=FunctionReward(hash_score), width=2, depth=1
+    )
     assert strip_timings(first_steps(failed, 1).to_dict()) == strip_timings(ok.to_dict())
     assert first_steps(failed, 2).status == "failed"  # failed within the first two steps: so would depth 2
     with pytest.raises(ConfigError, match="no shallower depth 3"):
@@ -158,8 +173,10 @@ def test_a_sweep_batches_every_configuration_together_on_one_backend(tmp_path: P
     # Mixed batches: calls carrying requests of several widths, and of both modes' critiques.
     widths_per_call = [{r.n for r in call if r.purpose in ("sample", "update")} for call in policy.calls]
     assert max(len(w) for w in widths_per_call) == 3
-    kinds_per_call = [{"tpo" if "reply_B" in r.messages[-1].content else "revision"
-                       for r in call if r.purpose == "loss"} for call in policy.calls]
+    kinds_per_call = [
+        {"tpo" if "reply_B" in r.messages[-1].content else "revision" for r in call if r.purpose == "loss"}
+        for call in policy.calls
+    ]
     assert any(k == {"tpo", "revision"} for k in kinds_per_call)
     assert len(policy.calls) < sum(len(c) for c in policy.calls) / 10  # real batches, not one request at a time
     assert max(len(c) for c in reward.calls) > 12  # the reward's batches mix configurations too
@@ -176,9 +193,16 @@ def test_a_sweep_batches_every_configuration_together_on_one_backend(tmp_path: P
 
     # A derived configuration equals running it alone.
     alone = tmp_path / "alone.jsonl"
-    tpo.batch.runner.run_batch(read_prompts(data, id_field="id"), alone, policy=ScriptedPolicy(pure_reply),
-                               reward=FunctionReward(hash_score), config=TPOConfig(seed=1, mode="revision", width=4, depth=1))
-    got = {r.prompt_id: strip_timings(r.to_dict()) for r in load_run(tmp_path / "grid" / "revision-d1-n4.jsonl").results}
+    tpo.batch.runner.run_batch(
+        read_prompts(data, id_field="id"),
+        alone,
+        policy=ScriptedPolicy(pure_reply),
+        reward=FunctionReward(hash_score),
+        config=TPOConfig(seed=1, mode="revision", width=4, depth=1),
+    )
+    got = {
+        r.prompt_id: strip_timings(r.to_dict()) for r in load_run(tmp_path / "grid" / "revision-d1-n4.jsonl").results
+    }
     want = {r.prompt_id: strip_timings(r.to_dict()) for r in load_run(alone).results}
     for d in (*got.values(), *want.values()):
         d.pop("policy"), d.pop("reward"), d.pop("critic")  # the test's objects have other names
@@ -192,14 +216,22 @@ def test_each_configuration_has_the_fingerprint_tpo_batch_would_give_it(tmp_path
     sweep = Sweep(read_prompts(data, id_field="id"), tmp_path / "grid", entries, models=models)
     sweep.run(ScriptedPolicy(pure_reply), FunctionReward(hash_score))
     # `tpo batch` with the same options resumes the sweep's output (nothing left to do) ...
-    same = BatchRun(read_prompts(data, id_field="id"), tmp_path / "grid" / "tpo-d1-n2.jsonl",
-                    config=TPOConfig(width=2, depth=1), models=models)
+    same = BatchRun(
+        read_prompts(data, id_field="id"),
+        tmp_path / "grid" / "tpo-d1-n2.jsonl",
+        config=TPOConfig(width=2, depth=1),
+        models=models,
+    )
     same.open()
     assert same.unfinished == 0
     same.close()
     # ... and refuses other options, naming them.
-    other = BatchRun(read_prompts(data, id_field="id"), tmp_path / "grid" / "tpo-d1-n2.jsonl",
-                     config=TPOConfig(width=2, depth=1, seed=9), models=models)
+    other = BatchRun(
+        read_prompts(data, id_field="id"),
+        tmp_path / "grid" / "tpo-d1-n2.jsonl",
+        config=TPOConfig(width=2, depth=1, seed=9),
+        models=models,
+    )
     with pytest.raises(ConfigError, match=r"method\.seed: 0 → 9"):
         other.open()
 
@@ -208,8 +240,12 @@ def test_adding_a_depth_later_turns_a_run_into_a_derived_file_and_back(tmp_path:
     data = _input(tmp_path / "in.jsonl", 4)
 
     def sweep(depths: list[int]) -> Sweep:
-        s = Sweep(read_prompts(data, id_field="id"), tmp_path / "grid",
-                  plan_sweep(TPOConfig(), modes=["tpo"], widths=[2], depths=depths), models={})
+        s = Sweep(
+            read_prompts(data, id_field="id"),
+            tmp_path / "grid",
+            plan_sweep(TPOConfig(), modes=["tpo"], widths=[2], depths=depths),
+            models={},
+        )
         s.run(ScriptedPolicy(pure_reply), FunctionReward(hash_score))
         return s
 
@@ -227,8 +263,12 @@ def test_adding_a_depth_later_turns_a_run_into_a_derived_file_and_back(tmp_path:
 
 def _start(input_path: Path, folder: Path, log: Path | None) -> subprocess.Popen[bytes]:
     env = {**os.environ, "PYTHONPATH": str(HERE.parent / "src")}
-    return subprocess.Popen([sys.executable, str(DRIVER), str(input_path), str(folder), str(log or os.devnull)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, str(DRIVER), str(input_path), str(folder), str(log or os.devnull)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
 
 
 def _lines(folder: Path) -> int:
@@ -254,13 +294,20 @@ def test_kill_9_of_a_sweep_then_resume_matches_an_uninterrupted_sweep(tmp_path: 
     folder, log = tmp_path / "grid", tmp_path / "calls.tsv"
     rng = random.Random(13)
     kills = 0
-    for kind, when in [("time", rng.uniform(0.3, 0.9)), ("more", 20), ("time", rng.uniform(0.5, 1.2)), ("more", 40),
-                       ("time", rng.uniform(0.2, 0.8))]:
+    for kind, when in [
+        ("time", rng.uniform(0.3, 0.9)),
+        ("more", 20),
+        ("time", rng.uniform(0.5, 1.2)),
+        ("more", 40),
+        ("time", rng.uniform(0.2, 0.8)),
+    ]:
         before = _lines(folder)
         proc = _start(input_path, folder, log)
         started = time.monotonic()
         while proc.poll() is None and time.monotonic() - started < 30:
-            if (kind == "more" and _lines(folder) >= before + when) or (kind == "time" and time.monotonic() - started >= when):
+            if (kind == "more" and _lines(folder) >= before + when) or (
+                kind == "time" and time.monotonic() - started >= when
+            ):
                 break
             time.sleep(0.005)
         if proc.poll() is None:
@@ -277,7 +324,10 @@ def test_kill_9_of_a_sweep_then_resume_matches_an_uninterrupted_sweep(tmp_path: 
     names = [c["name"] for c in json.loads((reference / MANIFEST).read_text())["configurations"]]
     assert len(names) == 6
     for name in names:
-        want = {d["prompt_id"]: strip_timings(d) for d in map(json.loads, (reference / f"{name}.jsonl").read_text().splitlines())}
+        want = {
+            d["prompt_id"]: strip_timings(d)
+            for d in map(json.loads, (reference / f"{name}.jsonl").read_text().splitlines())
+        }
         got = [json.loads(line) for line in (folder / f"{name}.jsonl").read_text().splitlines()]
         assert len(got) == prompts and {d["prompt_id"]: strip_timings(d) for d in got} == want, name
 
@@ -314,20 +364,48 @@ def test_the_sweep_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
         return tpo.Models(ScriptedPolicy(pure_reply, batching=True), None, FunctionReward(hash_score))
 
     monkeypatch.setattr("tpo.cli.sweep.build_models", build_models)
-    args = ["sweep", str(data), "-o", str(tmp_path / "grid"), "--mode", "tpo,bon", "--width", "2,3", "--depth", "1,2",
-            "--bon-width", "4,8", "--seed", "4", "--log", "plain", "--policy", "scripted", "--policy-params", "1e9"]
+    args = [
+        "sweep",
+        str(data),
+        "-o",
+        str(tmp_path / "grid"),
+        "--mode",
+        "tpo,bon",
+        "--width",
+        "2,3",
+        "--depth",
+        "1,2",
+        "--bon-width",
+        "4,8",
+        "--seed",
+        "4",
+        "--log",
+        "plain",
+        "--policy",
+        "scripted",
+        "--policy-params",
+        "1e9",
+    ]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     assert len(built) == 1
     files = sorted(p.name for p in (tmp_path / "grid").glob("*.jsonl"))
-    assert files == ["bon-n4.jsonl", "bon-n8.jsonl", "tpo-d1-n2.jsonl", "tpo-d1-n3.jsonl", "tpo-d2-n2.jsonl",
-                     "tpo-d2-n3.jsonl"]
+    assert files == [
+        "bon-n4.jsonl",
+        "bon-n8.jsonl",
+        "tpo-d1-n2.jsonl",
+        "tpo-d1-n3.jsonl",
+        "tpo-d2-n2.jsonl",
+        "tpo-d2-n3.jsonl",
+    ]
     assert "tpo-d1-n2 (from tpo-d2-n2)" in result.output
     # --policy-params: every result estimates its FLOPs, the derived ones included.
     for name in ("tpo-d2-n2", "tpo-d1-n2", "bon-n4"):
         r = load_run(tmp_path / "grid" / f"{name}.jsonl").results[0]
         assert r.config["policy_params"] == 1e9 and r.usage.flops == pytest.approx(2e9 * r.usage.tokens, rel=0.05), name
-    assert result.output.count("prompt ids are the field 'id'") == 1  # a note about the input: once, not per configuration
+    assert (
+        result.output.count("prompt ids are the field 'id'") == 1
+    )  # a note about the input: once, not per configuration
     # Run again: everything is finished, so no model is loaded.
     again = CliRunner().invoke(cli, args)
     assert again.exit_code == 0, again.output
@@ -340,10 +418,11 @@ def test_the_sweep_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
 
 def test_the_sweep_command_refuses_a_bad_grid(tmp_path: Path) -> None:
     data = _input(tmp_path / "in.jsonl", 2)
-    r = CliRunner().invoke(cli, ["sweep", str(data), "-o", str(tmp_path / "g"), "--mode", "tpo", "--width", "2,x",
-                                 "--depth", "1"])
+    r = CliRunner().invoke(
+        cli, ["sweep", str(data), "-o", str(tmp_path / "g"), "--mode", "tpo", "--width", "2,x", "--depth", "1"]
+    )
     assert r.exit_code == 2 and "--width" in r.output and "'x'" in r.output
-    r = CliRunner().invoke(cli, ["sweep", str(data), "-o", str(tmp_path / "g"), "--mode", "tpo,dpo", "--width", "2",
-                                 "--depth", "1"])
+    r = CliRunner().invoke(
+        cli, ["sweep", str(data), "-o", str(tmp_path / "g"), "--mode", "tpo,dpo", "--width", "2", "--depth", "1"]
+    )
     assert r.exit_code == 2 and "dpo" in r.output
-

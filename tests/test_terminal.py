@@ -32,15 +32,18 @@ def invoke(*args: object) -> Result:
     return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
 
-@pytest.mark.parametrize("text, shown", [
-    ("\x1b]0;title\x07", "\\x1b]0;title\\x07"),
-    ("\x1b[2J\x1b[1;31mred", "\\x1b[2J\\x1b[1;31mred"),
-    ("progress\rdone", "progress\\rdone"),
-    ("line one\r\nline two", "line one\nline two"),
-    ("\x9b2J and \x85", "\\x9b2J and \\x85"),
-    ("tabs\tand\nnewlines stay, as does ü, é and 中文", "tabs\tand\nnewlines stay, as does ü, é and 中文"),
-    ("\x00\x7f", "\\x00\\x7f"),
-])
+@pytest.mark.parametrize(
+    "text, shown",
+    [
+        ("\x1b]0;title\x07", "\\x1b]0;title\\x07"),
+        ("\x1b[2J\x1b[1;31mred", "\\x1b[2J\\x1b[1;31mred"),
+        ("progress\rdone", "progress\\rdone"),
+        ("line one\r\nline two", "line one\nline two"),
+        ("\x9b2J and \x85", "\\x9b2J and \\x85"),
+        ("tabs\tand\nnewlines stay, as does ü, é and 中文", "tabs\tand\nnewlines stay, as does ü, é and 中文"),
+        ("\x00\x7f", "\\x00\\x7f"),
+    ],
+)
 def test_control_characters_are_written_out(text: str, shown: str) -> None:
     assert for_terminal(text) == shown
     assert not RAW_CONTROL.search(for_terminal(text))
@@ -108,8 +111,11 @@ def test_run_shows_answers_without_obeying_them_and_keeps_them_exact_in_files(mo
             return ["Rating: 7"]
         return default_reply(request)
 
-    monkeypatch.setattr(tpo.models, "policy_from_spec",
-                        lambda spec, **options: ScriptedPolicy(reply, batching=True, name=f"fake\x1b[2J{spec}"))
+    monkeypatch.setattr(
+        tpo.models,
+        "policy_from_spec",
+        lambda spec, **options: ScriptedPolicy(reply, batching=True, name=f"fake\x1b[2J{spec}"),
+    )
     shown = invoke("run", "Q", "-d", "0", "-n", "2")
     assert shown.exit_code == 0, shown.output
     assert not RAW_CONTROL.search(shown.stderr), repr(shown.stderr)

@@ -44,12 +44,17 @@ def _build_tokenizer(path: Path) -> Any:
     raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     raw.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=400,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     raw.train_from_iterator(CORPUS * 4, trainer)
     # No pad token on purpose: the backend must pad with the end-of-sequence token.
     tokenizer = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=raw, bos_token="<|bos|>", eos_token="<|eos|>",
+        tokenizer_object=raw,
+        bos_token="<|bos|>",
+        eos_token="<|eos|>",
         additional_special_tokens=SPECIALS[2:],
     )
     tokenizer.chat_template = CHAT_TEMPLATE
@@ -59,9 +64,15 @@ def _build_tokenizer(path: Path) -> Any:
 
 def _build_model(path: Path, tokenizer: Any, *, flat: bool = False) -> None:
     config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
     torch.manual_seed(1234)
     model = transformers.LlamaForCausalLM(config)
@@ -102,8 +113,17 @@ def generate_calls(policy: TransformersPolicy, monkeypatch: pytest.MonkeyPatch) 
     yield calls
 
 
-def _req(text: str, *, n: int = 1, temperature: float = 0.0, max_tokens: int = 6, seed: int | None = None,
-         logprobs: int | None = None, stop: tuple[str, ...] = (), system: str | None = None) -> GenerationRequest:
+def _req(
+    text: str,
+    *,
+    n: int = 1,
+    temperature: float = 0.0,
+    max_tokens: int = 6,
+    seed: int | None = None,
+    logprobs: int | None = None,
+    stop: tuple[str, ...] = (),
+    system: str | None = None,
+) -> GenerationRequest:
     messages = ((Message("system", system),) if system else ()) + (Message("user", text),)
     sampling = SamplingParams(temperature=temperature, top_p=0.95, max_tokens=max_tokens, seed=seed, stop=stop)
     return GenerationRequest(messages, n=n, sampling=sampling, logprobs=logprobs, purpose="sample")
@@ -188,7 +208,9 @@ def test_n_return_sequences_in_one_call(policy: TransformersPolicy, generate_cal
     assert call["temperature"] == 1.0 and call["top_p"] == 0.95 and call["max_new_tokens"] == 5
 
 
-def test_greedy_with_n_decodes_once_and_copies(policy: TransformersPolicy, generate_calls: list[dict[str, Any]]) -> None:
+def test_greedy_with_n_decodes_once_and_copies(
+    policy: TransformersPolicy, generate_calls: list[dict[str, Any]]
+) -> None:
     [gen] = _gen(policy, _req("Write a poem.", n=2, temperature=0.0))
     assert gen.texts[0] == gen.texts[1]
     [call] = generate_calls
@@ -200,8 +222,11 @@ def test_left_padding_does_not_change_greedy_output(
 ) -> None:
     target = _req("Answer the question clearly.", max_tokens=8)
     [alone] = _gen(policy, target)
-    longer = _req("Compare the chosen answer with the rejected one and explain which is better, in detail.",
-                  system="You are careful.", max_tokens=8)
+    longer = _req(
+        "Compare the chosen answer with the rejected one and explain which is better, in detail.",
+        system="You are careful.",
+        max_tokens=8,
+    )
     shorter = _req("Hi", max_tokens=8)
     batch = _gen(policy, longer, target, shorter)
     assert batch[1].texts == alone.texts
@@ -218,8 +243,9 @@ def test_left_padding_does_not_change_greedy_output(
 
 
 def test_max_new_tokens_is_honoured(policy: TransformersPolicy) -> None:
-    greedy, sampled = _gen(policy, _req("Write a poem.", max_tokens=7),
-                           _req("Write a poem.", n=2, temperature=1.0, max_tokens=4, seed=3))
+    greedy, sampled = _gen(
+        policy, _req("Write a poem.", max_tokens=7), _req("Write a poem.", n=2, temperature=1.0, max_tokens=4, seed=3)
+    )
     assert greedy.completion_tokens == 7 and greedy.finish_reasons == ("length",)
     assert sampled.completion_tokens is not None and sampled.completion_tokens <= 2 * 4
 
@@ -253,7 +279,9 @@ def test_seeds_are_reproducible_and_leave_the_global_rng_alone(policy: Transform
     assert [g.texts for g in other] != [g.texts for g in first]
 
 
-def test_count_tokens_is_the_real_input_length(policy: TransformersPolicy, generate_calls: list[dict[str, Any]]) -> None:
+def test_count_tokens_is_the_real_input_length(
+    policy: TransformersPolicy, generate_calls: list[dict[str, Any]]
+) -> None:
     messages = (Message("system", "Be brief."), Message("user", "Why is the sea salty?"))
     counted = policy.count_tokens(messages)
     # The template rendered by hand, encoded without a second set of special tokens.
@@ -310,8 +338,9 @@ def test_a_closed_backend_refuses_work(model_dir: Path) -> None:
 
 def test_one_tpo_run(policy: TransformersPolicy) -> None:
     reward = FunctionReward(lambda messages, answer: float(len(set(answer))))
-    result = tpo.optimize("Write a short poem about the sea.", policy=policy, reward=reward,
-                          width=2, depth=1, max_tokens=8, seed=3)
+    result = tpo.optimize(
+        "Write a short poem about the sea.", policy=policy, reward=reward, width=2, depth=1, max_tokens=8, seed=3
+    )
     assert result.status == "complete", result.error
     assert [s.kind for s in result.steps] == ["sample", "tpo"] or result.steps[1].fallback_to_revision
     assert result.usage.policy_calls == 4  # sample, loss, gradient, update

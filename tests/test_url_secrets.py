@@ -48,17 +48,22 @@ def request(text: str = "Hi") -> GenerationRequest:
 # ---------------------------------------------------------------------- masking
 
 
-@pytest.mark.parametrize("text, shown", [
-    (f"http://h:8000/v1?api_key={SECRET}&region=eu", "http://h:8000/v1?api_key=***&region=eu"),
-    (f"https://h/v1?key={SECRET}", "https://h/v1?key=***"),
-    (f"https://h/v1?x=1&sig={SECRET}", "https://h/v1?x=1&sig=***"),
-    (f"https://h/v1?api%5Fkey={SECRET}", "https://h/v1?api%5Fkey=***"),
-    (f"https://user:{SECRET}@h/v1", "https://user:***@h/v1"),
-    (f"https://{SECRET}@h/v1", "https://***@h/v1"),
-    (f"ConnectError: 'http://127.0.0.1:9/v1/models?token={SECRET}' refused",
-     "ConnectError: 'http://127.0.0.1:9/v1/models?token=***' refused"),
-    ("http://h:8000/v1?region=eu&max_tokens=5", "http://h:8000/v1?region=eu&max_tokens=5"),
-])
+@pytest.mark.parametrize(
+    "text, shown",
+    [
+        (f"http://h:8000/v1?api_key={SECRET}&region=eu", "http://h:8000/v1?api_key=***&region=eu"),
+        (f"https://h/v1?key={SECRET}", "https://h/v1?key=***"),
+        (f"https://h/v1?x=1&sig={SECRET}", "https://h/v1?x=1&sig=***"),
+        (f"https://h/v1?api%5Fkey={SECRET}", "https://h/v1?api%5Fkey=***"),
+        (f"https://user:{SECRET}@h/v1", "https://user:***@h/v1"),
+        (f"https://{SECRET}@h/v1", "https://***@h/v1"),
+        (
+            f"ConnectError: 'http://127.0.0.1:9/v1/models?token={SECRET}' refused",
+            "ConnectError: 'http://127.0.0.1:9/v1/models?token=***' refused",
+        ),
+        ("http://h:8000/v1?region=eu&max_tokens=5", "http://h:8000/v1?region=eu&max_tokens=5"),
+    ],
+)
 def test_credentials_in_urls_are_masked_in_any_text(text: str, shown: str) -> None:
     assert mask_secrets_in_text(text) == shown
     assert SECRET not in redact({"base_url": text})["base_url"]
@@ -97,12 +102,15 @@ def test_the_base_urls_query_goes_on_every_request_and_never_into_the_path(
     assert SECRET not in repr(policy) and "api_key=***" in repr(policy)
 
 
-@pytest.mark.parametrize("url, message", [
-    ("http://h/v1?a=1&a=2", "gives the query parameter 'a' twice"),
-    ("http://h/v1#frag", "has a #fragment"),
-    ("http://h/v1?novalue", "is not NAME=VALUE pairs"),
-    (f"http://h:port/v1?key={SECRET}", "is not a valid URL"),
-])
+@pytest.mark.parametrize(
+    "url, message",
+    [
+        ("http://h/v1?a=1&a=2", "gives the query parameter 'a' twice"),
+        ("http://h/v1#frag", "has a #fragment"),
+        ("http://h/v1?novalue", "is not NAME=VALUE pairs"),
+        (f"http://h:port/v1?key={SECRET}", "is not a valid URL"),
+    ],
+)
 def test_a_base_url_that_cannot_be_kept_whole_is_refused_clearly(url: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message) as caught:
         OpenAIPolicy("m", base_url=url)
@@ -151,8 +159,20 @@ def test_no_output_of_any_command_contains_the_key(
     rm = tmp_path / "rm.py"
     rm.write_text("def score(messages, answer):\n    return float(len(answer))\n")
     out = tmp_path / "out.jsonl"
-    model = ["--policy", "openai:m", "--base-url", base_url, "--reward", f"python:{rm}:score", "-n", 1, "-d", 0,
-             "--policy-option", "max_retries=0"]
+    model = [
+        "--policy",
+        "openai:m",
+        "--base-url",
+        base_url,
+        "--reward",
+        f"python:{rm}:score",
+        "-n",
+        1,
+        "-d",
+        0,
+        "--policy-option",
+        "max_retries=0",
+    ]
 
     batch = invoke("batch", data, "-o", out, "--id-field", "id", "--log", "plain", *model)
     assert batch.exit_code == 1, batch.output
@@ -168,8 +188,12 @@ def test_no_output_of_any_command_contains_the_key(
     assert evaluated.exit_code == 0 and report.exit_code == 0, evaluated.output + report.output
     assert single.exit_code == 1 and json.loads(single.stdout)["status"] == "failed"
     shown = {
-        "output": out.read_text(), "batch stderr": batch.output, "eval": evaluated.output, "report command": report.output,
-        "report": (tmp_path / "report.html").read_text(), "run --json": single.output,
+        "output": out.read_text(),
+        "batch stderr": batch.output,
+        "eval": evaluated.output,
+        "report command": report.output,
+        "report": (tmp_path / "report.html").read_text(),
+        "run --json": single.output,
         **{p.name: p.read_text() for p in (tmp_path / "out.jsonl.tpo").iterdir() if p.is_file()},
     }
     leaked = [name for name, text in shown.items() if SECRET in text]

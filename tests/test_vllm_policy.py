@@ -131,7 +131,10 @@ def test_missing_vllm_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize(
     "error",
-    [ModuleNotFoundError("No module named 'torch'", name="torch"), ImportError("libcudart.so.12: cannot open shared object")],
+    [
+        ModuleNotFoundError("No module named 'torch'", name="torch"),
+        ImportError("libcudart.so.12: cannot open shared object"),
+    ],
 )
 def test_a_broken_vllm_install_is_a_backend_error(monkeypatch: pytest.MonkeyPatch, error: ImportError) -> None:
     vllm_stub.break_import(monkeypatch, error)
@@ -178,8 +181,7 @@ def test_a_batch_is_one_chat_call_with_per_request_sampling(fake: Any) -> None:
     policy = VLLMPolicy.from_spec("m")
     requests = [
         _request("first question here", n=3, temperature=0.7, top_p=0.95, max_tokens=64, seed=1),
-        _request("second", n=1, system="Be terse.", temperature=0.0, top_p=1.0, max_tokens=8, seed=2,
-                 stop=("\n\n",)),
+        _request("second", n=1, system="Be terse.", temperature=0.0, top_p=1.0, max_tokens=8, seed=2, stop=("\n\n",)),
         _request("third one", n=2, temperature=1.2, top_p=0.5, max_tokens=32, seed=None, logprobs=3),
     ]
     gens = asyncio.run(policy.generate(requests))
@@ -242,9 +244,14 @@ def test_logprobs_fall_back_to_the_tokenizer_when_vllm_did_not_detokenize(fake: 
     tokenizer = fake.engines[0].get_tokenizer()
     ids = tokenizer.encode("hello world", add_special_tokens=False)
     completion = vllm_stub.CompletionOutput(
-        0, "hello world", ids, None,
-        [{ids[0]: vllm_stub.Logprob(-0.1, 1, None)}, {ids[1]: vllm_stub.Logprob(-0.2, 4, None),
-                                                        99: vllm_stub.Logprob(-0.05, 1, None)}],
+        0,
+        "hello world",
+        ids,
+        None,
+        [
+            {ids[0]: vllm_stub.Logprob(-0.1, 1, None)},
+            {ids[1]: vllm_stub.Logprob(-0.2, 4, None), 99: vllm_stub.Logprob(-0.05, 1, None)},
+        ],
         "stop",
     )
     tokens = policy._token_logprobs(completion, 1)
@@ -337,8 +344,11 @@ def test_closed_backend_refuses_work(fake: Any) -> None:
 def test_optimize_many_sends_each_step_of_every_prompt_in_one_call(fake: Any, depth: int) -> None:
     policy = VLLMPolicy.from_spec("m", max_model_len=8192)
     reward = FunctionReward(lambda messages, answer: float(len(answer)))
-    prompts: list[Any] = ["Explain tides.", "Name three primes.", [{"role": "system", "content": "Be brief."},
-                                                        {"role": "user", "content": "Why is the sky blue?"}]]
+    prompts: list[Any] = [
+        "Explain tides.",
+        "Name three primes.",
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why is the sky blue?"}],
+    ]
     results = list(tpo.optimize_many(prompts, policy=policy, reward=reward, width=3, depth=depth, max_tokens=64))
 
     assert sorted(r.prompt_id for r in results) == ["0", "1", "2"]
@@ -356,7 +366,9 @@ def test_optimize_many_sends_each_step_of_every_prompt_in_one_call(fake: Any, de
     update_params = chats[3].kwargs["sampling_params"]
     assert [p.n for p in update_params] == [3, 3, 3]
     system_first = [conv for conv in chats[0].args[0] if conv[0]["role"] == "system"]
-    assert system_first == [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why is the sky blue?"}]]
+    assert system_first == [
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why is the sky blue?"}]
+    ]
     assert all(r.usage.prompt_tokens > 0 and r.usage.completion_tokens > 0 for r in results)
 
 

@@ -126,8 +126,12 @@ def build_tokenizer(
             special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))],
         )
         kwargs = {
-            "bos_token": "[CLS]", "cls_token": "[CLS]", "sep_token": "[SEP]", "eos_token": "[SEP]",
-            "unk_token": "[UNK]", "mask_token": "[MASK]",
+            "bos_token": "[CLS]",
+            "cls_token": "[CLS]",
+            "sep_token": "[SEP]",
+            "eos_token": "[SEP]",
+            "unk_token": "[UNK]",
+            "mask_token": "[MASK]",
         }
         if with_pad is not False:
             kwargs["pad_token"] = "[PAD]"
@@ -189,8 +193,13 @@ def build_model(
         cls = Qwen3ForSequenceClassification
     elif kind == "deberta":
         config = DebertaV2Config(
-            type_vocab_size=0, relative_attention=True, position_biased_input=False,
-            pos_att_type=["p2c", "c2p"], max_relative_positions=-1, position_buckets=64, **common,
+            type_vocab_size=0,
+            relative_attention=True,
+            position_biased_input=False,
+            pos_att_type=["p2c", "c2p"],
+            max_relative_positions=-1,
+            position_buckets=64,
+            **common,
         )
         cls = DebertaV2ForSequenceClassification
     else:
@@ -260,4 +269,3 @@ def make_pairs(n: int, *, seed: int = 0, max_answer_words: int = 300) -> list[tu
         n_words = min(max_answer_words, max(2, int(rng.expovariate(1 / 80))))
         out.append((messages, _text(rng, n_words)))
     return out
-

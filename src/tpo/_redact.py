@@ -13,15 +13,49 @@ __all__ = ["is_secret_name", "mask_secrets_in_text", "mask_url", "redact", "url_
 #: Option names whose values are secrets, masked in fingerprint.json and config.json. Whole names
 #: only (lower-cased, ``-`` read as ``_``): ``max_tokens`` or ``tokenizer`` change results and must
 #: stay visible to the fingerprint.
-_SECRET_NAMES = frozenset({
-    "access_token", "api_key", "api_token", "apikey", "auth", "auth_token", "authorization", "bearer",
-    "bearer_token", "client_secret", "cookie", "credential", "credentials", "hf_token", "id_token",
-    "passphrase", "passwd", "password", "private_key", "proxy_authorization", "refresh_token", "secret",
-    "secret_key", "session_token", "token",
-})
+_SECRET_NAMES = frozenset(
+    {
+        "access_token",
+        "api_key",
+        "api_token",
+        "apikey",
+        "auth",
+        "auth_token",
+        "authorization",
+        "bearer",
+        "bearer_token",
+        "client_secret",
+        "cookie",
+        "credential",
+        "credentials",
+        "hf_token",
+        "id_token",
+        "passphrase",
+        "passwd",
+        "password",
+        "private_key",
+        "proxy_authorization",
+        "refresh_token",
+        "secret",
+        "secret_key",
+        "session_token",
+        "token",
+    }
+)
 #: Endings that make a name a secret whatever comes before (``openai_api_key``, ``db_password``).
-_SECRET_SUFFIXES = ("_api_key", "_apikey", "_api_token", "_access_token", "_auth_token", "_password",
-                    "_passwd", "_secret", "_secret_key", "_private_key", "_credentials")
+_SECRET_SUFFIXES = (
+    "_api_key",
+    "_apikey",
+    "_api_token",
+    "_access_token",
+    "_auth_token",
+    "_password",
+    "_passwd",
+    "_secret",
+    "_secret_key",
+    "_private_key",
+    "_credentials",
+)
 #: Query parameters that carry a secret in a URL even though their names are not secret-named options:
 #: ``?key=`` (Google), ``?sig=``/``?signature=`` (signed URLs, Azure SAS), ``?code=`` (Azure Functions).
 _SECRET_QUERY_NAMES = frozenset({"key", "sig", "signature", "code"})
@@ -85,7 +119,7 @@ def mask_secrets_in_text(text: str, secrets: Iterable[str] = ()) -> str:
 
 def mask_url(url: str) -> str:
     """The URL as it may be shown: its password, a lone token and key-like query values masked."""
-    return mask_secrets_in_text(url) if "://" in url else mask_secrets_in_text("http://" + url)[len("http://"):]
+    return mask_secrets_in_text(url) if "://" in url else mask_secrets_in_text("http://" + url)[len("http://") :]
 
 
 def url_secrets(url: str) -> list[str]:

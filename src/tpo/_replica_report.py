@@ -35,8 +35,10 @@ def describe_replicas(what: str, reports: list[ReplicaReport]) -> list[str]:
     total = sum(r.sequences for r in reports) or 1
     lines = []
     for r in reports:
-        line = (f"{what} replica {r.label}: {r.requests:,} requests, {r.sequences:,} sequences "
-                f"({r.sequences / total:.0%}), {r.state}")
+        line = (
+            f"{what} replica {r.label}: {r.requests:,} requests, {r.sequences:,} sequences "
+            f"({r.sequences / total:.0%}), {r.state}"
+        )
         if r.failures:
             line += f"; {r.failures} failure{'s' * (r.failures != 1)}"
             if r.last_error:

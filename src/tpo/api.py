@@ -69,8 +69,17 @@ def optimize(
 
     async def run_and_close() -> TPOResult:
         try:
-            return await aoptimize(prompt, policy=policy, reward=reward, critic=critic, config=config,
-                                   on_step=on_step, metadata=metadata, resume=resume, **options)
+            return await aoptimize(
+                prompt,
+                policy=policy,
+                reward=reward,
+                critic=critic,
+                config=config,
+                on_step=on_step,
+                metadata=metadata,
+                resume=resume,
+                **options,
+            )
         finally:
             await aclose_per_loop(policy, critic, reward)
 
@@ -131,7 +140,9 @@ def optimize_many(
     # Checked at the call, not at the first next(): a mistake shows where it was made.
     _no_running_loop("optimize_many", "aoptimize_many")
     resolved = _config(config, options)
-    agen = aoptimize_many(prompts, policy=policy, reward=reward, critic=critic, config=resolved, on_step=on_step, resume=resume)
+    agen = aoptimize_many(
+        prompts, policy=policy, reward=reward, critic=critic, config=resolved, on_step=on_step, resume=resume
+    )
     return _drive(agen, (policy, critic, reward))
 
 

@@ -87,4 +87,3 @@ class TPOConfig:
         if prompts is not None:
             config = replace(config, prompts=PromptSet(**prompts))
         return config
-

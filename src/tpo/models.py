@@ -120,8 +120,17 @@ def build_models(
     built: list[Any] = []
     try:
         return _assemble(
-            policy, critic, specs, dict(policy_options or {}), dict(critic_options or {}), dict(reward_options or {}),
-            reward_weights, reward_normalize, prefer, server, built,
+            policy,
+            critic,
+            specs,
+            dict(policy_options or {}),
+            dict(critic_options or {}),
+            dict(reward_options or {}),
+            reward_weights,
+            reward_normalize,
+            prefer,
+            server,
+            built,
         )
     except BaseException:
         # A part that failed to build must not leave the ones built before it open.
@@ -186,7 +195,9 @@ def _assemble(
         return Models(policy, critic, rewards[0])
     from .rewards.combine import WeightedReward  # only needed for several rewards
 
-    return Models(policy, critic, WeightedReward(rewards, weights=list(weights) if weights else None, normalize=normalize))
+    return Models(
+        policy, critic, WeightedReward(rewards, weights=list(weights) if weights else None, normalize=normalize)
+    )
 
 
 def _policy(spec: str, options: dict[str, Any], server: Mapping[str, Any]) -> PolicyBackend:

@@ -330,8 +330,16 @@ def describe_options(cls: type) -> tuple[OptionInfo, ...]:
     for f in dataclasses.fields(cls):
         check = f.metadata.get(_CHECK)
         if check is not None:
-            out.append(OptionInfo(f.name, check.kind, check.constraint, f.default, f.metadata.get(_HELP, ""),
-                                  f.metadata.get(_AFFECTS_RESULTS, True)))
+            out.append(
+                OptionInfo(
+                    f.name,
+                    check.kind,
+                    check.constraint,
+                    f.default,
+                    f.metadata.get(_HELP, ""),
+                    f.metadata.get(_AFFECTS_RESULTS, True),
+                )
+            )
     return tuple(out)
 
 

@@ -145,7 +145,7 @@ def list_plugins(group: str) -> list[PluginInfo]:
         except Exception as e:  # a broken plugin must not break the listing
             out.append(PluginInfo(name, group, ep.value, "", {}, error=f"{type(e).__name__}: {e}"))
             continue
-        doc = (getattr(cls, "description", None) or (cls.__doc__ or "").strip().splitlines() or [""])
+        doc = getattr(cls, "description", None) or (cls.__doc__ or "").strip().splitlines() or [""]
         description = doc if isinstance(doc, str) else doc[0]
         caps = {c: getattr(cls, c) for c in _CAPABILITIES if hasattr(cls, c)}
         out.append(PluginInfo(name, group, ep.value, description, caps, options=_declared_options(cls)))

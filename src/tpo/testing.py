@@ -206,7 +206,9 @@ class FunctionReward:
                 return [Score.failed(f"{type(e).__name__}: {e}")] * len(requests)
             values = list(values)
             if len(values) != len(requests):
-                return [Score.failed(f"the function returned {len(values)} scores for {len(requests)} answers")] * len(requests)
+                return [Score.failed(f"the function returned {len(values)} scores for {len(requests)} answers")] * len(
+                    requests
+                )
             return [_to_score(v) for v in values]
         out = []
         for r in requests:

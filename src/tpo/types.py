@@ -41,7 +41,9 @@ class Message:
 PromptLike = Union[str, Sequence[Mapping[str, Any]], Sequence[Message], "Prompt"]
 
 
-def to_messages(value: str | Sequence[Mapping[str, Any]] | Sequence[Message], *, where: str = "prompt") -> tuple[Message, ...]:
+def to_messages(
+    value: str | Sequence[Mapping[str, Any]] | Sequence[Message], *, where: str = "prompt"
+) -> tuple[Message, ...]:
     """Normalise a plain string or an OpenAI-style list of messages into a validated conversation.
 
     The conversation must end with a user turn; a system turn may only come first.
@@ -51,9 +53,7 @@ def to_messages(value: str | Sequence[Mapping[str, Any]] | Sequence[Message], *,
             raise InputError(f"{where}: the prompt is empty")
         return (Message("user", value),)
     if isinstance(value, Mapping) or not isinstance(value, Iterable):
-        raise InputError(
-            f"{where}: expected a string or a list of messages, got {type(value).__name__}"
-        )
+        raise InputError(f"{where}: expected a string or a list of messages, got {type(value).__name__}")
     out: list[Message] = []
     for i, item in enumerate(value):
         if isinstance(item, Message):
@@ -61,9 +61,7 @@ def to_messages(value: str | Sequence[Mapping[str, Any]] | Sequence[Message], *,
         elif isinstance(item, Mapping):
             role, content = item.get("role"), item.get("content")
             if role not in _ROLES:
-                raise InputError(
-                    f"{where}: message {i} has role {role!r}; expected one of {', '.join(_ROLES)}"
-                )
+                raise InputError(f"{where}: message {i} has role {role!r}; expected one of {', '.join(_ROLES)}")
             if isinstance(content, list):  # OpenAI content parts: keep the text parts
                 parts = [p.get("text", "") for p in content if isinstance(p, Mapping) and p.get("type") == "text"]
                 if len(parts) != len(content):

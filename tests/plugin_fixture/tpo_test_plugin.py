@@ -35,7 +35,9 @@ def reply(request: GenerationRequest) -> list[str]:
         return [f"Critique of step {request.step} [{key}]"]
     if request.purpose == "gradient":
         return [f"Advice for step {request.step} [{key}]"]
-    return [f"<{TAG}>Rewrite {i} at step {request.step} of {request.prompt_id} [{key}]</{TAG}>" for i in range(request.n)]
+    return [
+        f"<{TAG}>Rewrite {i} at step {request.step} of {request.prompt_id} [{key}]</{TAG}>" for i in range(request.n)
+    ]
 
 
 class ScriptedBackend(ScriptedPolicy):

@@ -90,12 +90,22 @@ def completion(
         if logprobs is not None:
             choice["logprobs"] = logprobs[i]
         choices.append(choice)
-    body: dict[str, Any] = {"id": "chatcmpl-fake", "object": "chat.completion", "created": 0, "model": model, "choices": choices}
-    body["usage"] = dict(usage) if usage is not None else {
-        "prompt_tokens": 10,
-        "completion_tokens": 3 * len(texts),
-        "total_tokens": 10 + 3 * len(texts),
+    body: dict[str, Any] = {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion",
+        "created": 0,
+        "model": model,
+        "choices": choices,
     }
+    body["usage"] = (
+        dict(usage)
+        if usage is not None
+        else {
+            "prompt_tokens": 10,
+            "completion_tokens": 3 * len(texts),
+            "total_tokens": 10 + 3 * len(texts),
+        }
+    )
     return body
 
 
@@ -156,8 +166,15 @@ class FakeOpenAIServer:
         except ValueError:
             payload = raw.decode("utf-8", "replace")
         with self._lock:
-            call = Call(len(self.calls), request.method, request.url.path, dict(request.headers), payload,
-                        time.monotonic(), query=request.url.query)
+            call = Call(
+                len(self.calls),
+                request.method,
+                request.url.path,
+                dict(request.headers),
+                payload,
+                time.monotonic(),
+                query=request.url.query,
+            )
             self.calls.append(call)
         if call.path in self.routes:
             reply = self.routes[call.path]

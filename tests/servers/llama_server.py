@@ -47,13 +47,20 @@ class LlamaServer:
 
     def start(self, timeout_s: float = 180.0) -> LlamaServer:
         args = [
-            sys.executable, __file__,
-            "--model", str(self.model),
-            "--model_alias", MODEL_ALIAS,
-            "--host", "127.0.0.1",
-            "--port", str(self.port),
-            "--n_ctx", str(self.n_ctx),
-            "--verbose", "False",
+            sys.executable,
+            __file__,
+            "--model",
+            str(self.model),
+            "--model_alias",
+            MODEL_ALIAS,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--n_ctx",
+            str(self.n_ctx),
+            "--verbose",
+            "False",
         ]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env.pop("CONFIG_FILE", None)

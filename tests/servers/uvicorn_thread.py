@@ -51,8 +51,14 @@ class UvicornThread:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", 0))
         self._socket = sock
-        config = uvicorn.Config(self.app, log_level="warning", lifespan=self._lifespan, access_log=False,
-                                backlog=1024, timeout_graceful_shutdown=1)
+        config = uvicorn.Config(
+            self.app,
+            log_level="warning",
+            lifespan=self._lifespan,
+            access_log=False,
+            backlog=1024,
+            timeout_graceful_shutdown=1,
+        )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()

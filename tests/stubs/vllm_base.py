@@ -60,8 +60,14 @@ class FakeTokenizer:
         add_generation_prompt: bool = False,
         **kwargs: Any,
     ) -> Any:
-        self.template_calls.append({"conversation": [dict(m) for m in conversation], "tokenize": tokenize,
-                                    "add_generation_prompt": add_generation_prompt, **kwargs})
+        self.template_calls.append(
+            {
+                "conversation": [dict(m) for m in conversation],
+                "tokenize": tokenize,
+                "add_generation_prompt": add_generation_prompt,
+                **kwargs,
+            }
+        )
         parts = ["<bos>"] if self.bos_in_template else []
         for m in conversation:
             if set(m) - {"role", "content"} or not isinstance(m.get("content"), str):

@@ -139,8 +139,19 @@ def _make_classes(state: FakeVLLM) -> dict[str, Any]:
 
     PoolingParams = make_dataclass("PoolingParams", [(n, Any, field(default=None)) for n in pp_fields], kw_only=True)
     PoolerConfig = make_dataclass("PoolerConfig", [(n, Any, field(default=None)) for n in pooler_fields], kw_only=True)
-    common = {"model", "tokenizer", "trust_remote_code", "tensor_parallel_size", "dtype", "seed",
-              "gpu_memory_utilization", "max_model_len", "enforce_eager", "max_num_seqs", "disable_log_stats"}
+    common = {
+        "model",
+        "tokenizer",
+        "trust_remote_code",
+        "tensor_parallel_size",
+        "dtype",
+        "seed",
+        "gpu_memory_utilization",
+        "max_model_len",
+        "enforce_eager",
+        "max_num_seqs",
+        "disable_log_stats",
+    }
     EngineArgs = make_dataclass("EngineArgs", [(n, Any, field(default=None)) for n in sorted(common | engine_names)])
 
     class LLM:
@@ -207,23 +218,37 @@ def _make_classes(state: FakeVLLM) -> dict[str, Any]:
                 on = self._activation_on(method, pooling_params)
                 if method == "classify":
                     values = state.logits(self, ids)
-                    out.append(ClassificationRequestOutput(str(i), ClassificationOutput(_activate(values) if on else values), ids))
+                    out.append(
+                        ClassificationRequestOutput(
+                            str(i), ClassificationOutput(_activate(values) if on else values), ids
+                        )
+                    )
                 else:
                     rows = [state.logits(self, ids[: t + 1]) for t in range(len(ids))]
                     rows = [_activate(r) if on else r for r in rows]
                     out.append(PoolingRequestOutput(str(i), PoolingOutput(FakeTensor(rows)), ids))
             return out
 
-        def classify(self, prompts: Any, /, *, pooling_params: Any = None, use_tqdm: Any = True,
-                     lora_request: Any = None) -> list[Any]:
+        def classify(
+            self, prompts: Any, /, *, pooling_params: Any = None, use_tqdm: Any = True, lora_request: Any = None
+        ) -> list[Any]:
             return self._run("classify", prompts, pooling_params, use_tqdm)
 
-        def _reward_0_8(self, prompts: Any, /, *, truncate_prompt_tokens: Any = None, use_tqdm: Any = True,
-                        lora_request: Any = None) -> list[Any]:
+        def _reward_0_8(
+            self, prompts: Any, /, *, truncate_prompt_tokens: Any = None, use_tqdm: Any = True, lora_request: Any = None
+        ) -> list[Any]:
             return self._run("reward", prompts, None, use_tqdm)
 
-        def _reward(self, prompts: Any, /, *, pooling_params: Any = None, truncate_prompt_tokens: Any = None,
-                    use_tqdm: Any = True, lora_request: Any = None) -> list[Any]:
+        def _reward(
+            self,
+            prompts: Any,
+            /,
+            *,
+            pooling_params: Any = None,
+            truncate_prompt_tokens: Any = None,
+            use_tqdm: Any = True,
+            lora_request: Any = None,
+        ) -> list[Any]:
             return self._run("reward", prompts, pooling_params, use_tqdm)
 
         # 0.8's LLM.reward takes no pooling parameters: passing them is a TypeError there.
@@ -247,13 +272,20 @@ def install(
         raise ValueError(f"version must be one of {VERSIONS}")
     module = types.ModuleType("vllm", "A test stand-in for vllm's pooling API (tests/stubs/vllm_reward_stub.py).")
     state = FakeVLLM(
-        module, version, num_labels, max_model_len, bonus or (lambda answer: 0.0),
+        module,
+        version,
+        num_labels,
+        max_model_len,
+        bonus or (lambda answer: 0.0),
         {"bos_in_template": bos_in_template, "bos_token_id": bos_token_id},
     )
     classes = _make_classes(state)
     version_name = {"current": "0.12.0+stub", "0.10": "0.10.1+stub", "0.8": "0.8.5+stub"}[version]
     exported = {name: classes[name] for name in ("LLM", "PoolingParams", "EngineArgs")}
-    install_module(monkeypatch, module, {**exported, "__version__": version_name},
-                   {"config": {"PoolerConfig": classes["PoolerConfig"]}})
+    install_module(
+        monkeypatch,
+        module,
+        {**exported, "__version__": version_name},
+        {"config": {"PoolerConfig": classes["PoolerConfig"]}},
+    )
     return state
-

@@ -78,18 +78,63 @@ __all__ = [
 #: Names vLLM's ``LLM``/``EngineArgs`` accept (a representative subset of the real, much longer list).
 KNOWN_ENGINE_ARGS = frozenset(
     {
-        "model", "runner", "convert", "task", "tokenizer", "tokenizer_mode", "skip_tokenizer_init",
-        "trust_remote_code", "allowed_local_media_path", "allowed_media_domains", "tensor_parallel_size",
-        "pipeline_parallel_size", "data_parallel_size", "dtype", "quantization", "revision",
-        "tokenizer_revision", "seed", "gpu_memory_utilization", "kv_cache_memory_bytes", "swap_space",
-        "cpu_offload_gb", "enforce_eager", "disable_custom_all_reduce", "hf_token", "hf_overrides",
-        "mm_processor_kwargs", "pooler_config", "override_pooler_config", "compilation_config",
-        "structured_outputs_config", "attention_config", "logits_processors", "max_model_len",
-        "enable_prefix_caching", "max_num_seqs", "max_num_batched_tokens", "enable_chunked_prefill",
-        "kv_cache_dtype", "block_size", "max_logprobs", "logprobs_mode", "load_format", "download_dir",
-        "distributed_executor_backend", "disable_log_stats", "generation_config", "served_model_name",
-        "max_seq_len_to_capture", "enable_lora", "max_lora_rank", "max_loras", "speculative_config",
-        "limit_mm_per_prompt", "worker_cls", "num_gpu_blocks_override", "calculate_kv_scales",
+        "model",
+        "runner",
+        "convert",
+        "task",
+        "tokenizer",
+        "tokenizer_mode",
+        "skip_tokenizer_init",
+        "trust_remote_code",
+        "allowed_local_media_path",
+        "allowed_media_domains",
+        "tensor_parallel_size",
+        "pipeline_parallel_size",
+        "data_parallel_size",
+        "dtype",
+        "quantization",
+        "revision",
+        "tokenizer_revision",
+        "seed",
+        "gpu_memory_utilization",
+        "kv_cache_memory_bytes",
+        "swap_space",
+        "cpu_offload_gb",
+        "enforce_eager",
+        "disable_custom_all_reduce",
+        "hf_token",
+        "hf_overrides",
+        "mm_processor_kwargs",
+        "pooler_config",
+        "override_pooler_config",
+        "compilation_config",
+        "structured_outputs_config",
+        "attention_config",
+        "logits_processors",
+        "max_model_len",
+        "enable_prefix_caching",
+        "max_num_seqs",
+        "max_num_batched_tokens",
+        "enable_chunked_prefill",
+        "kv_cache_dtype",
+        "block_size",
+        "max_logprobs",
+        "logprobs_mode",
+        "load_format",
+        "download_dir",
+        "distributed_executor_backend",
+        "disable_log_stats",
+        "generation_config",
+        "served_model_name",
+        "max_seq_len_to_capture",
+        "enable_lora",
+        "max_lora_rank",
+        "max_loras",
+        "speculative_config",
+        "limit_mm_per_prompt",
+        "worker_cls",
+        "num_gpu_blocks_override",
+        "calculate_kv_scales",
     }
 )
 
@@ -384,7 +429,9 @@ def _make_llm_class(state: FakeVLLM) -> type:
                     raise TypeError(f"expected SamplingParams, got {type(p).__name__}")
             return params
 
-        def _complete(self, prompt_text: str, conversation: list[dict[str, Any]], params: SamplingParams) -> RequestOutput:
+        def _complete(
+            self, prompt_text: str, conversation: list[dict[str, Any]], params: SamplingParams
+        ) -> RequestOutput:
             prompt_ids = self._tokenizer.encode(prompt_text, add_special_tokens=False)
             outputs = []
             for i in range(params.n):
@@ -396,7 +443,9 @@ def _make_llm_class(state: FakeVLLM) -> type:
                     ids, finish = ids[:limit], "length"
                     text = self._tokenizer.decode(ids)
                 logprobs = self._logprobs(ids, params.logprobs) if params.logprobs is not None else None
-                cumulative = sum(pos[t].logprob for pos, t in zip(logprobs, ids, strict=True)) if logprobs is not None else None
+                cumulative = (
+                    sum(pos[t].logprob for pos, t in zip(logprobs, ids, strict=True)) if logprobs is not None else None
+                )
                 outputs.append(CompletionOutput(i, text, ids, cumulative, logprobs, finish))
             request_id = str(self._next_request)
             self._next_request += 1
@@ -426,8 +475,15 @@ def _make_llm_class(state: FakeVLLM) -> type:
             lora_request: Any = None,
             tokenization_kwargs: dict[str, Any] | None = None,
         ) -> list[PoolingRequestOutput]:
-            self._record("reward", (prompts,), {"pooling_params": pooling_params, "use_tqdm": use_tqdm,
-                                                 "truncate_prompt_tokens": truncate_prompt_tokens})
+            self._record(
+                "reward",
+                (prompts,),
+                {
+                    "pooling_params": pooling_params,
+                    "use_tqdm": use_tqdm,
+                    "truncate_prompt_tokens": truncate_prompt_tokens,
+                },
+            )
             return self._pool(prompts, lambda v: PoolingOutput(_tensor(v)), PoolingRequestOutput)
 
         def classify(
@@ -536,13 +592,23 @@ def install(
         "__version__": "0.11.0+stub",
     }
     submodules = {
-        "outputs": (RequestOutput, CompletionOutput, PoolingOutput, PoolingRequestOutput, EmbeddingOutput,
-                    EmbeddingRequestOutput, ClassificationOutput, ClassificationRequestOutput, ScoringOutput,
-                    ScoringRequestOutput),
+        "outputs": (
+            RequestOutput,
+            CompletionOutput,
+            PoolingOutput,
+            PoolingRequestOutput,
+            EmbeddingOutput,
+            EmbeddingRequestOutput,
+            ClassificationOutput,
+            ClassificationRequestOutput,
+            ScoringOutput,
+            ScoringRequestOutput,
+        ),
         "sampling_params": (SamplingParams,),
         "pooling_params": (PoolingParams,),
         "logprobs": (Logprob,),
     }
-    install_module(monkeypatch, module, exported, {sub: {c.__name__: c for c in classes}
-                                                   for sub, classes in submodules.items()})
+    install_module(
+        monkeypatch, module, exported, {sub: {c.__name__: c for c in classes} for sub, classes in submodules.items()}
+    )
     return state

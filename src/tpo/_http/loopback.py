@@ -36,7 +36,8 @@ def is_loopback_host(host: str | None) -> bool:
 def exempt_from_guard(url: str, transport: object | None = None) -> bool:
     """Whether requests to ``url`` through ``transport`` (None: the network) skip the guard."""
     if transport is not None and any(
-        cls.__name__ == "MockTransport" and cls.__module__.split(".")[0] in ("httpx", "httpx2") for cls in type(transport).__mro__
+        cls.__name__ == "MockTransport" and cls.__module__.split(".")[0] in ("httpx", "httpx2")
+        for cls in type(transport).__mro__
     ):
         return True
     try:

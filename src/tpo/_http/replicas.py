@@ -67,8 +67,10 @@ def split_urls(value: str | Sequence[str], *, what: str) -> list[str]:
         raise ConfigError(f"{what} is empty; give at least one URL")
     repeated = sorted({u for u in urls if urls.count(u) > 1})
     if repeated:
-        raise ConfigError(f"{what} gives {repeated[0]!r} more than once; give each server once "
-                          "(and raise its concurrency for more requests in flight)")
+        raise ConfigError(
+            f"{what} gives {repeated[0]!r} more than once; give each server once "
+            "(and raise its concurrency for more requests in flight)"
+        )
     return urls
 
 
@@ -145,8 +147,9 @@ class ReplicaPool(Generic[B]):
         self._cool_off_s = cool_off_s
         self._max_cool_off_s = max_cool_off_s
         self._clock = clock
-        self.replicas: list[_Replica[B]] = [_Replica(label, backend, cool_off_s=cool_off_s)
-                                            for label, backend in replicas]
+        self.replicas: list[_Replica[B]] = [
+            _Replica(label, backend, cool_off_s=cool_off_s) for label, backend in replicas
+        ]
         for rep in self.replicas:
             rep.backend.on_attempt = functools.partial(self._on_attempt, rep)  # type: ignore[attr-defined]
 
@@ -157,8 +160,9 @@ class ReplicaPool(Generic[B]):
 
     # ------------------------------------------------------------------ calls
 
-    async def call(self, sequences: int, fn: Callable[[B], Awaitable[R]],
-                   failed: Callable[[R], bool] = lambda _: False) -> R:
+    async def call(
+        self, sequences: int, fn: Callable[[B], Awaitable[R]], failed: Callable[[R], bool] = lambda _: False
+    ) -> R:
         """``fn(backend)`` at the least busy replica, re-sent to another when that replica fails.
 
         ``sequences`` is what the call holds of a replica's capacity (``n`` for a generation).
@@ -232,8 +236,9 @@ class ReplicaPool(Generic[B]):
     def reports(self) -> list[ReplicaReport]:
         """Each replica's share of the work so far, and its state."""
         return [
-            ReplicaReport(rep.label, "up" if rep.up else "cooling off", rep.requests, rep.sequences, rep.failures,
-                          rep.last_error)
+            ReplicaReport(
+                rep.label, "up" if rep.up else "cooling off", rep.requests, rep.sequences, rep.failures, rep.last_error
+            )
             for rep in self.replicas
         ]
 
@@ -282,8 +287,11 @@ class ReplicaPool(Generic[B]):
     def _start_due_probes(self) -> None:
         now = self._clock()
         for rep in self.replicas:
-            if not rep.up and rep.cooling_until is not None and rep.cooling_until <= now and (
-                rep.probe is None or rep.probe.done()
+            if (
+                not rep.up
+                and rep.cooling_until is not None
+                and rep.cooling_until <= now
+                and (rep.probe is None or rep.probe.done())
             ):
                 rep.probe = asyncio.ensure_future(self._probe(rep))
 
@@ -329,6 +337,7 @@ class ReplicatedPolicy:
 
     async def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
         """One ``Generation`` per request, each from the least busy replica."""
+
         async def one(request: GenerationRequest) -> Generation:
             out: list[Generation] = await self.pool.call(max(1, request.n), lambda b: b.generate([request]))
             return out[0]
@@ -424,4 +433,3 @@ async def _aclose_all(backends: Sequence[Any]) -> None:
             errors.append(e)
     if errors:
         raise errors[0]
-

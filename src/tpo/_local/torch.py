@@ -36,9 +36,14 @@ _DEVICE = re.compile(r"auto|cpu|mps|cuda(?::\d+)?")
 
 _DTYPE_ALIASES = {
     "auto": "auto",
-    "float32": "float32", "fp32": "float32", "float": "float32",
-    "bfloat16": "bfloat16", "bf16": "bfloat16",
-    "float16": "float16", "fp16": "float16", "half": "float16",
+    "float32": "float32",
+    "fp32": "float32",
+    "float": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
 }
 
 #: ``from_pretrained`` takes ``dtype`` from this Transformers release on; before it only ``torch_dtype``.
@@ -89,8 +94,7 @@ def resolve_device(torch: Any, value: Any, *, owner: str) -> Any:
         count = torch.cuda.device_count()
         if device.index is not None and device.index >= count:
             raise ConfigError(
-                f"{owner}: device {name!r} was asked for, but torch sees {count} CUDA GPU(s), "
-                f"numbered 0 to {count - 1}"
+                f"{owner}: device {name!r} was asked for, but torch sees {count} CUDA GPU(s), numbered 0 to {count - 1}"
             )
     if device.type == "mps" and not _has_mps(torch):
         raise ConfigError(f"{owner}: device 'mps' was asked for, but this torch has no MPS (Apple GPU) support here")

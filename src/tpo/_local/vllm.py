@@ -34,6 +34,7 @@ class EngineOptions(PluginOptions):
     trust_remote_code: bool | None = option(None, flag(), "run the model repository's own code")
     engine_args: Mapping[str, Any] | None = option(None, mapping(), 'more vllm.EngineArgs, e.g. {"max_num_seqs": 256}')
 
+
 #: Options handed to ``vllm.LLM`` under their own name, when a plugin takes them and they are set.
 _ENGINE_ARG_NAMES = (
     "tensor_parallel_size",

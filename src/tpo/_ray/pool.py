@@ -58,20 +58,39 @@ class RayOptions(PluginOptions):
     owner: ClassVar[str] = "ray"
 
     replicas: int = option(1, integer(min=1), "actors, each holding its own copy of the model", affects_results=False)
-    num_gpus: float = option(0.0, number(0), "GPUs each replica reserves (e.g. its tensor_parallel_size)",
-                             affects_results=False)
-    num_cpus: float | None = option(None, number(0), "CPUs each replica reserves (default: Ray's, none held)",
-                                    affects_results=False)
-    max_restarts: int = option(3, integer(min=-1), "times Ray restarts a replica that died (-1: no limit)",
-                               affects_results=False)
-    runtime_env: Mapping[str, Any] | None = option(None, mapping(), "Ray runtime environment of the replicas "
-                                                   "(env_vars, pip, working_dir, ...)", affects_results=False)
-    ray_address: str | None = option(None, string(), "the Ray cluster to join: auto, HOST:PORT or ray://HOST:10001 "
-                                     "(default: RAY_ADDRESS, else a local instance)", affects_results=False)
-    start_timeout_s: float = option(1800.0, number(0, min_open=True), "seconds the replicas may take to be placed "
-                                    "and build their model", affects_results=False)
-    restart_timeout_s: float = option(900.0, number(0, min_open=True), "seconds to wait for a restarting replica "
-                                      "when no other is left", affects_results=False)
+    num_gpus: float = option(
+        0.0, number(0), "GPUs each replica reserves (e.g. its tensor_parallel_size)", affects_results=False
+    )
+    num_cpus: float | None = option(
+        None, number(0), "CPUs each replica reserves (default: Ray's, none held)", affects_results=False
+    )
+    max_restarts: int = option(
+        3, integer(min=-1), "times Ray restarts a replica that died (-1: no limit)", affects_results=False
+    )
+    runtime_env: Mapping[str, Any] | None = option(
+        None,
+        mapping(),
+        "Ray runtime environment of the replicas (env_vars, pip, working_dir, ...)",
+        affects_results=False,
+    )
+    ray_address: str | None = option(
+        None,
+        string(),
+        "the Ray cluster to join: auto, HOST:PORT or ray://HOST:10001 (default: RAY_ADDRESS, else a local instance)",
+        affects_results=False,
+    )
+    start_timeout_s: float = option(
+        1800.0,
+        number(0, min_open=True),
+        "seconds the replicas may take to be placed and build their model",
+        affects_results=False,
+    )
+    restart_timeout_s: float = option(
+        900.0,
+        number(0, min_open=True),
+        "seconds to wait for a restarting replica when no other is left",
+        affects_results=False,
+    )
 
 
 def split_ray_options(options: Mapping[str, Any]) -> tuple[RayOptions, dict[str, Any]]:
@@ -138,8 +157,9 @@ class _Replica:
 class ActorPool:
     """Replicas of one model as Ray actors; see the module docstring. Built by ``ActorPool.start``."""
 
-    def __init__(self, ray: Any, kind: Kind, spec: str, options: RayOptions, replicas: list[_Replica],
-                 info: Mapping[str, Any]) -> None:
+    def __init__(
+        self, ray: Any, kind: Kind, spec: str, options: RayOptions, replicas: list[_Replica], info: Mapping[str, Any]
+    ) -> None:
         self._ray = ray
         self.kind = kind
         self.spec = spec
@@ -168,15 +188,18 @@ class ActorPool:
             for actor in actors:
                 ray.kill(actor, no_restart=True)
             raise
-        replicas = [_Replica(i, actor, str(d["host"]), int(d["pid"]))
-                    for i, (actor, d) in enumerate(zip(actors, infos, strict=True))]
+        replicas = [
+            _Replica(i, actor, str(d["host"]), int(d["pid"]))
+            for i, (actor, d) in enumerate(zip(actors, infos, strict=True))
+        ]
         windows = [d["context_window"] for d in infos if d.get("context_window")]
         return cls(ray, kind, spec, ray_opts, replicas, {**infos[0], "context_window": min(windows, default=None)})
 
     # ------------------------------------------------------------------ calls
 
-    async def run_batch(self, method: str, items: Sequence[Any], costs: Sequence[float],
-                        sequences: Callable[[Any], int]) -> list[Any]:
+    async def run_batch(
+        self, method: str, items: Sequence[Any], costs: Sequence[float], sequences: Callable[[Any], int]
+    ) -> list[Any]:
         """``method`` over ``items``, spread over the replicas in chunks; results in order."""
         if not items:
             return []
@@ -342,8 +365,9 @@ class ActorPool:
             await asyncio.wait([rep.probe for rep in restarting if rep.probe is not None], timeout=PROBE_INTERVAL_S)
 
     def _none_left(self) -> str:
-        lines = "; ".join(f"replica {rep.label}: {rep.state}, last error: {rep.last_error or 'none'}"
-                          for rep in self._replicas)
+        lines = "; ".join(
+            f"replica {rep.label}: {rep.state}, last error: {rep.last_error or 'none'}" for rep in self._replicas
+        )
         return f"ray: no replica of {self.spec} is left ({lines})"
 
     async def _close_one(self, rep: _Replica) -> None:
@@ -446,8 +470,10 @@ def _wait_built(ray: Any, actors: list[Any], timeout_s: float, kind: Kind, spec:
             cause = getattr(e, "cause", None)
             if isinstance(cause, TPOError):
                 raise cause from None
-            raise error(f"ray: replica {i + 1} of {len(refs)} cannot build {spec}: "
-                        f"{type(cause).__name__ if cause else 'error'}: {cause or _first_line(e)}") from e
+            raise error(
+                f"ray: replica {i + 1} of {len(refs)} cannot build {spec}: "
+                f"{type(cause).__name__ if cause else 'error'}: {cause or _first_line(e)}"
+            ) from e
         except ray.exceptions.RayError as e:
             raise error(f"ray: replica {i + 1} of {len(refs)} of {spec} died while starting: {_first_line(e)}") from e
     if waiting:

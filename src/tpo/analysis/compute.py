@@ -72,7 +72,9 @@ def expected_best_of(scores: Sequence[float], n: int) -> float:
     return math.fsum(s * (math.comb(i, n - 1) / total) for i, s in enumerate(ordered) if i >= n - 1)
 
 
-def best_of_outcome(scores: Sequence[float], n: int, value: float, *, tie_eps: float = 0.0) -> tuple[float, float, float]:
+def best_of_outcome(
+    scores: Sequence[float], n: int, value: float, *, tie_eps: float = 0.0
+) -> tuple[float, float, float]:
     """``(P(win), P(tie), P(loss))`` of ``value`` against the best of ``n`` of ``scores`` drawn without replacement.
 
     A win is ``value - best > tie_eps``, a loss ``best - value > tie_eps``, else a tie.
@@ -121,10 +123,16 @@ def best_of_prompts(results: Sequence[TPOResult]) -> list[BestOfPrompt]:
             continue
         u = first.usage
         per = max(u.sequences, 1)
-        out.append(BestOfPrompt(
-            r.prompt_id, tuple(scores), float(u.prompt_tokens), u.prompt_flops, u.completion_tokens / per,
-            u.completion_flops / per if u.completion_flops is not None else None,
-        ))
+        out.append(
+            BestOfPrompt(
+                r.prompt_id,
+                tuple(scores),
+                float(u.prompt_tokens),
+                u.prompt_flops,
+                u.completion_tokens / per,
+                u.completion_flops / per if u.completion_flops is not None else None,
+            )
+        )
     return out
 
 
@@ -199,24 +207,37 @@ def best_of_curve(run: Run, ns: Sequence[int] | None = None) -> tuple[ComputePoi
             raise InputError(f"best-of-{n}: n must be at least 1")
         used = [p for p in prompts if len(p.scores) >= n]
         rewards = [expected_best_of(p.scores, n) for p in used]
-        flops = [p.prompt_flops + n * p.sample_flops for p in used
-                 if p.prompt_flops is not None and p.sample_flops is not None]
-        out.append(ComputePoint(
-            label=f"BoN-{n}", step=None, n=n, prompts=len(used),
-            reward=statistics.fmean(rewards) if rewards else None,
-            generated_tokens=statistics.fmean(n * p.sample_tokens for p in used) if used else None,
-            tokens=statistics.fmean(p.prompt_tokens + n * p.sample_tokens for p in used) if used else None,
-            flops=statistics.fmean(flops) if used and len(flops) == len(used) else None,
-            sequences=float(n),
-        ))
+        flops = [
+            p.prompt_flops + n * p.sample_flops
+            for p in used
+            if p.prompt_flops is not None and p.sample_flops is not None
+        ]
+        out.append(
+            ComputePoint(
+                label=f"BoN-{n}",
+                step=None,
+                n=n,
+                prompts=len(used),
+                reward=statistics.fmean(rewards) if rewards else None,
+                generated_tokens=statistics.fmean(n * p.sample_tokens for p in used) if used else None,
+                tokens=statistics.fmean(p.prompt_tokens + n * p.sample_tokens for p in used) if used else None,
+                flops=statistics.fmean(flops) if used and len(flops) == len(used) else None,
+                sequences=float(n),
+            )
+        )
     return tuple(out)
 
 
-def _point(label: str, step: int | None, n: int | None, rewards: Sequence[float], usages: Sequence[Usage]) -> ComputePoint:
+def _point(
+    label: str, step: int | None, n: int | None, rewards: Sequence[float], usages: Sequence[Usage]
+) -> ComputePoint:
     flops = [u.flops for u in usages]
     known = [f for f in flops if f is not None]
     return ComputePoint(
-        label=label, step=step, n=n, prompts=len(rewards),
+        label=label,
+        step=step,
+        n=n,
+        prompts=len(rewards),
         reward=statistics.fmean(rewards) if rewards else None,
         generated_tokens=statistics.fmean(u.completion_tokens for u in usages) if usages else None,
         tokens=statistics.fmean(u.tokens for u in usages) if usages else None,
@@ -303,8 +324,23 @@ def matched_compute(
         )
         costs = {n: statistics.fmean(p.cost(n, basis) for p in prompts) for n in range(1, largest + 1)}
         n = min(costs, key=lambda k: (abs(costs[k] - run_cost), k))
-        out.append(_matched(run.label, source.label, done, by_id, n, basis, run_cost, costs[n], largest, tie_eps,
-                            confidence, bootstrap_samples, seed))
+        out.append(
+            _matched(
+                run.label,
+                source.label,
+                done,
+                by_id,
+                n,
+                basis,
+                run_cost,
+                costs[n],
+                largest,
+                tie_eps,
+                confidence,
+                bootstrap_samples,
+                seed,
+            )
+        )
     return tuple(out)
 
 
@@ -347,10 +383,25 @@ def _matched(
         return statistics.fmean(xs) if xs else None
 
     return MatchedComparison(
-        run=label, best_of_run=source, n=n, basis=basis, run_cost=run_cost, best_of_cost=best_of_cost,
-        best_of_too_small=n == largest and run_cost > best_of_cost, paired=paired,
-        run_reward=mean(mine), best_of_reward=mean(theirs), mean_difference=mean(diffs),
-        mean_difference_interval=diff_ci, win_rate=mean(wins), tie_rate=mean(ties), loss_rate=mean(losses),
-        win_rate_ties_half=mean(outcomes), win_rate_ties_half_interval=half_ci, tie_eps=tie_eps,
-        confidence=confidence, bootstrap_samples=bootstrap_samples, seed=seed,
+        run=label,
+        best_of_run=source,
+        n=n,
+        basis=basis,
+        run_cost=run_cost,
+        best_of_cost=best_of_cost,
+        best_of_too_small=n == largest and run_cost > best_of_cost,
+        paired=paired,
+        run_reward=mean(mine),
+        best_of_reward=mean(theirs),
+        mean_difference=mean(diffs),
+        mean_difference_interval=diff_ci,
+        win_rate=mean(wins),
+        tie_rate=mean(ties),
+        loss_rate=mean(losses),
+        win_rate_ties_half=mean(outcomes),
+        win_rate_ties_half_interval=half_ci,
+        tie_eps=tie_eps,
+        confidence=confidence,
+        bootstrap_samples=bootstrap_samples,
+        seed=seed,
     )

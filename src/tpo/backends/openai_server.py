@@ -211,25 +211,36 @@ class OpenAIOptions(PluginOptions):
 
     # Connection settings (affects_results=False): a resumed batch run may change them.
     base_url: str | None = option(
-        None, custom(joined_urls, kind="string", constraint="URL[,URL...]", description="a URL, or several separated "
-                     "by commas (a list from Python)"),
+        None,
+        custom(
+            joined_urls,
+            kind="string",
+            constraint="URL[,URL...]",
+            description="a URL, or several separated by commas (a list from Python)",
+        ),
         "the server's URL, or several servers of the model, comma-separated (default: OPENAI_BASE_URL, then the "
-        "OpenAI API)", affects_results=False)
-    api_key_env: str | None = option(None, string(), "the variable holding the key (from_spec default: OPENAI_API_KEY)",
-                                     affects_results=False)
+        "OpenAI API)",
+        affects_results=False,
+    )
+    api_key_env: str | None = option(
+        None, string(), "the variable holding the key (from_spec default: OPENAI_API_KEY)", affects_results=False
+    )
     max_concurrency: int = option(256, integer(min=1), "sequences in flight at once", affects_results=False)
     timeout_s: float = option(600.0, number(0, min_open=True), "seconds each attempt may take", affects_results=False)
-    max_retries: int = option(6, integer(min=0), "retries after a 429, a 5xx, a timeout or a connection error",
-                              affects_results=False)
+    max_retries: int = option(
+        6, integer(min=0), "retries after a 429, a 5xx, a timeout or a connection error", affects_results=False
+    )
     backoff_s: float = option(1.0, number(0), "the first backoff in seconds, doubling per retry", affects_results=False)
     max_backoff_s: float = option(60.0, number(0), "the longest backoff in seconds", affects_results=False)
-    max_retry_after_s: float = option(300.0, number(0), "the longest Retry-After honoured, in seconds (0: ignore it)",
-                                      affects_results=False)
+    max_retry_after_s: float = option(
+        300.0, number(0), "the longest Retry-After honoured, in seconds (0: ignore it)", affects_results=False
+    )
     native_n: bool | None = option(None, flag(), "whether the server returns n choices per request (default: learn)")
     context_window: int | None = option(None, integer(min=1), "the context window in tokens (default: ask the server)")
     extra_body: Mapping[str, Any] | None = option(None, mapping(), "merged into every request body")
-    probe_timeout_s: float = option(10.0, number(0, min_open=True), "seconds for asking the server its context window",
-                                    affects_results=False)
+    probe_timeout_s: float = option(
+        10.0, number(0, min_open=True), "seconds for asking the server its context window", affects_results=False
+    )
 
 
 class OpenAIPolicy:
@@ -421,13 +432,19 @@ class OpenAIPolicy:
             await asyncio.wait_for(self._get(client, "/models"), self.probe_timeout_s)
         except (asyncio.TimeoutError, oa.APITimeoutError) as e:
             raise BackendError(
-                self._scrub(f"{self._where()} does not answer: GET /models took longer than {self.probe_timeout_s:g} s "
-                            "(probe_timeout_s)"), backend=self.name,
+                self._scrub(
+                    f"{self._where()} does not answer: GET /models took longer than {self.probe_timeout_s:g} s "
+                    "(probe_timeout_s)"
+                ),
+                backend=self.name,
             ) from e
         except oa.APIConnectionError as e:
             raise BackendError(
-                self._scrub(f"{self._where()} cannot be reached ({_cause_text(e)}); is the server running, and is "
-                            "the base URL right?"), backend=self.name,
+                self._scrub(
+                    f"{self._where()} cannot be reached ({_cause_text(e)}); is the server running, and is "
+                    "the base URL right?"
+                ),
+                backend=self.name,
             ) from e
         except oa.APIStatusError as e:
             if e.status_code in (401, 403):
@@ -509,8 +526,11 @@ class OpenAIPolicy:
                     self.stats.prompt_tokens += reply.prompt_tokens or 0
                     self.stats.completion_tokens += reply.completion_tokens or 0
                     return reply
-                if n_ask > 1 and self._native_n is None and failure.status is not None and (
-                    failure.status in _MAYBE_N or (failure.status >= 500 and _MENTIONS_N.search(failure.what))
+                if (
+                    n_ask > 1
+                    and self._native_n is None
+                    and failure.status is not None
+                    and (failure.status in _MAYBE_N or (failure.status >= 500 and _MENTIONS_N.search(failure.what)))
                 ):
                     # Not retried: single-answer requests will tell at once whether n was the trouble.
                     failure.maybe_n, failure.retryable = True, False
@@ -521,7 +541,9 @@ class OpenAIPolicy:
                 self.stats.retries += 1
                 await asyncio.sleep(self._retry.delay_s(attempts, failure.retry_after_s))
 
-    async def _attempt(self, client: Any, body: dict[str, Any]) -> tuple[_Failure | None, BaseException | None, str | None]:
+    async def _attempt(
+        self, client: Any, body: dict[str, Any]
+    ) -> tuple[_Failure | None, BaseException | None, str | None]:
         """Send one request; return (failure, its cause, None) or (None, None, the response text)."""
         oa = self._openai
         try:
@@ -573,8 +595,7 @@ class OpenAIPolicy:
         except ValueError as e:
             start = text.strip()[:80]
             raise MalformedResponseError(
-                f"{where}: the reply is not JSON (it starts {start!r}); "
-                "is the base URL right? It usually ends in /v1",
+                f"{where}: the reply is not JSON (it starts {start!r}); is the base URL right? It usually ends in /v1",
                 backend=self.name,
                 status=200,
             ) from e
@@ -607,7 +628,9 @@ class OpenAIPolicy:
             )
         indexed.sort(key=lambda kv: kv[0])
         usage: dict[str, Any] = data["usage"] if isinstance(data.get("usage"), dict) else {}
-        return _Reply([c for _, c in indexed], _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens")))
+        return _Reply(
+            [c for _, c in indexed], _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens"))
+        )
 
     def _final_error(self, failure: _Failure, attempts: int) -> BackendError:
         where = self._where()
@@ -680,7 +703,14 @@ class OpenAIPolicy:
         if not mine and len(entries) == 1 and isinstance(entries[0], dict):
             mine = entries  # single-model servers (llama.cpp) answer under any name
         for entry in mine:
-            for key in ("loaded_context_length", "max_model_len", "n_ctx", "context_length", "context_window", "max_context_length"):
+            for key in (
+                "loaded_context_length",
+                "max_model_len",
+                "n_ctx",
+                "context_length",
+                "context_window",
+                "max_context_length",
+            ):
                 value = _count(entry.get(key))
                 if value:
                     return value
@@ -759,7 +789,9 @@ def _check_http(openai_module: Any, http_client: Any, transport: Any) -> tuple[A
     if http_client is not None and not any(isinstance(http_client, m.AsyncClient) for m in modules):
         raise ConfigError(f"http_client must be an httpx.AsyncClient, not {type(http_client).__name__}")
     if transport is not None and not any(isinstance(transport, m.AsyncBaseTransport) for m in modules):
-        raise ConfigError(f"transport must be an httpx.AsyncBaseTransport (e.g. httpx.MockTransport), not {type(transport).__name__}")
+        raise ConfigError(
+            f"transport must be an httpx.AsyncBaseTransport (e.g. httpx.MockTransport), not {type(transport).__name__}"
+        )
     return http_client, transport
 
 
@@ -909,7 +941,9 @@ def _merge(replies: Sequence[_Reply], choices: Sequence[_Choice]) -> Generation:
     return Generation(
         texts=tuple(c.text for c in choices),
         prompt_tokens=sum(p for p in prompt if p is not None) if prompt and None not in prompt else None,
-        completion_tokens=sum(c for c in completion if c is not None) if completion and None not in completion else None,
+        completion_tokens=sum(c for c in completion if c is not None)
+        if completion and None not in completion
+        else None,
         finish_reasons=tuple(c.finish_reason for c in choices),
         logprobs=tuple(c.logprobs for c in choices) if want_logprobs else None,
     )
@@ -964,4 +998,3 @@ async def _all_or_cancel(coros: Sequence[Awaitable[T]]) -> list[T]:
             t.cancel()
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
-

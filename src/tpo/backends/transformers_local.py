@@ -47,6 +47,7 @@ class TransformersOptions(PluginOptions):
     batch_size: int = option(16, integer(min=1), "sequences (prompts x n) per generate() call")
     max_batch_tokens: int | None = option(None, integer(min=1), "cap on sequences x (longest prompt + new tokens)")
 
+
 #: Tokenizers report this (or larger) as ``model_max_length`` when they do not know.
 _UNKNOWN_LENGTH = 10**7
 
@@ -121,7 +122,9 @@ class TransformersPolicy:
         self._max_batch_tokens = opts.max_batch_tokens
         self._eos_ids = _eos_ids(model, tokenizer)
         if not self._eos_ids:
-            raise ConfigError(f"{_OWNER}: neither the tokenizer nor the model's generation config names an end-of-sequence token")
+            raise ConfigError(
+                f"{_OWNER}: neither the tokenizer nor the model's generation config names an end-of-sequence token"
+            )
         pad = getattr(tokenizer, "pad_token_id", None)
         # Padding is on the left and masked out, so any id works; the end-of-sequence token is the usual choice.
         self._pad_id: int = pad if isinstance(pad, int) else self._eos_ids[0]
@@ -158,7 +161,9 @@ class TransformersPolicy:
         try:
             model.to(device)
         except Exception as e:  # e.g. out of GPU memory
-            raise BackendError(f"could not move {target!r} to {device}: {type(e).__name__}: {e}", backend=f"hf:{target}") from e
+            raise BackendError(
+                f"could not move {target!r} to {device}: {type(e).__name__}: {e}", backend=f"hf:{target}"
+            ) from e
         model.eval()
         return cls(model, tokenizer, name=f"hf:{target}", options=opts)
 
@@ -216,8 +221,9 @@ class TransformersPolicy:
             try:
                 items = [_Item(i, r, self._prompt_ids(r.messages)) for i, r in enumerate(requests)]
             except Exception as e:
-                raise BackendError(f"the chat template could not render a request: {type(e).__name__}: {e}",
-                                   backend=self.name) from e
+                raise BackendError(
+                    f"the chat template could not render a request: {type(e).__name__}: {e}", backend=self.name
+                ) from e
             groups: dict[tuple[Any, ...], list[_Item]] = {}
             for item in items:
                 groups.setdefault(_group_key(item.request), []).append(item)
@@ -248,7 +254,9 @@ class TransformersPolicy:
             longest_if = max(longest, len(item.ids))
             rows_if = (len(chunk) + 1) * rows_each
             too_many = rows_if > self._batch_size
-            too_big = self._max_batch_tokens is not None and rows_if * (longest_if + new_tokens) > self._max_batch_tokens
+            too_big = (
+                self._max_batch_tokens is not None and rows_if * (longest_if + new_tokens) > self._max_batch_tokens
+            )
             if chunk and (too_many or too_big):
                 yield chunk
                 chunk, longest_if = [], len(item.ids)
@@ -365,8 +373,15 @@ def _group_key(request: GenerationRequest) -> tuple[Any, ...]:
     s = request.sampling
     greedy = s.temperature <= 0
     # Greedy calls ignore temperature and top-p, so they batch together whatever those say.
-    return (request.n, greedy, None if greedy else s.temperature, None if greedy else s.top_p,
-            s.max_tokens, s.stop, request.logprobs)
+    return (
+        request.n,
+        greedy,
+        None if greedy else s.temperature,
+        None if greedy else s.top_p,
+        s.max_tokens,
+        s.stop,
+        request.logprobs,
+    )
 
 
 def _rows(request: GenerationRequest) -> int:

@@ -91,7 +91,9 @@ class VLLMPolicy:
         engine_kwargs = _vllm.engine_kwargs(opts, explicit=explicit)
         vllm = _import_vllm()
         name = f"vllm:{target}"
-        llm = _vllm.load_llm(vllm, target, engine_kwargs, name=name, error=functools.partial(BackendError, backend=name))
+        llm = _vllm.load_llm(
+            vllm, target, engine_kwargs, name=name, error=functools.partial(BackendError, backend=name)
+        )
         policy = cls(llm, name=name)
         policy._vllm = vllm
         return policy

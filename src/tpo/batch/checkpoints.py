@@ -31,7 +31,6 @@ def _checkpoint_info(d: Mapping[str, Any]) -> tuple[int, bool]:
     return len(d["steps"]), _scored(d)
 
 
-
 @dataclass(frozen=True, slots=True)
 class _Entry:
     offset: int
@@ -68,7 +67,9 @@ class _Checkpoints(_GroupLog, Mapping[str, TPOResult]):
         except (ValueError, KeyError, TypeError) as e:
             # Unreadable (another tpo version's schema, a damaged line): the prompt starts over,
             # and says so, rather than failing the run or vanishing silently.
-            self.note(f"the checkpoint of prompt {prompt_id!r} cannot be read ({type(e).__name__}: {e}); it starts over")
+            self.note(
+                f"the checkpoint of prompt {prompt_id!r} cannot be read ({type(e).__name__}: {e}); it starts over"
+            )
             raise KeyError(prompt_id) from e
 
     def __contains__(self, prompt_id: object) -> bool:
@@ -181,5 +182,3 @@ class _Checkpoints(_GroupLog, Mapping[str, TPOResult]):
         if self._reader is not None:
             self._reader.close()
             self._reader = None
-
-

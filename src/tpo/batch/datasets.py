@@ -61,8 +61,14 @@ MAX_LISTED_PROBLEMS = 20
 _LIKELY_PROMPT_FIELDS = ("prompt", "instruction", "messages", "question", "problem", "input", "query", "conversation")
 
 _EXTENSIONS: dict[str, InputFormat] = {
-    ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv",
-    ".parquet": "parquet", ".pq": "parquet", ".arrow": "hf",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "json",
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".arrow": "hf",
 }
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
@@ -227,15 +233,23 @@ def _read_json_list(path: Path, name: str) -> _ListReader | _JsonlReader:
             value, pos = decoder.raw_decode(text, pos)
         except ValueError as e:
             raise _FileProblem(where, f"not valid JSON ({e}); the rest of the file cannot be read") from None
-        rows.append((where, value if isinstance(value, dict) else
-                     RowProblem(where, f"expected a JSON object, got {_json_type(value)}")))
+        rows.append(
+            (
+                where,
+                value
+                if isinstance(value, dict)
+                else RowProblem(where, f"expected a JSON object, got {_json_type(value)}"),
+            )
+        )
         pos = _skip_ws(text, pos)
         if pos < len(text) and text[pos] == ",":
             pos = _skip_ws(text, pos + 1)
             continue
         if pos < len(text) and text[pos] == "]" and _skip_ws(text, pos + 1) == len(text):
             return _ListReader("json", rows)
-        raise _FileProblem(f"{name} line {line_of(pos)}", "not valid JSON (expected ',' or the closing ']' of the list)")
+        raise _FileProblem(
+            f"{name} line {line_of(pos)}", "not valid JSON (expected ',' or the closing ']' of the list)"
+        )
 
 
 def _skip_ws(text: str, pos: int) -> int:
@@ -293,7 +307,9 @@ class _CsvReader:
                 raise _FileProblem(f"{self.name} line 1", "the header is not valid UTF-8 text")
             names = [h.strip() for h in header]
             if len(set(names)) != len(names) or "" in names:
-                raise _FileProblem(f"{self.name} line 1", f"the header needs distinct, non-empty column names; got {header}")
+                raise _FileProblem(
+                    f"{self.name} line 1", f"the header needs distinct, non-empty column names; got {header}"
+                )
             self._names = names
             last_line = reader.line_num
             while True:
@@ -375,9 +391,9 @@ class _ParquetReader:
             raise _FileProblem(name, f"not a readable Parquet file ({type(e).__name__}: {e})") from None
         metadata = self._file.metadata
         #: The index of the first row of every row group.
-        self._starts = list(itertools.accumulate(
-            (metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)), initial=0
-        ))[:-1]
+        self._starts = list(
+            itertools.accumulate((metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)), initial=0)
+        )[:-1]
         self._cached: tuple[int, list[dict[str, Any]]] | None = None
 
     def _group(self, g: int) -> list[dict[str, Any]]:
@@ -662,8 +678,13 @@ class PromptDataset:
 
     def describe(self) -> dict[str, Any]:
         """What was read and how, for the run's fingerprint: the source, the options and a hash of the rows."""
-        return {"source": self.source, "format": self.format, **self.settings, "prompts": len(self),
-                "rows_sha256": self.rows_sha256}
+        return {
+            "source": self.source,
+            "format": self.format,
+            **self.settings,
+            "prompts": len(self),
+            "rows_sha256": self.rows_sha256,
+        }
 
 
 def read_prompts(
@@ -736,12 +757,22 @@ def read_prompts(
     for _, _, row_digest in valid:
         digest.update(row_digest)
     settings = {
-        "prompt_field": prompt_field, "id_field": scan.id_field, "split": split, "limit": limit,
-        "shuffle": shuffle, "shuffle_seed": seed if shuffle else None,
+        "prompt_field": prompt_field,
+        "id_field": scan.id_field,
+        "split": split,
+        "limit": limit,
+        "shuffle": shuffle,
+        "shuffle_seed": seed if shuffle else None,
     }
     return PromptDataset(
-        reader=reader, source=described, order=[(index, pid) for index, pid, _ in valid],
-        rows_sha256=digest.hexdigest(), settings=settings, problems=problems, problem_count=count, rows_read=rows_read,
+        reader=reader,
+        source=described,
+        order=[(index, pid) for index, pid, _ in valid],
+        rows_sha256=digest.hexdigest(),
+        settings=settings,
+        problems=problems,
+        problem_count=count,
+        rows_read=rows_read,
         id_note=scan.id_note,
     )
 
@@ -870,7 +901,7 @@ def _relative(earlier: str, where: str) -> str:
     same = 0
     while same < min(len(a), len(b)) and a[same] == b[same]:
         same += 1
-    return " ".join(a[max(0, same - 1):])
+    return " ".join(a[max(0, same - 1) :])
 
 
 def _listing(problems: Sequence[RowProblem], count: int) -> str:

@@ -88,7 +88,6 @@ def _last_line_start(f: IO[bytes], size: int) -> int:
     return 0
 
 
-
 def _lock(path: Path) -> IO[str]:
     """Hold an exclusive lock on ``path`` so two processes cannot write one run (the OS releases it on exit, even on kill -9)."""
     f = path.open("a+")
@@ -161,7 +160,9 @@ class _GroupLog:
                 group, self._queue = self._queue, []
                 try:
                     job = self._before_group()
-                    offset, job_result = await asyncio.to_thread(self._write_group, b"".join(d for d, _, _ in group), job)
+                    offset, job_result = await asyncio.to_thread(
+                        self._write_group, b"".join(d for d, _, _ in group), job
+                    )
                     self.groups += 1
                     self._after_group(job_result)
                     for data, on_written, _ in group:
@@ -210,7 +211,9 @@ class _GroupLog:
                 f.truncate(offset)
                 f.flush()
             except OSError as e2:  # the file may end in half a line now; the next start cuts or reports it
-                raise _WriteFailed(f"could not write {self.path}: {e}; the partial write could not be undone either ({e2})") from e
+                raise _WriteFailed(
+                    f"could not write {self.path}: {e}; the partial write could not be undone either ({e2})"
+                ) from e
             raise _WriteFailed(f"could not write {self.path}: {e}") from e
         return offset, job_result
 
@@ -237,5 +240,3 @@ class _GroupLog:
         if self._f is not None:
             self._f.close()
             self._f = None
-
-

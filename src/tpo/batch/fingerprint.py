@@ -130,5 +130,3 @@ def _for_rewards(specs: list[str], options: Mapping[str, Any]) -> dict[str, Any]
 
 def _name(obj: object | None) -> str | None:
     return None if obj is None else str(getattr(obj, "name", type(obj).__name__))
-
-

@@ -104,5 +104,3 @@ class BatchObserver:
 
     def on_end(self, summary: BatchSummary) -> None:
         """Every prompt is finished."""
-
-

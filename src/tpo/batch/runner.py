@@ -81,6 +81,7 @@ def _real_path(path: Path) -> Path:
     real = Path(os.path.realpath(path))
     return path if real == Path(os.path.abspath(path)) else real
 
+
 # ---------------------------------------------------------------------------- the run
 
 
@@ -201,11 +202,14 @@ class BatchRun:
                 if diffs and not self._has_work():
                     # Nothing was finished or checkpointed (models failed to load, say): nothing to protect.
                     _write_atomic(fp_path, (json.dumps(self.fingerprint, indent=2) + "\n").encode())
-                    self.observer.on_note("the earlier run in this folder had finished nothing; it now uses the new configuration")
+                    self.observer.on_note(
+                        "the earlier run in this folder had finished nothing; it now uses the new configuration"
+                    )
                     diffs = []
                 if diffs:
                     raise ConfigError(
-                        f"{self.output} belongs to a run with a different configuration:\n  " + "\n  ".join(diffs)
+                        f"{self.output} belongs to a run with a different configuration:\n  "
+                        + "\n  ".join(diffs)
                         + "\nRun with the same options to resume it, or add --restart to discard its results and start over."
                     )
             else:
@@ -256,8 +260,11 @@ class BatchRun:
             "tpo_version": __version__,
             "written_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "output": str(self.output),
-            "input": {**self.dataset.describe(), "rows_read": self.dataset.rows_read,
-                      "invalid_rows_skipped": self.dataset.problem_count},
+            "input": {
+                **self.dataset.describe(),
+                "rows_read": self.dataset.rows_read,
+                "invalid_rows_skipped": self.dataset.problem_count,
+            },
             "method": self.config.to_dict(),
             "models": self.models,
             "options": self.settings,
@@ -274,9 +281,12 @@ class BatchRun:
             _fsync_dir(self.output.parent)
         torn = _repair_tail(self.output)
         if torn:
-            self.observer.on_note(f"repaired {self.output}: removed an unfinished last line ({torn} bytes) written when the run was stopped")
+            self.observer.on_note(
+                f"repaired {self.output}: removed an unfinished last line ({torn} bytes) written when the run was stopped"
+            )
         read = read_result_lines(
-            self.output, _output_info,
+            self.output,
+            _output_info,
             hint="; the file was changed by hand? Fix or remove that line, or add --restart to start the run over",
         )
         for s in read.superseded:
@@ -294,9 +304,13 @@ class BatchRun:
                 retry[pid] = (line.offset, line.length, scored)
         torn, corrupt = self._checkpoints.load(wanted, self._finished)
         if torn:
-            self.observer.on_note(f"repaired {self._checkpoints.path}: removed an unfinished last checkpoint ({torn} bytes)")
+            self.observer.on_note(
+                f"repaired {self._checkpoints.path}: removed an unfinished last checkpoint ({torn} bytes)"
+            )
         if corrupt:
-            self.observer.on_note(f"ignored {corrupt} unreadable line(s) in {self._checkpoints.path}; those prompts redo their last step")
+            self.observer.on_note(
+                f"ignored {corrupt} unreadable line(s) in {self._checkpoints.path}; those prompts redo their last step"
+            )
         # A failed prompt goes on from the last step it finished, so that work is not done again.
         extra = []
         if retry:
@@ -314,7 +328,9 @@ class BatchRun:
             self._rewrite_output_without(drop)
             for pid in retry:
                 del self._finished[pid]
-            self.observer.on_note(f"retrying {len(retry)} prompt(s) that failed before (--no-retry-failed keeps them as they are)")
+            self.observer.on_note(
+                f"retrying {len(retry)} prompt(s) that failed before (--no-retry-failed keeps them as they are)"
+            )
         self._out.size = self.output.stat().st_size
         self._finished_before = len(self._finished)
 
@@ -363,9 +379,14 @@ class BatchRun:
         dispatchers serve this run and whatever else runs on it at once (``tpo sweep`` runs
         every configuration on one engine); by default the run makes an engine of its own.
         """
-        if engine is not None and (engine.policy is not policy or engine.reward is not reward
-                                   or engine.critic is not (critic if critic is not None else policy)):
-            raise ConfigError("BatchRun.arun: the engine given holds other models than the policy, critic and reward given")
+        if engine is not None and (
+            engine.policy is not policy
+            or engine.reward is not reward
+            or engine.critic is not (critic if critic is not None else policy)
+        ):
+            raise ConfigError(
+                "BatchRun.arun: the engine given holds other models than the policy, critic and reward given"
+            )
         self.open()
         try:
             if self.unfinished:
@@ -400,7 +421,9 @@ class BatchRun:
         state.done = state.finished_before = self._finished_before
         state.failed = sum(self._finished.values())
         state.remaining_steps = sum(
-            state.steps_per_prompt - self._checkpoints.steps(pid) for pid in self.dataset.ids if pid not in self._finished
+            state.steps_per_prompt - self._checkpoints.steps(pid)
+            for pid in self.dataset.ids
+            if pid not in self._finished
         )
         if engine is None:
             engine = Engine(policy, reward, critic=critic, config=self.config)
@@ -519,8 +542,17 @@ async def arun_batch(
     dataset = source if isinstance(source, PromptDataset) else read_prompts(source)
     if models is None:
         models = {"policy": _name(policy), "critic": _name(critic), "reward": _name(reward)}
-    run = BatchRun(dataset, output, config=config, models=models, settings=settings, retry_failed=retry_failed,
-                   observer=observer, compact_min_bytes=compact_min_bytes, fail_fast_after=fail_fast_after)
+    run = BatchRun(
+        dataset,
+        output,
+        config=config,
+        models=models,
+        settings=settings,
+        retry_failed=retry_failed,
+        observer=observer,
+        compact_min_bytes=compact_min_bytes,
+        fail_fast_after=fail_fast_after,
+    )
     for line in run.open(restart=restart):
         run.observer.on_note(f"removed {line}")
     return await run.arun(policy, reward, critic=critic)
@@ -560,11 +592,23 @@ def run_batch(
     return asyncio.run(
         _closing(
             arun_batch(
-                source, output, policy=policy, reward=reward, critic=critic, config=config, restart=restart,
-                retry_failed=retry_failed, models=models, settings=settings, observer=observer,
-                compact_min_bytes=compact_min_bytes, fail_fast_after=fail_fast_after,
+                source,
+                output,
+                policy=policy,
+                reward=reward,
+                critic=critic,
+                config=config,
+                restart=restart,
+                retry_failed=retry_failed,
+                models=models,
+                settings=settings,
+                observer=observer,
+                compact_min_bytes=compact_min_bytes,
+                fail_fast_after=fail_fast_after,
             ),
-            policy, critic, reward,
+            policy,
+            critic,
+            reward,
         )
     )
 
@@ -578,4 +622,3 @@ async def _closing(work: Awaitable[T], *objects: object) -> T:
         return await work
     finally:
         await aclose_per_loop(*objects)
-

@@ -198,9 +198,17 @@ def first_steps(result: TPOResult, depth: int) -> TPOResult:
         final = max(pool, key=lambda c: c.score) if pool else final  # type: ignore[arg-type,return-value]
     usage = steps[-1].cumulative if steps[-1].cumulative is not None else _sum(s.usage for s in steps)
     return replace(
-        result, status="complete", error=None, answer=final.text if final else None,
-        score=final.score if final else None, best_id=final.id if final else None, candidates=candidates,
-        steps=steps, usage=usage, stopped_early=None, config=config,
+        result,
+        status="complete",
+        error=None,
+        answer=final.text if final else None,
+        score=final.score if final else None,
+        best_id=final.id if final else None,
+        candidates=candidates,
+        steps=steps,
+        usage=usage,
+        stopped_early=None,
+        config=config,
     )
 
 
@@ -224,16 +232,27 @@ def first_samples(result: TPOResult, n: int) -> TPOResult:
     share = len(ids) / max(step.usage.sequences, 1)
     u = step.usage
     usage = Usage(
-        policy_calls=u.policy_calls, sequences=len(ids), prompt_tokens=u.prompt_tokens,
-        completion_tokens=round(u.completion_tokens * share), reward_calls=len(candidates),
-        reward_failures=sum(1 for c in candidates if c.score is None), wall_time_s=u.wall_time_s * share,
-        prompt_flops=u.prompt_flops, completion_flops=u.completion_flops * share if u.completion_flops is not None else None,
+        policy_calls=u.policy_calls,
+        sequences=len(ids),
+        prompt_tokens=u.prompt_tokens,
+        completion_tokens=round(u.completion_tokens * share),
+        reward_calls=len(candidates),
+        reward_failures=sum(1 for c in candidates if c.score is None),
+        wall_time_s=u.wall_time_s * share,
+        prompt_flops=u.prompt_flops,
+        completion_flops=u.completion_flops * share if u.completion_flops is not None else None,
     )
     store = CandidateStore(candidates)
     final = store.best()
     failures = tuple(f for f in step.failures if any(cid in f for cid in keep))
-    new_step = replace(step, candidate_ids=ids, failures=failures, best_score=final.score if final else None,
-                       usage=usage, cumulative=usage if step.cumulative is not None else None)
+    new_step = replace(
+        step,
+        candidate_ids=ids,
+        failures=failures,
+        best_score=final.score if final else None,
+        usage=usage,
+        cumulative=usage if step.cumulative is not None else None,
+    )
     status: Literal["complete", "failed"] = "complete"
     error = None
     if final is None:
@@ -242,15 +261,25 @@ def first_samples(result: TPOResult, n: int) -> TPOResult:
             sorted({c.score_error for c in candidates if c.score_error} or {"every sample failed"})
         )
     return replace(
-        result, status=status, error=error, answer=final.text if final else None, score=final.score if final else None,
-        best_id=final.id if final else None, candidates=candidates, steps=(new_step,), usage=usage, config=config,
+        result,
+        status=status,
+        error=error,
+        answer=final.text if final else None,
+        score=final.score if final else None,
+        best_id=final.id if final else None,
+        candidates=candidates,
+        steps=(new_step,),
+        usage=usage,
+        config=config,
     )
 
 
 def _derive(entry: SweepEntry, data: Mapping[str, Any]) -> TPOResult:
     """One result of ``entry``'s source, as ``entry`` would have it."""
     result = TPOResult.from_dict(data)
-    return first_steps(result, entry.config.depth) if entry.how == "prefix" else first_samples(result, entry.config.width)
+    return (
+        first_steps(result, entry.config.depth) if entry.how == "prefix" else first_samples(result, entry.config.width)
+    )
 
 
 def _sum(usages: Iterable[Usage]) -> Usage:
@@ -304,11 +333,15 @@ class Sweep:
     ) -> None:
         names = [e.name for e in entries]
         if len(set(names)) != len(names):
-            raise ConfigError(f"sweep: configuration names repeat: {', '.join(sorted(n for n in set(names) if names.count(n) > 1))}")
+            raise ConfigError(
+                f"sweep: configuration names repeat: {', '.join(sorted(n for n in set(names) if names.count(n) > 1))}"
+            )
         by_name = {e.name: e for e in entries}
         for e in entries:
             if e.how != "run" and (e.source not in by_name or by_name[e.source].how != "run"):
-                raise ConfigError(f"sweep: {e.name} is derived from {e.source!r}, which is not a configuration that runs")
+                raise ConfigError(
+                    f"sweep: {e.name} is derived from {e.source!r}, which is not a configuration that runs"
+                )
         self.dataset = dataset
         self.folder = Path(folder)
         self.entries = tuple(entries)
@@ -316,11 +349,19 @@ class Sweep:
         self.settings = dict(settings or {})
         observer_for = observer_for or (lambda entry: BatchObserver())
         self.runs: dict[str, BatchRun] = {
-            e.name: BatchRun(dataset, self.folder / e.file, config=e.config, models=models,
-                             settings={**self.settings, "sweep_configuration": e.name}, retry_failed=retry_failed,
-                             observer=observer_for(e), compact_min_bytes=compact_min_bytes,
-                             fail_fast_after=fail_fast_after)
-            for e in entries if e.how == "run"
+            e.name: BatchRun(
+                dataset,
+                self.folder / e.file,
+                config=e.config,
+                models=models,
+                settings={**self.settings, "sweep_configuration": e.name},
+                retry_failed=retry_failed,
+                observer=observer_for(e),
+                compact_min_bytes=compact_min_bytes,
+                fail_fast_after=fail_fast_after,
+            )
+            for e in entries
+            if e.how == "run"
         }
         if not self.runs:
             raise ConfigError("sweep: no configuration runs (every one is derived)")
@@ -434,15 +475,24 @@ class Sweep:
         configurations = []
         for e in self.entries:
             item: dict[str, Any] = {
-                "name": e.name, "file": e.file, "mode": e.config.mode, "width": e.config.width, "depth": e.config.depth,
-                "how": e.how, "derived_from": e.source,
+                "name": e.name,
+                "file": e.file,
+                "mode": e.config.mode,
+                "width": e.config.width,
+                "depth": e.config.depth,
+                "how": e.how,
+                "derived_from": e.source,
             }
             if e.how == "prefix":
-                item["note"] = (f"the first {e.config.depth} step(s) of {e.source}: the same as running it (per-call "
-                                "seeds; a step depends only on the steps before it); wall times are the kept steps'")
+                item["note"] = (
+                    f"the first {e.config.depth} step(s) of {e.source}: the same as running it (per-call "
+                    "seeds; a step depends only on the steps before it); wall times are the kept steps'"
+                )
             elif e.how == "first_samples":
-                item["note"] = (f"the first {e.config.width} samples of {e.source}: best-of-{e.config.width} in "
-                                "distribution; generated tokens, time and FLOPs scaled by the share of samples kept")
+                item["note"] = (
+                    f"the first {e.config.width} samples of {e.source}: best-of-{e.config.width} in "
+                    "distribution; generated tokens, time and FLOPs scaled by the share of samples kept"
+                )
             if summaries is not None and e.name in summaries:
                 s = summaries[e.name]
                 item.update(total=s.total, complete=s.complete, failed=s.failed)
@@ -457,4 +507,3 @@ class Sweep:
             "options": redact(self.settings),
         }
         _write_atomic(self.folder / MANIFEST, (dumps_json(data, indent=2) + "\n").encode("utf-8"))
-

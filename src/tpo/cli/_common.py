@@ -22,7 +22,6 @@ from ._terminal import for_terminal
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-
 def _key_values(ctx: click.Context, param: click.Parameter, values: Sequence[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in values:
@@ -54,33 +53,98 @@ def model_options(f: F) -> F:
     """``--config FILE``, then policy, critic and reward selection: every command that takes models takes a config file."""
     decorators = [
         config_file_option,
-        click.option("--policy", "policy_spec", default=DEFAULT_POLICY, show_default=True, metavar="SPEC",
-                     help="Model that samples answers: llamacpp[:FILE.gguf], openai:MODEL, vllm:MODEL, hf:MODEL, or a plugin."),
-        click.option("--critic", "critic_spec", default=None, metavar="SPEC",
-                     help="Model for the critique, feedback and rewrite calls (default: the policy)."),
-        click.option("--reward", "reward_specs", multiple=True, metavar="SPEC",
-                     help=f"Reward model (default: {DEFAULT_REWARD}, the policy judging its own answers). Repeat to combine."),
-        click.option("--reward-weights", default=None, metavar="W1,W2,...", help="Weights of several --reward, in order."),
-        click.option("--prefer", default=None, metavar="TEXT",
-                     help="Your preference, in words, for the judge reward (replaces its default rubric)."),
-        click.option("--prefer-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-                     help="Read the judge's rubric from a file."),
-        click.option("--base-url", multiple=True, envvar="OPENAI_BASE_URL", show_envvar=True, callback=_urls,
-                     help="Server URL for openai: policies. Repeat it (or separate URLs with commas) for several "
-                          "replicas of one model: requests go to the least busy."),
-        click.option("--ray-address", default=None, envvar="RAY_ADDRESS", show_envvar=True, metavar="ADDRESS",
-                     help="The Ray cluster for ray: models (auto, ray://HOST:10001); default: a local Ray instance."),
-        click.option("--api-key-env", default=None, metavar="NAME",
-                     help="Environment variable holding the API key (default OPENAI_API_KEY). The key is never printed or saved."),
-        click.option("--policy-option", "policy_options", multiple=True, callback=_key_values, metavar="KEY=VALUE",
-                     help="Backend option, e.g. n_ctx=4096, dtype=bfloat16, tensor_parallel_size=2. Repeatable."),
-        click.option("--critic-option", "critic_options", multiple=True, callback=_key_values, metavar="KEY=VALUE",
-                     help="Option of the --critic backend, as --policy-option is for the policy. Repeatable."),
-        click.option("--reward-option", "reward_options", multiple=True, callback=_key_values, metavar="[R.]KEY=VALUE",
-                     help="Reward model option, e.g. max_batch_size=8. With several --reward, prefix the reward's name or "
-                          "position: math.field=gold, 2.device=cuda. Repeatable."),
-        click.option("--reward-normalize", type=click.Choice(["none", "zscore", "minmax"]), default="none", show_default=True,
-                     help="With several --reward: normalise each within a prompt's candidates before weighting."),
+        click.option(
+            "--policy",
+            "policy_spec",
+            default=DEFAULT_POLICY,
+            show_default=True,
+            metavar="SPEC",
+            help="Model that samples answers: llamacpp[:FILE.gguf], openai:MODEL, vllm:MODEL, hf:MODEL, or a plugin.",
+        ),
+        click.option(
+            "--critic",
+            "critic_spec",
+            default=None,
+            metavar="SPEC",
+            help="Model for the critique, feedback and rewrite calls (default: the policy).",
+        ),
+        click.option(
+            "--reward",
+            "reward_specs",
+            multiple=True,
+            metavar="SPEC",
+            help=f"Reward model (default: {DEFAULT_REWARD}, the policy judging its own answers). Repeat to combine.",
+        ),
+        click.option(
+            "--reward-weights", default=None, metavar="W1,W2,...", help="Weights of several --reward, in order."
+        ),
+        click.option(
+            "--prefer",
+            default=None,
+            metavar="TEXT",
+            help="Your preference, in words, for the judge reward (replaces its default rubric).",
+        ),
+        click.option(
+            "--prefer-file",
+            type=click.Path(exists=True, dir_okay=False, path_type=Path),
+            default=None,
+            help="Read the judge's rubric from a file.",
+        ),
+        click.option(
+            "--base-url",
+            multiple=True,
+            envvar="OPENAI_BASE_URL",
+            show_envvar=True,
+            callback=_urls,
+            help="Server URL for openai: policies. Repeat it (or separate URLs with commas) for several "
+            "replicas of one model: requests go to the least busy.",
+        ),
+        click.option(
+            "--ray-address",
+            default=None,
+            envvar="RAY_ADDRESS",
+            show_envvar=True,
+            metavar="ADDRESS",
+            help="The Ray cluster for ray: models (auto, ray://HOST:10001); default: a local Ray instance.",
+        ),
+        click.option(
+            "--api-key-env",
+            default=None,
+            metavar="NAME",
+            help="Environment variable holding the API key (default OPENAI_API_KEY). The key is never printed or saved.",
+        ),
+        click.option(
+            "--policy-option",
+            "policy_options",
+            multiple=True,
+            callback=_key_values,
+            metavar="KEY=VALUE",
+            help="Backend option, e.g. n_ctx=4096, dtype=bfloat16, tensor_parallel_size=2. Repeatable.",
+        ),
+        click.option(
+            "--critic-option",
+            "critic_options",
+            multiple=True,
+            callback=_key_values,
+            metavar="KEY=VALUE",
+            help="Option of the --critic backend, as --policy-option is for the policy. Repeatable.",
+        ),
+        click.option(
+            "--reward-option",
+            "reward_options",
+            multiple=True,
+            callback=_key_values,
+            metavar="[R.]KEY=VALUE",
+            help="Reward model option, e.g. max_batch_size=8. With several --reward, prefix the reward's name or "
+            "position: math.field=gold, 2.device=cuda. Repeatable.",
+        ),
+        click.option(
+            "--reward-normalize",
+            type=click.Choice(["none", "zscore", "minmax"]),
+            default="none",
+            show_default=True,
+            help="With several --reward: normalise each within a prompt's candidates before weighting.",
+        ),
     ]
     for d in reversed(decorators):
         f = d(f)
@@ -90,44 +154,118 @@ def model_options(f: F) -> F:
 def method_options(f: F) -> F:
     """The method's settings; every one maps to a ``TPOConfig`` field."""
     decorators = [
-        click.option("--mode", type=click.Choice(MODES), default="tpo", show_default=True,
-                     help="tpo (chosen vs rejected), revision (chosen alone) or bon (best-of-N)."),
-        click.option("--width", "-n", type=click.IntRange(min=1), default=5, show_default=True, help="Answers per step (N)."),
-        click.option("--depth", "-d", type=click.IntRange(min=0), default=2, show_default=True, help="Improvement steps (D)."),
-        click.option("--seed", type=int, default=0, show_default=True, help="Run seed; every call's seed derives from it."),
+        click.option(
+            "--mode",
+            type=click.Choice(MODES),
+            default="tpo",
+            show_default=True,
+            help="tpo (chosen vs rejected), revision (chosen alone) or bon (best-of-N).",
+        ),
+        click.option(
+            "--width", "-n", type=click.IntRange(min=1), default=5, show_default=True, help="Answers per step (N)."
+        ),
+        click.option(
+            "--depth", "-d", type=click.IntRange(min=0), default=2, show_default=True, help="Improvement steps (D)."
+        ),
+        click.option(
+            "--seed", type=int, default=0, show_default=True, help="Run seed; every call's seed derives from it."
+        ),
         click.option("--temperature", type=float, default=0.7, show_default=True),
         click.option("--top-p", type=float, default=0.95, show_default=True),
-        click.option("--max-tokens", type=click.IntRange(min=1), default=2048, show_default=True,
-                     help="New tokens per answer (capped to fit the model's context window)."),
-        click.option("--critic-temperature", type=float, default=None,
-                     help="Sampling temperature of the critique and feedback calls (default: --temperature)."),
-        click.option("--critic-max-tokens", type=click.IntRange(min=1), default=None,
-                     help="New tokens for critiques and feedback (default: --max-tokens)."),
-        click.option("--rejected-from", type=click.Choice(["all", "latest"]), default="all", show_default=True,
-                     help="Take the rejected answer from the whole store (the paper) or the latest step."),
-        click.option("--final-from", type=click.Choice(["all", "last_step"]), default="all", show_default=True,
-                     help="Return the best answer seen (the paper) or the best of the last step."),
-        click.option("--early-stop-score", type=float, default=None, help="Stop a prompt once its best score reaches this."),
-        click.option("--early-stop-patience", type=click.IntRange(min=1), default=None,
-                     help="Stop a prompt after this many steps without improvement."),
-        click.option("--context-window", type=click.IntRange(min=256), default=None,
-                     help="Override the model's context window (tokens)."),
-        click.option("--prompts", "prompts_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-                     help="A .toml or .json file overriding the loss/gradient/update templates."),
-        click.option("--policy-params", type=click.FloatRange(min=0, min_open=True), default=None, metavar="N",
-                     help="Parameters of the policy model (e.g. 8e9), for FLOPs estimates (default: the backend's own count, "
-                          "if it reports one)."),
-        click.option("--critic-params", type=click.FloatRange(min=0, min_open=True), default=None, metavar="N",
-                     help="Parameters of the --critic model, for FLOPs estimates (default: the policy's when it is the critic)."),
+        click.option(
+            "--max-tokens",
+            type=click.IntRange(min=1),
+            default=2048,
+            show_default=True,
+            help="New tokens per answer (capped to fit the model's context window).",
+        ),
+        click.option(
+            "--critic-temperature",
+            type=float,
+            default=None,
+            help="Sampling temperature of the critique and feedback calls (default: --temperature).",
+        ),
+        click.option(
+            "--critic-max-tokens",
+            type=click.IntRange(min=1),
+            default=None,
+            help="New tokens for critiques and feedback (default: --max-tokens).",
+        ),
+        click.option(
+            "--rejected-from",
+            type=click.Choice(["all", "latest"]),
+            default="all",
+            show_default=True,
+            help="Take the rejected answer from the whole store (the paper) or the latest step.",
+        ),
+        click.option(
+            "--final-from",
+            type=click.Choice(["all", "last_step"]),
+            default="all",
+            show_default=True,
+            help="Return the best answer seen (the paper) or the best of the last step.",
+        ),
+        click.option(
+            "--early-stop-score", type=float, default=None, help="Stop a prompt once its best score reaches this."
+        ),
+        click.option(
+            "--early-stop-patience",
+            type=click.IntRange(min=1),
+            default=None,
+            help="Stop a prompt after this many steps without improvement.",
+        ),
+        click.option(
+            "--context-window",
+            type=click.IntRange(min=256),
+            default=None,
+            help="Override the model's context window (tokens).",
+        ),
+        click.option(
+            "--prompts",
+            "prompts_file",
+            type=click.Path(exists=True, dir_okay=False, path_type=Path),
+            default=None,
+            help="A .toml or .json file overriding the loss/gradient/update templates.",
+        ),
+        click.option(
+            "--policy-params",
+            type=click.FloatRange(min=0, min_open=True),
+            default=None,
+            metavar="N",
+            help="Parameters of the policy model (e.g. 8e9), for FLOPs estimates (default: the backend's own count, "
+            "if it reports one).",
+        ),
+        click.option(
+            "--critic-params",
+            type=click.FloatRange(min=0, min_open=True),
+            default=None,
+            metavar="N",
+            help="Parameters of the --critic model, for FLOPs estimates (default: the policy's when it is the critic).",
+        ),
     ]
     for d in reversed(decorators):
         f = d(f)
     return f
 
 
-_METHOD_KEYS = ("mode", "width", "depth", "seed", "temperature", "top_p", "max_tokens", "critic_temperature", "critic_max_tokens",
-                "rejected_from", "final_from", "early_stop_score", "early_stop_patience", "context_window", "policy_params",
-                "critic_params")
+_METHOD_KEYS = (
+    "mode",
+    "width",
+    "depth",
+    "seed",
+    "temperature",
+    "top_p",
+    "max_tokens",
+    "critic_temperature",
+    "critic_max_tokens",
+    "rejected_from",
+    "final_from",
+    "early_stop_score",
+    "early_stop_patience",
+    "context_window",
+    "policy_params",
+    "critic_params",
+)
 
 
 def build_config(params: Mapping[str, Any]) -> TPOConfig:

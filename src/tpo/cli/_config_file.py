@@ -120,7 +120,12 @@ def _apply(ctx: click.Context, param: click.Parameter, value: Path | None) -> Pa
 def config_file_option(f: F) -> F:
     """Add ``--config FILE``: its values become defaults, so any option on the command line wins."""
     return click.option(
-        "--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-        is_eager=True, expose_value=True, callback=_apply,
+        "--config",
+        "config_file",
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        default=None,
+        is_eager=True,
+        expose_value=True,
+        callback=_apply,
         help="A YAML or TOML file of option values (same names as the options); the command line overrides it.",
     )(f)

@@ -85,29 +85,66 @@ def _stop_on_sigterm(command: Any) -> Any:
 
 @click.command("batch")
 @click.argument("input_path", metavar="INPUT")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="The JSONL file of results (its checkpoints go in OUTPUT.tpo/ beside it).")
-@click.option("--prompt-field", default="prompt", show_default=True,
-              help="The field holding the prompt: text or a list of OpenAI-style messages.")
-@click.option("--id-field", default=None, metavar="FIELD|none",
-              help=f"The field holding a unique prompt id. Default: whichever of {', '.join(AUTO_ID_FIELDS)} every row "
-                   "has (and only that one; a note says which), else a hash of the row. 'none': always the hash.")
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The JSONL file of results (its checkpoints go in OUTPUT.tpo/ beside it).",
+)
+@click.option(
+    "--prompt-field",
+    default="prompt",
+    show_default=True,
+    help="The field holding the prompt: text or a list of OpenAI-style messages.",
+)
+@click.option(
+    "--id-field",
+    default=None,
+    metavar="FIELD|none",
+    help=f"The field holding a unique prompt id. Default: whichever of {', '.join(AUTO_ID_FIELDS)} every row "
+    "has (and only that one; a note says which), else a hash of the row. 'none': always the hash.",
+)
 @click.option("--split", default=None, help="The split of a Hugging Face dataset.")
-@click.option("--input-format", type=click.Choice(FORMATS), default=None,
-              help="The input's format (default: from the file extension; a folder is a Hugging Face dataset).")
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="Run only the first N prompts (after --shuffle).")
+@click.option(
+    "--input-format",
+    type=click.Choice(FORMATS),
+    default=None,
+    help="The input's format (default: from the file extension; a folder is a Hugging Face dataset).",
+)
+@click.option(
+    "--limit", type=click.IntRange(min=1), default=None, help="Run only the first N prompts (after --shuffle)."
+)
 @click.option("--shuffle", is_flag=True, help="Shuffle the prompts (reproducibly) before --limit.")
 @click.option("--shuffle-seed", type=int, default=None, help="Seed of --shuffle (default: --seed).")
 @click.option("--skip-invalid", is_flag=True, help="Skip invalid rows and report them, instead of stopping.")
 @click.option("--restart", is_flag=True, help="Discard the output and checkpoints of an earlier run and start over.")
-@click.option("--retry-failed/--no-retry-failed", default=True, show_default=True,
-              help="On resuming, run the prompts that failed again (from their last finished step).")
-@click.option("--concurrency", type=click.IntRange(min=1), default=None,
-              help="Prompts in progress at once (default 256).")
-@click.option("--fail-fast", "fail_fast", type=click.IntRange(min=0), default=DEFAULT_FAIL_FAST_AFTER, show_default=True,
-              metavar="K", help="Stop the run when its first K prompts all fail with the same error (0: never).")
-@click.option("--log", "log_mode", type=click.Choice(["auto", "rich", "plain", "quiet"]), default="auto", show_default=True,
-              help="Progress display: rich (interactive), plain (one line per prompt), quiet; auto picks rich on a terminal.")
+@click.option(
+    "--retry-failed/--no-retry-failed",
+    default=True,
+    show_default=True,
+    help="On resuming, run the prompts that failed again (from their last finished step).",
+)
+@click.option(
+    "--concurrency", type=click.IntRange(min=1), default=None, help="Prompts in progress at once (default 256)."
+)
+@click.option(
+    "--fail-fast",
+    "fail_fast",
+    type=click.IntRange(min=0),
+    default=DEFAULT_FAIL_FAST_AFTER,
+    show_default=True,
+    metavar="K",
+    help="Stop the run when its first K prompts all fail with the same error (0: never).",
+)
+@click.option(
+    "--log",
+    "log_mode",
+    type=click.Choice(["auto", "rich", "plain", "quiet"]),
+    default="auto",
+    show_default=True,
+    help="Progress display: rich (interactive), plain (one line per prompt), quiet; auto picks rich on a terminal.",
+)
 @model_options
 @method_options
 @with_errors
@@ -132,15 +169,26 @@ def batch_command(input_path: str, output: Path, **params: Any) -> None:
     console = Console(stderr=True, highlight=False)
     observer = _observer(params["log_mode"], console)
     dataset = read_prompts(
-        input_path, prompt_field=params["prompt_field"], split=params["split"],
+        input_path,
+        prompt_field=params["prompt_field"],
+        split=params["split"],
         id_field=_id_field(params["id_field"], output, restart=params["restart"]),
-        input_format=params["input_format"], limit=params["limit"], shuffle=params["shuffle"],
+        input_format=params["input_format"],
+        limit=params["limit"],
+        shuffle=params["shuffle"],
         seed=config.seed if params["shuffle_seed"] is None else params["shuffle_seed"],
         skip_invalid=params["skip_invalid"],
     )
-    run = BatchRun(dataset, output, config=config, models=_models_fingerprint(params),
-                   settings=_settings(input_path, output, params), retry_failed=params["retry_failed"], observer=observer,
-                   fail_fast_after=params["fail_fast"])
+    run = BatchRun(
+        dataset,
+        output,
+        config=config,
+        models=_models_fingerprint(params),
+        settings=_settings(input_path, output, params),
+        retry_failed=params["retry_failed"],
+        observer=observer,
+        fail_fast_after=params["fail_fast"],
+    )
     for line in run.open(restart=params["restart"]):
         observer.on_note(f"removed {line}")
     replicas: list[str] = []
@@ -156,8 +204,11 @@ def batch_command(input_path: str, output: Path, **params: Any) -> None:
         observer.close()
         done = run.summary()
         how = "Stopped by SIGTERM" if isinstance(e, _Terminated) else "Interrupted"
-        click.echo(f"{how}: {done.done} of {done.total} prompts are finished in {output}. "
-                   "Run the same command again to continue.", err=True)
+        click.echo(
+            f"{how}: {done.done} of {done.total} prompts are finished in {output}. "
+            "Run the same command again to continue.",
+            err=True,
+        )
         sys.exit(143 if isinstance(e, _Terminated) else 130)
     finally:
         run.close()
@@ -217,10 +268,21 @@ NOT_FINGERPRINTED: dict[str, str] = {
 }
 #: Options fingerprinted in another form: the input as read (``input.*``), the method as resolved
 #: (``method.*``, every ``TPOConfig`` field) and the judge's rubric by its content.
-_FINGERPRINTED_ELSEWHERE = frozenset({
-    "prompt_field", "id_field", "split", "input_format", "limit", "shuffle", "shuffle_seed",
-    *(f.name for f in fields(TPOConfig)), "prompts_file", "prefer", "prefer_file",
-})
+_FINGERPRINTED_ELSEWHERE = frozenset(
+    {
+        "prompt_field",
+        "id_field",
+        "split",
+        "input_format",
+        "limit",
+        "shuffle",
+        "shuffle_seed",
+        *(f.name for f in fields(TPOConfig)),
+        "prompts_file",
+        "prefer",
+        "prefer_file",
+    }
+)
 #: Friendlier names in the fingerprint for a few options.
 _FINGERPRINT_NAMES = {"policy_spec": "policy", "critic_spec": "critic", "reward_specs": "reward"}
 
@@ -326,8 +388,13 @@ class _RichDisplay(_Display):
     def __init__(self, console: Console) -> None:
         super().__init__(console)
         self._progress = Progress(
-            SpinnerColumn(), TextColumn("prompts"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-            console=console, transient=False,
+            SpinnerColumn(),
+            TextColumn("prompts"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            console=console,
+            transient=False,
         )
         self._task: Any = None
 
@@ -404,7 +471,9 @@ def _print_summary(summary: BatchSummary) -> None:
             err=True,
         )
     if summary.failed:
-        click.echo("Failed prompts are in the output with their error; run the same command again to retry them.", err=True)
+        click.echo(
+            "Failed prompts are in the output with their error; run the same command again to retry them.", err=True
+        )
 
 
 __all__ = ["batch_command"]

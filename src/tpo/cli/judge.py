@@ -38,36 +38,102 @@ _PROGRESS_EVERY = 50
 @click.command("judge")
 @click.argument("run_a", metavar="A", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("run_b", metavar="B", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--judge", "judge_spec", required=True, metavar="SPEC",
-              help="The judge model: openai:MODEL (with --base-url), vllm:MODEL, hf:MODEL, llamacpp[:FILE], or a plugin.")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="The JSONL file of verdicts, one line per prompt (rerun the same command to resume).")
-@click.option("--judge-option", "judge_options", multiple=True, callback=_key_values, metavar="KEY=VALUE",
-              help="Option of the judge's backend, as --policy-option is for tpo batch. Repeatable.")
-@click.option("--base-url", default=None, envvar="OPENAI_BASE_URL", show_envvar=True, help="Server URL for an openai: judge.")
-@click.option("--api-key-env", default=None, metavar="NAME",
-              help="Environment variable holding the API key (default OPENAI_API_KEY). Never printed or saved.")
-@click.option("--rubric", default=None, metavar="TEXT", help="The criterion the judge applies, in words (default: helpful, "
-              "harmless, honest).")
-@click.option("--rubric-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="Read the criterion from a file.")
-@click.option("--label", "labels", multiple=True, metavar="TEXT",
-              help="Names for A and B, in order (default: the method, e.g. 'TPO D2-N5'). Give both or neither.")
-@click.option("--temperature", type=click.FloatRange(0, 5), default=0.0, show_default=True,
-              help="The judge's sampling temperature (a reply without a decision is asked again once, at 0.7).")
-@click.option("--max-tokens", type=click.IntRange(min=1), default=1024, show_default=True,
-              help="Tokens for the judge's reasoning and decision.")
-@click.option("--context-window", type=click.IntRange(min=256), default=None, help="Override the judge's context window.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the judge's requests and of the bootstrap.")
-@click.option("--concurrency", type=click.IntRange(min=1), default=64, show_default=True,
-              help="Prompts judged at once.")
+@click.option(
+    "--judge",
+    "judge_spec",
+    required=True,
+    metavar="SPEC",
+    help="The judge model: openai:MODEL (with --base-url), vllm:MODEL, hf:MODEL, llamacpp[:FILE], or a plugin.",
+)
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The JSONL file of verdicts, one line per prompt (rerun the same command to resume).",
+)
+@click.option(
+    "--judge-option",
+    "judge_options",
+    multiple=True,
+    callback=_key_values,
+    metavar="KEY=VALUE",
+    help="Option of the judge's backend, as --policy-option is for tpo batch. Repeatable.",
+)
+@click.option(
+    "--base-url", default=None, envvar="OPENAI_BASE_URL", show_envvar=True, help="Server URL for an openai: judge."
+)
+@click.option(
+    "--api-key-env",
+    default=None,
+    metavar="NAME",
+    help="Environment variable holding the API key (default OPENAI_API_KEY). Never printed or saved.",
+)
+@click.option(
+    "--rubric",
+    default=None,
+    metavar="TEXT",
+    help="The criterion the judge applies, in words (default: helpful, harmless, honest).",
+)
+@click.option(
+    "--rubric-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Read the criterion from a file.",
+)
+@click.option(
+    "--label",
+    "labels",
+    multiple=True,
+    metavar="TEXT",
+    help="Names for A and B, in order (default: the method, e.g. 'TPO D2-N5'). Give both or neither.",
+)
+@click.option(
+    "--temperature",
+    type=click.FloatRange(0, 5),
+    default=0.0,
+    show_default=True,
+    help="The judge's sampling temperature (a reply without a decision is asked again once, at 0.7).",
+)
+@click.option(
+    "--max-tokens",
+    type=click.IntRange(min=1),
+    default=1024,
+    show_default=True,
+    help="Tokens for the judge's reasoning and decision.",
+)
+@click.option(
+    "--context-window", type=click.IntRange(min=256), default=None, help="Override the judge's context window."
+)
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="Seed of the judge's requests and of the bootstrap."
+)
+@click.option(
+    "--concurrency", type=click.IntRange(min=1), default=64, show_default=True, help="Prompts judged at once."
+)
 @click.option("--restart", is_flag=True, help="Discard the verdicts of an earlier run of this command and start over.")
-@click.option("--confidence", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.95, show_default=True,
-              help="Level of the confidence intervals.")
-@click.option("--bootstrap", "bootstrap_samples", type=click.IntRange(min=1), default=2000, show_default=True,
-              help="Bootstrap resamples for the interval of the win rate with ties as half.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Also write the statistics as JSON to this file ('-' for standard output, with no table).")
+@click.option(
+    "--confidence",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=0.95,
+    show_default=True,
+    help="Level of the confidence intervals.",
+)
+@click.option(
+    "--bootstrap",
+    "bootstrap_samples",
+    type=click.IntRange(min=1),
+    default=2000,
+    show_default=True,
+    help="Bootstrap resamples for the interval of the win rate with ties as half.",
+)
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write the statistics as JSON to this file ('-' for standard output, with no table).",
+)
 @config_file_option
 @with_errors
 def judge_command(run_a: Path, run_b: Path, judge_spec: str, output: Path, **params: Any) -> None:
@@ -86,14 +152,25 @@ def judge_command(run_a: Path, run_b: Path, judge_spec: str, output: Path, **par
     if labels and len(labels) != 2:
         raise ConfigError(f"give two --label values (for A and B), not {len(labels)}")
     rubric = _rubric(params["rubric"], params["rubric_file"])
-    settings = JudgeSettings(rubric=rubric, temperature=params["temperature"], max_tokens=params["max_tokens"],
-                             seed=params["seed"], concurrency=params["concurrency"],
-                             context_window=params["context_window"])
+    settings = JudgeSettings(
+        rubric=rubric,
+        temperature=params["temperature"],
+        max_tokens=params["max_tokens"],
+        seed=params["seed"],
+        concurrency=params["concurrency"],
+        context_window=params["context_window"],
+    )
     a = load_run(run_a, label=labels[0] if labels else None)
     b = load_run(run_b, label=labels[1] if labels else None)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
-    run = JudgeRun(a, b, output, judge={"spec": judge_spec, "options": dict(params["judge_options"])}, settings=settings,
-                   on_verdict=_progress)
+    run = JudgeRun(
+        a,
+        b,
+        output,
+        judge={"spec": judge_spec, "options": dict(params["judge_options"])},
+        settings=settings,
+        on_verdict=_progress,
+    )
     for line in run.open(restart=params["restart"]):
         err.print(f"removed {escape(line)}")
     for note in run.notes:
@@ -108,16 +185,26 @@ def judge_command(run_a: Path, run_b: Path, judge_spec: str, output: Path, **par
             backend = _policy(judge_spec, dict(params["judge_options"]), server)
             outcome = asyncio.run(_judge(run, backend))
             if outcome.failed_now:
-                err.print(f"[yellow]{outcome.failed_now} prompt(s) could not be judged; run the same command again "
-                          "to retry them[/yellow]")
+                err.print(
+                    f"[yellow]{outcome.failed_now} prompt(s) could not be judged; run the same command again "
+                    "to retry them[/yellow]"
+                )
         else:
             run.close()
     except KeyboardInterrupt:
-        click.echo(f"Interrupted. The verdicts so far are in {output}; run the same command again to continue.", err=True)
+        click.echo(
+            f"Interrupted. The verdicts so far are in {output}; run the same command again to continue.", err=True
+        )
         sys.exit(130)
     verdicts, warnings = read_verdicts(output)
-    summary = summarize_verdicts(verdicts, confidence=params["confidence"], bootstrap_samples=params["bootstrap_samples"],
-                                 seed=params["seed"], path=str(output), warnings=warnings)
+    summary = summarize_verdicts(
+        verdicts,
+        confidence=params["confidence"],
+        bootstrap_samples=params["bootstrap_samples"],
+        seed=params["seed"],
+        path=str(output),
+        warnings=warnings,
+    )
     json_path = params["json_path"]
     data = dumps_json({**summary.to_dict(), "unpaired": run.unpaired}, indent=2)
     if json_path is not None and str(json_path) == "-":
@@ -176,9 +263,13 @@ def render(summary: JudgeSummary, console: Console, *, unpaired: int = 0) -> Non
     """Print a judging's statistics as a table."""
     s = summary
     level = f"{100 * s.confidence:g}%"
-    t = Table(title=f"{escape(s.a)} (A) against {escape(s.b)} (B), judged by {escape(s.judge or '?')}",
-              title_justify="left", caption=f"{level} intervals: Wilson for the rates, bootstrap ({s.bootstrap_samples} "
-              f"resamples, seed {s.seed}) for ties as half, Wald for the length-controlled rate", caption_justify="left")
+    t = Table(
+        title=f"{escape(s.a)} (A) against {escape(s.b)} (B), judged by {escape(s.judge or '?')}",
+        title_justify="left",
+        caption=f"{level} intervals: Wilson for the rates, bootstrap ({s.bootstrap_samples} "
+        f"resamples, seed {s.seed}) for ties as half, Wald for the length-controlled rate",
+        caption_justify="left",
+    )
     t.add_column("", justify="left")
     t.add_column("value", justify="right")
     rows = [
@@ -188,11 +279,15 @@ def render(summary: JudgeSummary, console: Console, *, unpaired: int = 0) -> Non
         ("B wins", f"{s.losses} · {_pct(s.loss_rate)}{_ci(s.loss_interval)}"),
         ("A's win rate, ties as half", f"{_pct(s.win_rate_ties_half)}{_ci(s.win_rate_ties_half_interval)}"),
         ("length-controlled win rate of A", f"{_pct(s.lc_win_rate)}{_ci(s.lc_win_rate_interval)}"),
-        ("position bias (same position both orders)",
-         f"{s.position_bias} · {_pct(s.position_bias_rate)}{_ci(s.position_bias_interval)}"),
+        (
+            "position bias (same position both orders)",
+            f"{s.position_bias} · {_pct(s.position_bias_rate)}{_ci(s.position_bias_interval)}",
+        ),
         ("decisions for the reply shown first", _pct(s.first_position_rate)),
-        ("mean answer length A / B (characters)",
-         "-" if s.mean_chars_a is None else f"{s.mean_chars_a:,.0f} / {s.mean_chars_b:,.0f}"),
+        (
+            "mean answer length A / B (characters)",
+            "-" if s.mean_chars_a is None else f"{s.mean_chars_a:,.0f} / {s.mean_chars_b:,.0f}",
+        ),
     ]
     if s.failed:
         rows.append(("could not be judged (retried on the next run)", str(s.failed)))

@@ -13,13 +13,31 @@ from ._common import with_errors
 
 @click.command("report")
 @click.argument("outputs", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--output-file", "-o", "out", type=click.Path(dir_okay=False, path_type=Path), default=Path("report.html"),
-              show_default=True, help="The HTML file to write.")
-@click.option("--label", "labels", multiple=True, metavar="TEXT",
-              help="A name for each output, in order (default: the method, e.g. 'TPO D2-N5'). Repeatable.")
+@click.option(
+    "--output-file",
+    "-o",
+    "out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("report.html"),
+    show_default=True,
+    help="The HTML file to write.",
+)
+@click.option(
+    "--label",
+    "labels",
+    multiple=True,
+    metavar="TEXT",
+    help="A name for each output, in order (default: the method, e.g. 'TPO D2-N5'). Repeatable.",
+)
 @click.option("--title", default=None, help="The page title (default: the runs' names).")
-@click.option("--judge", "judgements", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              metavar="VERDICTS", help="A `tpo judge` output to show beside the rewards. Repeatable.")
+@click.option(
+    "--judge",
+    "judgements",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    metavar="VERDICTS",
+    help="A `tpo judge` output to show beside the rewards. Repeatable.",
+)
 @with_errors
 def report_command(
     outputs: tuple[Path, ...], out: Path, labels: tuple[str, ...], title: str | None, judgements: tuple[Path, ...]
@@ -33,7 +51,8 @@ def report_command(
     `tpo judge` (--judge), and every prompt's trajectory (answers with rewards and lineage,
     chosen and rejected answers, critiques, feedback, failures), searchable by id or text.
     """
-    path = write_report(list(outputs), out, labels=list(labels) if labels else None, title=title,
-                        judgements=list(judgements))
+    path = write_report(
+        list(outputs), out, labels=list(labels) if labels else None, title=title, judgements=list(judgements)
+    )
     size_kb = path.stat().st_size / 1024
     Console(stderr=True, highlight=False, soft_wrap=True).print(f"Wrote {path} ({size_kb:,.0f} KB)")

@@ -39,15 +39,27 @@ DEMO_NOTE = (
 
 @click.command("run")
 @click.argument("prompt", required=False)
-@click.option("--messages", "messages_file", type=click.File("r", encoding="utf-8"), default=None,
-              help="Read the conversation from a JSON file of OpenAI-style messages ('-' for standard input).")
-@click.option("--metadata", "metadata", multiple=True, metavar="KEY=VALUE",
-              help="Metadata of the prompt, for rewards that read it (e.g. --metadata answer=42 for --reward math).")
+@click.option(
+    "--messages",
+    "messages_file",
+    type=click.File("r", encoding="utf-8"),
+    default=None,
+    help="Read the conversation from a JSON file of OpenAI-style messages ('-' for standard input).",
+)
+@click.option(
+    "--metadata",
+    "metadata",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Metadata of the prompt, for rewards that read it (e.g. --metadata answer=42 for --reward math).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the full result as JSON (progress is not shown).")
 @model_options
 @method_options
 @with_errors
-def run_command(prompt: str | None, messages_file: Any, metadata: tuple[str, ...], as_json: bool, **params: Any) -> None:
+def run_command(
+    prompt: str | None, messages_file: Any, metadata: tuple[str, ...], as_json: bool, **params: Any
+) -> None:
     """Optimise the answer to PROMPT and print the best answer found.
 
     With no options this runs TPO (depth 2, width 5) on the bundled SmolLM2-135M model with
@@ -73,8 +85,10 @@ def run_command(prompt: str | None, messages_file: Any, metadata: tuple[str, ...
         config = config.with_options(max_tokens=DEMO_MAX_TOKENS)
     console = Console(stderr=True, highlight=False)
     if demo and not as_json:
-        console.print(f"[dim]{DEMO_NOTE} Replies are limited to {config.max_tokens} new tokens here "
-                      "(--max-tokens to change).[/dim]\n")
+        console.print(
+            f"[dim]{DEMO_NOTE} Replies are limited to {config.max_tokens} new tokens here "
+            "(--max-tokens to change).[/dim]\n"
+        )
     with console.status("Loading models…", spinner="dots") if not as_json else nullcontext():
         models = build_models(params)
     result = asyncio.run(_run(conversation, meta, models, config, None if as_json else console))
@@ -88,7 +102,9 @@ def run_command(prompt: str | None, messages_file: Any, metadata: tuple[str, ...
         sys.exit(1)
 
 
-async def _run(conversation: Any, metadata: dict[str, Any], models: Any, config: Any, console: Console | None) -> TPOResult:
+async def _run(
+    conversation: Any, metadata: dict[str, Any], models: Any, config: Any, console: Console | None
+) -> TPOResult:
     try:
         # An unreachable server or a reward that cannot be called fails here, in seconds, not after every retry.
         await apreflight(models.policy, models.critic, models.reward)
@@ -97,8 +113,9 @@ async def _run(conversation: Any, metadata: dict[str, Any], models: Any, config:
         await models.aclose()
 
 
-async def _optimize(conversation: Any, metadata: dict[str, Any], models: Any, config: Any,
-                    console: Console | None) -> TPOResult:
+async def _optimize(
+    conversation: Any, metadata: dict[str, Any], models: Any, config: Any, console: Console | None
+) -> TPOResult:
     engine = Engine(models.policy, models.reward, critic=models.critic, config=config)
     shown = 0
     status = console.status(_doing(config, 0), spinner="dots") if console is not None else nullcontext()
@@ -114,9 +131,11 @@ async def _optimize(conversation: Any, metadata: dict[str, Any], models: Any, co
             status.update(_doing(config, shown))
 
     if console is not None:
-        console.print(f"[bold]{config.mode}[/bold] width {config.width}, depth {config.depth}, seed {config.seed} · "
-                      f"policy {escape(for_terminal(engine.policy.name))} · "
-                      f"reward {escape(for_terminal(getattr(engine.reward, 'name', '?')))}\n")
+        console.print(
+            f"[bold]{config.mode}[/bold] width {config.width}, depth {config.depth}, seed {config.seed} · "
+            f"policy {escape(for_terminal(engine.policy.name))} · "
+            f"reward {escape(for_terminal(getattr(engine.reward, 'name', '?')))}\n"
+        )
     with status:
         return await engine.optimize(conversation, metadata=metadata, on_step=on_step)
 
@@ -147,8 +166,10 @@ def _render_step(result: TPOResult, record: Any, console: Console) -> None:
         if record.rejected_id is not None and record.rejected_id in by_id:
             against = f" against the worst, {record.rejected_id[:8]} ({_score(by_id[record.rejected_id].score)})"
         chosen = by_id.get(record.chosen_id)
-        console.print(f"[dim]  rewrote the best answer, {record.chosen_id[:8]} "
-                      f"({_score(chosen.score if chosen else None)}){against}[/dim]")
+        console.print(
+            f"[dim]  rewrote the best answer, {record.chosen_id[:8]} "
+            f"({_score(chosen.score if chosen else None)}){against}[/dim]"
+        )
     for cid in record.candidate_ids:
         c = by_id.get(cid)
         if c is None:
@@ -181,8 +202,10 @@ def _render_final(result: TPOResult, console: Console) -> None:
     if result.error:
         console.print(f"[red]Failed:[/red] {escape(for_terminal(result.error))}")
     u = result.usage
-    console.print(f"[dim]{u.policy_calls} policy calls, {u.sequences} sequences, {u.prompt_tokens} prompt + "
-                  f"{u.completion_tokens} completion tokens, {u.reward_calls} answers scored, {u.wall_time_s:.1f}s[/dim]")
+    console.print(
+        f"[dim]{u.policy_calls} policy calls, {u.sequences} sequences, {u.prompt_tokens} prompt + "
+        f"{u.completion_tokens} completion tokens, {u.reward_calls} answers scored, {u.wall_time_s:.1f}s[/dim]"
+    )
     if result.answer is None:
         return
     title = f"best answer · score {result.score:.3f}"

@@ -46,8 +46,9 @@ def _ints(ctx: click.Context, param: click.Parameter, value: str | None) -> tupl
         try:
             number = int(item)
         except ValueError:
-            raise click.BadParameter(f"{item!r} is not a whole number; give a comma-separated list like 2,5,10",
-                                     ctx=ctx, param=param) from None
+            raise click.BadParameter(
+                f"{item!r} is not a whole number; give a comma-separated list like 2,5,10", ctx=ctx, param=param
+            ) from None
         if number < 1:
             raise click.BadParameter(f"{number} is below 1", ctx=ctx, param=param)
         out.append(number)
@@ -58,23 +59,59 @@ def _modes(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str,
     out = tuple(m.strip() for m in str(value).split(",") if m.strip())
     unknown = [m for m in out if m not in MODES]
     if unknown or not out:
-        raise click.BadParameter(f"{', '.join(map(repr, unknown)) or 'nothing'}: the modes are {', '.join(MODES)}",
-                                 ctx=ctx, param=param)
+        raise click.BadParameter(
+            f"{', '.join(map(repr, unknown)) or 'nothing'}: the modes are {', '.join(MODES)}", ctx=ctx, param=param
+        )
     return out
 
 
 @click.command("sweep")
 @click.argument("input_path", metavar="INPUT")
-@click.option("-o", "--output", "folder", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="The folder for the outputs: one JSONL per configuration, and manifest.json.")
-@click.option("--mode", "modes", default="tpo", show_default=True, callback=_modes, metavar="MODE[,MODE...]",
-              help="Methods to run: any of tpo, revision, bon, comma-separated.")
-@click.option("--width", "-n", "widths", default="5", show_default=True, callback=_ints, metavar="N[,N...]",
-              help="Widths of TPO and revision (and of best-of-N without --bon-width), comma-separated.")
-@click.option("--depth", "-d", "depths", default="2", show_default=True, callback=_ints, metavar="D[,D...]",
-              help="Depths of TPO and revision; only the deepest runs, the others are its first steps.")
-@click.option("--bon-width", "bon_widths", default=None, callback=_ints, metavar="N[,N...]",
-              help="Widths of best-of-N (default: --width); only the largest runs, the others take its first samples.")
+@click.option(
+    "-o",
+    "--output",
+    "folder",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="The folder for the outputs: one JSONL per configuration, and manifest.json.",
+)
+@click.option(
+    "--mode",
+    "modes",
+    default="tpo",
+    show_default=True,
+    callback=_modes,
+    metavar="MODE[,MODE...]",
+    help="Methods to run: any of tpo, revision, bon, comma-separated.",
+)
+@click.option(
+    "--width",
+    "-n",
+    "widths",
+    default="5",
+    show_default=True,
+    callback=_ints,
+    metavar="N[,N...]",
+    help="Widths of TPO and revision (and of best-of-N without --bon-width), comma-separated.",
+)
+@click.option(
+    "--depth",
+    "-d",
+    "depths",
+    default="2",
+    show_default=True,
+    callback=_ints,
+    metavar="D[,D...]",
+    help="Depths of TPO and revision; only the deepest runs, the others are its first steps.",
+)
+@click.option(
+    "--bon-width",
+    "bon_widths",
+    default=None,
+    callback=_ints,
+    metavar="N[,N...]",
+    help="Widths of best-of-N (default: --width); only the largest runs, the others take its first samples.",
+)
 @with_errors
 @_stop_on_sigterm
 def sweep_command(
@@ -108,27 +145,44 @@ def sweep_command(
     console = Console(stderr=True, highlight=False)
     display = _display(params["log_mode"], console)
     dataset = read_prompts(
-        input_path, prompt_field=params["prompt_field"], split=params["split"],
+        input_path,
+        prompt_field=params["prompt_field"],
+        split=params["split"],
         id_field=_id_field(params["id_field"], folder / first_run.file, restart=params["restart"]),
-        input_format=params["input_format"], limit=params["limit"], shuffle=params["shuffle"],
+        input_format=params["input_format"],
+        limit=params["limit"],
+        shuffle=params["shuffle"],
         seed=config.seed if params["shuffle_seed"] is None else params["shuffle_seed"],
         skip_invalid=params["skip_invalid"],
     )
     if dataset.id_note:
         display.shared_notes.add(dataset.id_note)
-    settings = {**_settings(input_path, folder, params), "modes": list(modes), "widths": list(widths),
-                "depths": list(depths or ()), "bon_widths": list(bon_widths) if bon_widths else None}
-    sweep = Sweep(dataset, folder, entries, models=_models_fingerprint(params), settings=settings,
-                  retry_failed=params["retry_failed"], observer_for=display.observer_for,
-                  fail_fast_after=params["fail_fast"])
+    settings = {
+        **_settings(input_path, folder, params),
+        "modes": list(modes),
+        "widths": list(widths),
+        "depths": list(depths or ()),
+        "bon_widths": list(bon_widths) if bon_widths else None,
+    }
+    sweep = Sweep(
+        dataset,
+        folder,
+        entries,
+        models=_models_fingerprint(params),
+        settings=settings,
+        retry_failed=params["retry_failed"],
+        observer_for=display.observer_for,
+        fail_fast_after=params["fail_fast"],
+    )
     for line in sweep.open(restart=params["restart"]):
         display.note(f"removed {line}")
     display.start(entries)
     try:
         if sweep.unfinished == 0:
             derived = sweep.write_derived()
-            summary = SweepSummary(folder, {n: r.summary() for n, r in sweep.runs.items()}, derived, 0.0,
-                                   tuple(sweep.notes))
+            summary = SweepSummary(
+                folder, {n: r.summary() for n, r in sweep.runs.items()}, derived, 0.0, tuple(sweep.notes)
+            )
         else:
             with console.status("Loading models…", spinner="dots") if display.interactive else nullcontext():
                 models = build_models(params)
@@ -138,8 +192,10 @@ def sweep_command(
         how = "Stopped by SIGTERM" if isinstance(e, _Terminated) else "Interrupted"
         done = sum(r.summary().done for r in sweep.runs.values())
         total = sum(r.summary().total for r in sweep.runs.values())
-        click.echo(f"{how}: {done} of {total} prompt runs are finished in {folder}. "
-                   "Run the same command again to continue.", err=True)
+        click.echo(
+            f"{how}: {done} of {total} prompt runs are finished in {folder}. Run the same command again to continue.",
+            err=True,
+        )
         sys.exit(143 if isinstance(e, _Terminated) else 130)
     finally:
         sweep.close()
@@ -206,7 +262,9 @@ class _Display:
             return
         runs = [e.name for e in entries if e.how == "run"]
         derived = [f"{e.name} (from {e.source})" for e in entries if e.how != "run"]
-        click.echo(f"sweep: running {', '.join(runs)}" + (f"; derived: {', '.join(derived)}" if derived else ""), err=True)
+        click.echo(
+            f"sweep: running {', '.join(runs)}" + (f"; derived: {', '.join(derived)}" if derived else ""), err=True
+        )
 
     def on_start(self, name: str, state: BatchState) -> None:
         self.states[name] = state
@@ -216,13 +274,16 @@ class _Display:
 
     def on_result(self, name: str, result: TPOResult, state: BatchState) -> None:
         if result.status != "complete":
-            click.echo(f"[{name}] FAILED {for_terminal(result.prompt_id)}: {for_terminal(result.error or '')}", err=True)
+            click.echo(
+                f"[{name}] FAILED {for_terminal(result.prompt_id)}: {for_terminal(result.error or '')}", err=True
+            )
         self._maybe_progress()
 
     def on_end(self, name: str, summary: BatchSummary) -> None:
         if not self.quiet:
-            click.echo(f"[{name}] finished: {summary.complete} of {summary.total} complete, {summary.failed} failed",
-                       err=True)
+            click.echo(
+                f"[{name}] finished: {summary.complete} of {summary.total} complete, {summary.failed} failed", err=True
+            )
 
     def _maybe_progress(self) -> None:
         now = time.monotonic()
@@ -241,8 +302,14 @@ class _RichDisplay(_Display):
 
     def __init__(self, console: Console) -> None:
         super().__init__(console)
-        self._progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                  console=console, transient=False)
+        self._progress = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            console=console,
+            transient=False,
+        )
         self._tasks: dict[str, Any] = {}
 
     def note(self, message: str) -> None:
@@ -261,7 +328,9 @@ class _RichDisplay(_Display):
         if result.status != "complete":
             self._progress.console.print(
                 f"[red][{escape(name)}] FAILED {escape(for_terminal(result.prompt_id))}: "
-                f"{escape(for_terminal(result.error or ''))}[/red]", markup=True)
+                f"{escape(for_terminal(result.error or ''))}[/red]",
+                markup=True,
+            )
         self._progress.update(self._tasks[name], completed=state.done)
 
     def on_end(self, name: str, summary: BatchSummary) -> None:
@@ -302,7 +371,9 @@ def _display(mode: str, console: Console) -> _Display:
 
 
 def _print_summary(entries: tuple[SweepEntry, ...], summary: SweepSummary, console: Console) -> None:
-    t = Table(title=f"Sweep in {escape(str(summary.folder))} ({MANIFEST} lists every configuration)", title_justify="left")
+    t = Table(
+        title=f"Sweep in {escape(str(summary.folder))} ({MANIFEST} lists every configuration)", title_justify="left"
+    )
     for col in ("configuration", "made by", "complete", "failed", "file"):
         t.add_column(col, justify="right" if col in ("complete", "failed") else "left")
     for e in entries:

@@ -276,12 +276,23 @@ class Engine:
         losses = [("loss_tpo", prompts.loss_tpo)] if cfg.mode == "tpo" else []
         losses.append(("loss_revision", prompts.loss_revision))
         for name, loss in losses:
-            budget.check_fits(partial(_one_user_message, loss), empty, critic_tokens, what=f"the {name} prompt template",
-                              owner=owner)
-            budget.check_fits(partial(_gradient_messages, loss, prompts.gradient), empty, critic_tokens,
-                              what=f"the gradient prompt template (after {name})", owner=owner)
-        budget.check_fits(partial(_one_user_message, prompts.update), empty, cfg.max_tokens,
-                          what="the update prompt template", owner=owner)
+            budget.check_fits(
+                partial(_one_user_message, loss), empty, critic_tokens, what=f"the {name} prompt template", owner=owner
+            )
+            budget.check_fits(
+                partial(_gradient_messages, loss, prompts.gradient),
+                empty,
+                critic_tokens,
+                what=f"the gradient prompt template (after {name})",
+                owner=owner,
+            )
+        budget.check_fits(
+            partial(_one_user_message, prompts.update),
+            empty,
+            cfg.max_tokens,
+            what="the update prompt template",
+            owner=owner,
+        )
 
     # ------------------------------------------------------------------ one prompt
 
@@ -350,7 +361,9 @@ class Engine:
                 return False
         return True
 
-    async def _timed_step(self, chain: _Chain, step: int, run: Callable[[_Chain, int, _StepTally], Awaitable[StepRecord]]) -> None:
+    async def _timed_step(
+        self, chain: _Chain, step: int, run: Callable[[_Chain, int, _StepTally], Awaitable[StepRecord]]
+    ) -> None:
         tally = _StepTally()
         t0 = time.perf_counter()
         try:
@@ -361,8 +374,13 @@ class Engine:
             chain.usage = chain.usage + usage
         best = chain.store.best()
         chain.steps.append(
-            replace(record, truncated=tuple(sorted(tally.truncated)), best_score=best.score if best else None, usage=usage,
-                    cumulative=chain.usage)
+            replace(
+                record,
+                truncated=tuple(sorted(tally.truncated)),
+                best_score=best.score if best else None,
+                usage=usage,
+                cumulative=chain.usage,
+            )
         )
 
     async def _sample_step(self, chain: _Chain, step: int, tally: _StepTally) -> StepRecord:
@@ -377,8 +395,15 @@ class Engine:
         messages, max_tokens, cut = _fit(budget, prompt.id, build, values, names, cfg.max_tokens)
         tally.truncated.update("conversation" for _ in cut)
         gen = await self._generate(
-            self.policy, tally, messages, n=cfg.width, max_tokens=max_tokens, temperature=cfg.temperature,
-            purpose="sample", chain=chain, step=step,
+            self.policy,
+            tally,
+            messages,
+            n=cfg.width,
+            max_tokens=max_tokens,
+            temperature=cfg.temperature,
+            purpose="sample",
+            chain=chain,
+            step=step,
         )
         failures: list[str] = []
         texts: list[tuple[str, str | None]] = []
@@ -389,46 +414,50 @@ class Engine:
                 texts.append((text.strip(), _at(gen.finish_reasons, i)))
         if len(gen.texts) < cfg.width:
             failures.append(f"the backend returned {len(gen.texts)} of {cfg.width} samples")
-        ids = await self._score_and_store(chain, tally, texts, step=step, parent=None, origins=["sample"] * len(texts), failures=failures)
+        ids = await self._score_and_store(
+            chain, tally, texts, step=step, parent=None, origins=["sample"] * len(texts), failures=failures
+        )
         return StepRecord(step=step, kind="sample", candidate_ids=tuple(ids), failures=tuple(failures))
 
     async def _update_step(self, chain: _Chain, step: int, tally: _StepTally) -> StepRecord:
-        cfg, prompts = chain.config, chain.config.prompts
+        prompts = chain.config.prompts
         chosen, rejected = self._select(chain)
-        fallback = cfg.mode == "tpo" and rejected is None
-        kind = "revision" if fallback else cfg.mode
+        fallback = chain.config.mode == "tpo" and rejected is None
+        kind = "revision" if fallback else chain.config.mode
         loss_template = prompts.loss_tpo if kind == "tpo" else prompts.loss_revision
-        critic_tokens = cfg.critic_max_tokens or cfg.max_tokens
-        critic_temp = cfg.critic_temperature if cfg.critic_temperature is not None else cfg.temperature
+        ask = partial(self._ask_critic, chain, step, tally)
         failures: list[str] = []
 
         # Textual loss: a critique of the chosen answer against the rejected one (or on its own).
         conversation = render_conversation(chain.prompt.messages)
-        loss_values = {"conversation": conversation, "chosen": chosen.text, "rejected": rejected.text if rejected else ""}
-        loss = await self._ask_critic(chain, step, tally, "loss", partial(_one_user_message, loss_template), loss_values,
-                                      list(loss_values), n=1, max_tokens=critic_tokens, temperature=critic_temp)
+        loss_values = {
+            "conversation": conversation,
+            "chosen": chosen.text,
+            "rejected": rejected.text if rejected else "",
+        }
+        loss = await ask("loss", partial(_one_user_message, loss_template), loss_values, list(loss_values))
         critique = _first(loss).strip()
         if not critique:
             failures.append("the critique was empty")
 
         # Textual gradient: the loss conversation continued with a request for feedback.
         grad_values = {**loss_values, "critique": critique}
-        build_grad = partial(_gradient_messages, loss_template, prompts.gradient)
-        grad = await self._ask_critic(chain, step, tally, "gradient", build_grad, grad_values, list(grad_values), n=1,
-                                      max_tokens=critic_tokens, temperature=critic_temp)
+        grad = await ask(
+            "gradient", partial(_gradient_messages, loss_template, prompts.gradient), grad_values, list(grad_values)
+        )
         feedback = _first(grad).strip()
         if not feedback:
             failures.append("the feedback was empty")
 
         # Update: width rewrites of the chosen answer that follow the feedback, then scored.
-        upd_values = {"conversation": conversation, "chosen": chosen.text, "critique": critique, "feedback": feedback,
-                      "tag": prompts.tag}
-        update = await self._ask_critic(chain, step, tally, "update", partial(_one_user_message, prompts.update),
-                                        upd_values, ["conversation", "chosen", "critique", "feedback"], n=cfg.width,
-                                        max_tokens=cfg.max_tokens, temperature=cfg.temperature)
-        texts, origins, extraction = _extract_rewrites(update, prompts.tag, cfg.width, failures)
-        ids = await self._score_and_store(chain, tally, texts, step=step, parent=chosen.id, origins=origins,
-                                          failures=failures)
+        upd_values = {"conversation": conversation, "chosen": chosen.text, "critique": critique, "feedback": feedback}
+        update = await ask(
+            "update", partial(_one_user_message, prompts.update), {**upd_values, "tag": prompts.tag}, list(upd_values)
+        )
+        texts, origins, extraction = _extract_rewrites(update, prompts.tag, chain.config.width, failures)
+        ids = await self._score_and_store(
+            chain, tally, texts, step=step, parent=chosen.id, origins=origins, failures=failures
+        )
         return StepRecord(
             step=step,
             kind=kind,  # type: ignore[arg-type]
@@ -472,17 +501,32 @@ class Engine:
         build: Callable[[Mapping[str, str]], tuple[Message, ...]],
         values: Mapping[str, str],
         shrinkable: Sequence[str],
-        *,
-        n: int,
-        max_tokens: int,
-        temperature: float,
     ) -> Generation:
-        """Fit one request to the critic's context window (shortening ``shrinkable`` values if need be), then send it."""
+        """Fit one request to the critic's context window (shortening ``shrinkable`` values if need be), then send it.
+
+        The critique and the feedback are one sample each, with the critic's sampling settings; the
+        update asks for ``width`` rewrites with the policy's.
+        """
+        cfg = chain.config
+        if purpose == "update":
+            n, max_tokens, temperature = cfg.width, cfg.max_tokens, cfg.temperature
+        else:
+            n, max_tokens = 1, cfg.critic_max_tokens or cfg.max_tokens
+            temperature = cfg.critic_temperature if cfg.critic_temperature is not None else cfg.temperature
         budget = self._budgets[id(self.critic)]
         messages, max_tokens, cut = _fit(budget, chain.prompt.id, build, values, shrinkable, max_tokens)
         tally.truncated.update(cut)
-        return await self._generate(self.critic, tally, messages, n=n, max_tokens=max_tokens, temperature=temperature,
-                                    purpose=purpose, chain=chain, step=step)
+        return await self._generate(
+            self.critic,
+            tally,
+            messages,
+            n=n,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            purpose=purpose,
+            chain=chain,
+            step=step,
+        )
 
     async def _generate(
         self,
@@ -556,8 +600,9 @@ class Engine:
             score = Score.failed(str(outcome)) if isinstance(outcome, RunError) else outcome
             value = score.value if score.error is None else None
             if value is not None and not _finite(value):
-                value, score = None, Score.failed(
-                    f"the reward model returned a non-finite score ({score.value!r})", score.details
+                value, score = (
+                    None,
+                    Score.failed(f"the reward model returned a non-finite score ({score.value!r})", score.details),
                 )
             if value is None:
                 tally.reward_failures += 1
@@ -693,7 +738,6 @@ def _gradient_messages(loss_template: str, gradient_template: str, values: Mappi
         Message("assistant", values["critique"]),
         Message("user", render(gradient_template, values)),
     )
-
 
 
 def _fit(

@@ -54,8 +54,10 @@ class Candidate:
     def to_dict(self) -> dict[str, Any]:
         """The JSON form of the candidate: every field by name (see ``docs/result-schema.md``)."""
         # A fresh copy of the details, so that changing the dict does not change the candidate.
-        return {f.name: _json_safe(getattr(self, f.name)) if f.name == "score_details" else getattr(self, f.name)
-                for f in fields(self)}
+        return {
+            f.name: _json_safe(getattr(self, f.name)) if f.name == "score_details" else getattr(self, f.name)
+            for f in fields(self)
+        }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Candidate:

@@ -90,7 +90,9 @@ class WeightedReward:
             weights = [1.0 / len(rewards)] * len(rewards)
         weights = list(weights)
         if len(weights) != len(rewards):
-            raise ConfigError(f"{len(weights)} reward weight(s) for {len(rewards)} rewards; give one weight per reward, in order")
+            raise ConfigError(
+                f"{len(weights)} reward weight(s) for {len(rewards)} rewards; give one weight per reward, in order"
+            )
         for w in weights:
             if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
                 raise ConfigError(f"reward weights must be finite numbers, not {w!r}")
@@ -201,7 +203,9 @@ class WeightedReward:
             else:
                 self._references.move_to_end(prompt_id)
             for k in range(len(self.rewards)):
-                values = {i: float(v) for i in rows if columns[k][i].error is None and (v := columns[k][i].value) is not None}
+                values = {
+                    i: float(v) for i in rows if columns[k][i].error is None and (v := columns[k][i].value) is not None
+                }
                 if not values:
                     continue
                 ref = refs[k]
@@ -276,7 +280,9 @@ class CachedReward:
             try:
                 scores = list(await self.reward.score([requests[i] for i in todo]))
                 if len(scores) != len(todo):
-                    scores = [Score.failed(f"{self.name} returned {len(scores)} scores for {len(todo)} answers")] * len(todo)
+                    scores = [Score.failed(f"{self.name} returned {len(scores)} scores for {len(todo)} answers")] * len(
+                        todo
+                    )
             except BaseException as e:
                 for key, fut in mine.items():
                     self._inflight.pop(key, None)

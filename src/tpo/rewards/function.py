@@ -63,8 +63,9 @@ class PythonRewardOptions(PluginOptions):
     owner: ClassVar[str] = "the python reward"
 
     batched: bool | None = option(None, flag(), "call fn(list_of_messages, list_of_answers) (default: @batched)")
-    concurrency: int | None = option(None, integer(min=1), "calls at once (default: 1, unlimited for async functions)",
-                                     affects_results=False)
+    concurrency: int | None = option(
+        None, integer(min=1), "calls at once (default: 1, unlimited for async functions)", affects_results=False
+    )
 
 
 class PythonReward:
@@ -155,13 +156,19 @@ class PythonReward:
             values = await self._call([_as_dicts(r) for r in requests], [r.answer for r in requests], **kwargs)
         except Exception as e:
             return [Score.failed(f"{self.name} raised {type(e).__name__}: {e}")] * len(requests)
-        if isinstance(values, (str, bytes, Mapping)) or (not isinstance(values, Sequence) and not hasattr(values, "tolist")):
-            return [Score.failed(
-                f"{self.name} is batched but returned {type(values).__name__}, not a list of {len(requests)} numbers"
-            )] * len(requests)
+        if isinstance(values, (str, bytes, Mapping)) or (
+            not isinstance(values, Sequence) and not hasattr(values, "tolist")
+        ):
+            return [
+                Score.failed(
+                    f"{self.name} is batched but returned {type(values).__name__}, not a list of {len(requests)} numbers"
+                )
+            ] * len(requests)
         items = list(values.tolist() if hasattr(values, "tolist") else values)
         if len(items) != len(requests):
-            return [Score.failed(f"{self.name} returned {len(items)} scores for {len(requests)} answers")] * len(requests)
+            return [Score.failed(f"{self.name} returned {len(items)} scores for {len(requests)} answers")] * len(
+                requests
+            )
         return [_to_score(v, self.name) for v in items]
 
     async def _call(self, *args: Any, **kwargs: Any) -> Any:

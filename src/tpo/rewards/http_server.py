@@ -65,7 +65,6 @@ APIS = ("simple", "vllm-pooling", "vllm-classify")
 _ENDPOINTS = {"vllm-pooling": "/pooling", "vllm-classify": "/classify"}
 
 
-
 @dataclass(frozen=True)
 class HTTPRewardOptions(PluginOptions):
     """The options of ``HTTPReward`` (``--reward-option NAME=VALUE``); see the module docstring."""
@@ -76,17 +75,21 @@ class HTTPRewardOptions(PluginOptions):
     model: str | None = option(None, string(), "the model name sent to vLLM")
     # Connection settings (affects_results=False): a resumed batch run may change them.
     timeout_s: float = option(60.0, number(0, min_open=True), "seconds each attempt may take", affects_results=False)
-    max_retries: int = option(4, integer(min=0), "retries after a 429, a 5xx, a timeout or a connection error",
-                              affects_results=False)
+    max_retries: int = option(
+        4, integer(min=0), "retries after a 429, a 5xx, a timeout or a connection error", affects_results=False
+    )
     concurrency: int = option(16, integer(min=1), "requests in flight at once", affects_results=False)
     backoff_s: float = option(0.5, number(0), "the first backoff in seconds, doubling per retry", affects_results=False)
-    max_backoff_s: float = option(30.0, number(0, min_open=True), "the longest backoff in seconds",
-                                  affects_results=False)
-    max_retry_after_s: float = option(300.0, number(0), "the longest Retry-After honoured, in seconds (0: ignore it)",
-                                      affects_results=False)
+    max_backoff_s: float = option(
+        30.0, number(0, min_open=True), "the longest backoff in seconds", affects_results=False
+    )
+    max_retry_after_s: float = option(
+        300.0, number(0), "the longest Retry-After honoured, in seconds (0: ignore it)", affects_results=False
+    )
     headers: Mapping[str, str] | None = option(None, mapping(str), "extra HTTP headers")
-    api_key_env: str | None = option(None, string(), "the environment variable whose key is sent as a bearer token",
-                                     affects_results=False)
+    api_key_env: str | None = option(
+        None, string(), "the environment variable whose key is sent as a bearer token", affects_results=False
+    )
     index: int = option(0, integer(min=0), "which output number is the score")
     raw: bool = option(True, flag(), "ask vLLM for raw logits (use_activation: false)")
     task: str | None = option(None, string(), "vLLM's pooling task, for /pooling (e.g. classify, token_classify)")
@@ -142,15 +145,21 @@ class HTTPReward:
         self._httpx = httpx
         self.url, self.api = _resolve_url(url, opts.api)
         if opts.batched and self.api != "simple":
-            raise ConfigError(f"batched=true is for the simple API; vLLM's {_ENDPOINTS[self.api]} takes one conversation per request")
+            raise ConfigError(
+                f"batched=true is for the simple API; vLLM's {_ENDPOINTS[self.api]} takes one conversation per request"
+            )
         if opts.task is not None and self.api != "vllm-pooling":
-            raise ConfigError("the option task is for vLLM's /pooling endpoint (e.g. task=classify or task=token_classify)")
+            raise ConfigError(
+                "the option task is for vLLM's /pooling endpoint (e.g. task=classify or task=token_classify)"
+            )
         all_headers = dict(opts.headers or {})
         api_key_env = opts.api_key_env
         if api_key_env:
             key = os.environ.get(api_key_env)
             if not key:
-                raise ConfigError(f"the http reward's api_key_env names {api_key_env!r}, but that environment variable is not set")
+                raise ConfigError(
+                    f"the http reward's api_key_env names {api_key_env!r}, but that environment variable is not set"
+                )
             all_headers["Authorization"] = f"Bearer {key}"
         self._headers = all_headers
         self._model = opts.model
@@ -240,10 +249,12 @@ class HTTPReward:
                 f"{self._shown} does not answer: no reply to a trivial request within {self._timeout_s:g} s"
             ) from e
         except httpx.HTTPError as e:
-            raise RewardError(self._scrub(
-                f"{self._shown} cannot be reached ({type(e).__name__}: {e}); "
-                "is the server running, and is the URL right?"
-            )) from e
+            raise RewardError(
+                self._scrub(
+                    f"{self._shown} cannot be reached ({type(e).__name__}: {e}); "
+                    "is the server running, and is the URL right?"
+                )
+            ) from e
         status, fixed_shape = response.status_code, self.api != "simple"
         refused_for_good = 400 <= status < 500 and not self._retry.retryable(status)
         if status in (401, 403, 404, 405) or (fixed_shape and refused_for_good):
@@ -345,7 +356,11 @@ class HTTPReward:
                 last = f"no answer within {self._timeout_s:g} s"
                 self._report(last)
             except httpx.TransportError as e:
-                last = f"cannot connect ({type(e).__name__}: {e})" if isinstance(e, httpx.ConnectError) else f"{type(e).__name__}: {e}"
+                last = (
+                    f"cannot connect ({type(e).__name__}: {e})"
+                    if isinstance(e, httpx.ConnectError)
+                    else f"{type(e).__name__}: {e}"
+                )
                 self._report(last)
             except httpx.HTTPError as e:
                 raise RewardError(f"request to {self._shown} failed: {type(e).__name__}: {e}") from e
@@ -358,7 +373,9 @@ class HTTPReward:
                     try:
                         return response.json(), attempt
                     except ValueError:
-                        raise RewardError(f"{self._shown} answered HTTP {status} with invalid JSON: {_excerpt(response.text)}") from None
+                        raise RewardError(
+                            f"{self._shown} answered HTTP {status} with invalid JSON: {_excerpt(response.text)}"
+                        ) from None
                 last = f"HTTP {status}: {_excerpt(response.text)}"
                 retry_after = self._retry.retry_after_s(response.headers)
                 self._report(last)

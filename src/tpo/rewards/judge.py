@@ -96,7 +96,6 @@ JUDGE_EXAMPLES: tuple[tuple[str, str, int], ...] = (
 )
 
 
-
 @dataclass(frozen=True)
 class JudgeOptions(PluginOptions):
     """The options of ``JudgeReward`` (``--reward-option NAME=VALUE``); see the class for what each does."""
@@ -114,6 +113,7 @@ class JudgeOptions(PluginOptions):
     top_logprobs: int = option(20, integer(min=0), "alternatives per token, from backends with log-probabilities")
     context_window: int | None = option(None, integer(min=256), "the judge's context window (default: its backend's)")
     backend_options: Mapping[str, Any] | None = option(None, mapping(), "options of the judge's backend (judge:SPEC)")
+
 
 _RATING_PATTERNS = (
     re.compile(r"rating\s*(?:[:=]|is|of)?\s*[*_\"']*\s*(\d{1,2})(?!\d)", re.IGNORECASE),
@@ -225,7 +225,9 @@ class JudgeReward:
     """
 
     name: str = "judge"
-    description = "An LLM judge: the policy (or another model) rates each answer 1-10 against a rubric or your --prefer text"
+    description = (
+        "An LLM judge: the policy (or another model) rates each answer 1-10 against a rubric or your --prefer text"
+    )
     uses_policy = True
     supports_n = False
     supports_logprobs = False
@@ -249,7 +251,9 @@ class JudgeReward:
         self.instructions = _checked_template(
             "instructions", JUDGE_INSTRUCTIONS if opts.instructions is None else opts.instructions, {"rubric"}
         )
-        self.case = _checked_template("case", JUDGE_CASE if opts.case is None else opts.case, {"conversation", "answer"})
+        self.case = _checked_template(
+            "case", JUDGE_CASE if opts.case is None else opts.case, {"conversation", "answer"}
+        )
         self.policy = policy
         self.rubric = opts.prefer.strip() if opts.prefer is not None else DEFAULT_RUBRIC
         examples = self.examples = opts.examples
@@ -273,7 +277,10 @@ class JudgeReward:
         if examples:
             for question, reply, rating in JUDGE_EXAMPLES:
                 text = render(self.case, {"conversation": question, "answer": reply})
-                shots += [Message("user", text if shots else self._opening + text), Message("assistant", f"Rating: {rating}")]
+                shots += [
+                    Message("user", text if shots else self._opening + text),
+                    Message("assistant", f"Rating: {rating}"),
+                ]
         self._shots = tuple(shots)
 
     @classmethod

@@ -207,7 +207,9 @@ class SequenceClassifierReward:
         opts = SequenceClassifierOptions.from_options(options)
         target = os.fspath(target).strip() if target else ""
         if not target:
-            raise ConfigError("hf reward: give a model, e.g. hf:Skywork/Skywork-Reward-V2-Qwen3-0.6B or hf:./my-reward-model")
+            raise ConfigError(
+                "hf reward: give a model, e.g. hf:Skywork/Skywork-Reward-V2-Qwen3-0.6B or hf:./my-reward-model"
+            )
         source = _locate(target)
 
         torch, transformers = _require()
@@ -262,11 +264,17 @@ class SequenceClassifierReward:
         text_config = getattr(model.config, "get_text_config", None)
         if callable(text_config) and text_config() is not model.config:
             configs.append(text_config())
-        pad: Any = next((c.pad_token_id for c in reversed(configs) if getattr(c, "pad_token_id", None) is not None), None)
+        pad: Any = next(
+            (c.pad_token_id for c in reversed(configs) if getattr(c, "pad_token_id", None) is not None), None
+        )
         if pad is None:
             pad = tokenizer.pad_token_id
         if pad is None:
-            eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else getattr(model.config, "eos_token_id", None)
+            eos = (
+                tokenizer.eos_token_id
+                if tokenizer.eos_token_id is not None
+                else getattr(model.config, "eos_token_id", None)
+            )
             pad = eos[0] if isinstance(eos, (list, tuple)) and eos else eos
         if pad is None:
             pad = 0  # right padding behind an attention mask: the id itself is never attended to
@@ -454,7 +462,9 @@ class SequenceClassifierReward:
                     dropped += 1
                 enc = build(system, body, answer)
 
-            def shrink(text: str, floor: int, middle: bool, rebuild: Callable[[str], _Encoded]) -> tuple[str, _Encoded, int]:
+            def shrink(
+                text: str, floor: int, middle: bool, rebuild: Callable[[str], _Encoded]
+            ) -> tuple[str, _Encoded, int]:
                 """Cut ``text`` until the input fits or ``text`` is down to ``floor`` tokens."""
                 nonlocal enc
                 total = self._count(text)
@@ -495,7 +505,9 @@ class SequenceClassifierReward:
             "input_tokens": len(enc.ids),
         }
         if len(enc.ids) > limit:
-            return _Encoded([], details=details, error=f"the input does not fit in max_length={limit} tokens even when shortened")
+            return _Encoded(
+                [], details=details, error=f"the input does not fit in max_length={limit} tokens even when shortened"
+            )
         enc.details = details
         return enc
 
@@ -544,7 +556,9 @@ def _locate(target: str) -> str:
     if not path.exists():
         raise ConfigError(f"hf reward: no such model directory {target!r}")
     if not path.is_dir():
-        raise ConfigError(f"hf reward: {target!r} is a file; give the directory that holds config.json and the tokenizer")
+        raise ConfigError(
+            f"hf reward: {target!r} is a file; give the directory that holds config.json and the tokenizer"
+        )
     if not (path / "config.json").is_file():
         raise ConfigError(f"hf reward: {target!r} has no config.json; it is not a saved Transformers model")
     return str(path.resolve())

@@ -69,7 +69,9 @@ class MathReward:
     batching = False
     supports_n = False
     supports_logprobs = False
-    description = "1.0 when the answer's final result matches the reference answer in the prompt's metadata (math-verify)."
+    description = (
+        "1.0 when the answer's final result matches the reference answer in the prompt's metadata (math-verify)."
+    )
     options_class = MathRewardOptions
 
     def __init__(self, *, options: MathRewardOptions | None = None, **kwargs: Any) -> None:
@@ -82,7 +84,10 @@ class MathReward:
             raise MissingDependencyError("math-verify", "math", "The math reward") from e
         self._mv = math_verify
         # One extraction for answers and references alike (a boxed result takes priority).
-        self._extraction = (math_verify.LatexExtractionConfig(boxed_match_priority=0), math_verify.ExprExtractionConfig())
+        self._extraction = (
+            math_verify.LatexExtractionConfig(boxed_match_priority=0),
+            math_verify.ExprExtractionConfig(),
+        )
         self._fields = (field,) if field is not None else DEFAULT_FIELDS
         self._timeout_s = timeout_s
         # math-verify's alarm takes whole seconds.
@@ -112,7 +117,11 @@ class MathReward:
             try:
                 out.append(await asyncio.wait_for(asyncio.to_thread(self._check, r, False), self._timeout_s))
             except asyncio.TimeoutError:
-                out.append(Score.failed(f"checking the answer to prompt {r.prompt_id!r} took longer than {self._timeout_s:g} s"))
+                out.append(
+                    Score.failed(
+                        f"checking the answer to prompt {r.prompt_id!r} took longer than {self._timeout_s:g} s"
+                    )
+                )
         return out
 
     def _check(self, request: ScoreRequest, alarms: bool) -> Score:
@@ -120,11 +129,15 @@ class MathReward:
         if found is None:
             names = " or ".join(repr(f) for f in self._fields)
             hint = "" if len(self._fields) == 1 else " (choose another with --reward-option field=NAME)"
-            return Score.failed(f"prompt {request.prompt_id!r} has no reference answer: its metadata has no {names}{hint}")
+            return Score.failed(
+                f"prompt {request.prompt_id!r} has no reference answer: its metadata has no {names}{hint}"
+            )
         key, reference = found
         gold = self._parse_gold(reference, alarms)
         if not gold:
-            return Score.failed(f"the reference answer of prompt {request.prompt_id!r} ({key}={_short(reference)}) could not be parsed")
+            return Score.failed(
+                f"the reference answer of prompt {request.prompt_id!r} ({key}={_short(reference)}) could not be parsed"
+            )
         mv = self._mv
         predicted = mv.parse(
             request.answer,
@@ -132,7 +145,9 @@ class MathReward:
             parsing_timeout=self._alarm_s if alarms else None,
         )
         correct = bool(predicted) and bool(
-            mv.verify(gold, predicted, float_rounding=self._float_rounding, timeout_seconds=self._alarm_s if alarms else None)
+            mv.verify(
+                gold, predicted, float_rounding=self._float_rounding, timeout_seconds=self._alarm_s if alarms else None
+            )
         )
         return Score(
             1.0 if correct else 0.0,

@@ -97,11 +97,15 @@ class VLLMReward:
         """Wrap a loaded engine; ``method``, ``index`` and ``raw`` as keywords or in ``options``."""
         loading = [k for k in _vllm.EngineOptions.names() if kwargs.get(k) is not None]
         if loading:
-            raise ConfigError(f"{_OWNER}: {', '.join(loading)} apply when from_spec loads the engine, not to a loaded one")
+            raise ConfigError(
+                f"{_OWNER}: {', '.join(loading)} apply when from_spec loads the engine, not to a loaded one"
+            )
         opts = self.options = VLLMRewardOptions.from_options(kwargs, base=options)
         method, index, raw = opts.method, opts.index, opts.raw
         if not callable(getattr(llm, method, None)):
-            raise ConfigError(f"{_OWNER}: this vLLM has no LLM.{method}(); choose the other method ({' or '.join(METHODS)})")
+            raise ConfigError(
+                f"{_OWNER}: this vLLM has no LLM.{method}(); choose the other method ({' or '.join(METHODS)})"
+            )
         self._llm: Any = llm
         self.method = method
         self.index = index
@@ -217,8 +221,10 @@ class VLLMReward:
                 values = values[-1]
             elif prompt_ids is not None and len(values) == len(prompt_ids):
                 values = values[-1:]
-        if not isinstance(values, list) or not values or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) for v in values
+        if (
+            not isinstance(values, list)
+            or not values
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
         ):
             return Score.failed(f"vLLM returned {str(values)[:80]}, not a vector of numbers")
         if self.index >= len(values):
@@ -234,7 +240,7 @@ class VLLMReward:
         answer = {"role": "assistant", "content": request.answer}
         # The oldest user/assistant pair goes first; a system message and the last user turn stay.
         head = messages[:1] if messages and messages[0]["role"] == "system" else []
-        body = messages[len(head):]
+        body = messages[len(head) :]
         dropped = 0
         while True:
             text = tokenizer.apply_chat_template([*head, *body, answer], tokenize=False, add_generation_prompt=False)

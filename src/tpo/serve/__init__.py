@@ -92,8 +92,16 @@ def run(
     """
     # uvicorn annotates the grace period as int, but any number of seconds works (asyncio's timeout).
     grace: Any = grace_s
-    config = uvicorn.Config(app, host=host, port=port, lifespan="on", timeout_graceful_shutdown=grace,
-                            log_level=log_level, server_header=False, backlog=4096)
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        lifespan="on",
+        timeout_graceful_shutdown=grace,
+        log_level=log_level,
+        server_header=False,
+        backlog=4096,
+    )
     server = uvicorn.Server(config)
     with _signals_end_quietly():
         server.run()

@@ -95,8 +95,12 @@ class TPOServer:
             self.no_rubrics = f"the server's reward is {getattr(reward, 'name', type(reward).__name__)}, not a judge"
         critic = MeteredPolicy(models.critic, self.metrics, "critic") if models.critic is not None else None
         # One engine for every request: its dispatchers gather the ready work of all of them.
-        self.engine = Engine(MeteredPolicy(models.policy, self.metrics, "policy"), MeteredReward(reward, self.metrics),
-                             critic=critic, config=config)
+        self.engine = Engine(
+            MeteredPolicy(models.policy, self.metrics, "policy"),
+            MeteredReward(reward, self.metrics),
+            critic=critic,
+            config=config,
+        )
 
     # ------------------------------------------------------------------ the app
 
@@ -135,8 +139,12 @@ class TPOServer:
     async def get_model(self, request: Request) -> JSONResponse:
         name = request.path_params["model"]
         if name not in self.presets:
-            raise APIError(404, f"the model {name!r} does not exist here; served: {', '.join(self.presets)}",
-                           param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"the model {name!r} does not exist here; served: {', '.join(self.presets)}",
+                param="model",
+                code="model_not_found",
+            )
         return JSONResponse(self._model_card(name))
 
     def _model_card(self, name: str) -> dict[str, Any]:
@@ -147,17 +155,28 @@ class TPOServer:
             "object": "model",
             "created": self.created,
             "owned_by": "tpo",
-            "tpo": {"mode": cfg.mode, "width": cfg.width, "depth": cfg.depth, "seed": cfg.seed,
-                    "max_tokens": cfg.max_tokens, "policy": _name(engine.policy),
-                    "critic": _name(engine.critic), "reward": _name(engine.reward)},
+            "tpo": {
+                "mode": cfg.mode,
+                "width": cfg.width,
+                "depth": cfg.depth,
+                "seed": cfg.seed,
+                "max_tokens": cfg.max_tokens,
+                "policy": _name(engine.policy),
+                "critic": _name(engine.critic),
+                "reward": _name(engine.reward),
+            },
         }
 
     async def get_trace(self, request: Request) -> Response:
         trace_id = request.path_params["trace_id"]
         result = self.traces.get(trace_id)
         if result is None:
-            raise APIError(404, f"no trace {trace_id!r}: unknown, or older than the last {self.traces.capacity} kept",
-                           param="trace_id", code="trace_not_found")
+            raise APIError(
+                404,
+                f"no trace {trace_id!r}: unknown, or older than the last {self.traces.capacity} kept",
+                param="trace_id",
+                code="trace_not_found",
+            )
         return Response(result.to_json(), media_type="application/json")
 
     async def health(self, request: Request) -> JSONResponse:
@@ -173,8 +192,9 @@ class TPOServer:
         status = 500
         try:
             try:
-                request = parse_chat_request(await self._read_json(scope, receive), self.presets, self.limits,
-                                             rubrics=self.no_rubrics)
+                request = parse_chat_request(
+                    await self._read_json(scope, receive), self.presets, self.limits, rubrics=self.no_rubrics
+                )
                 slot = self._enter()
             except APIError as e:
                 status = e.status
@@ -202,9 +222,14 @@ class TPOServer:
         except QueueFull:
             # About when a slot frees up: one typical request's time, bounded to something a client will honour.
             retry = min(60, max(1, math.ceil(self._typical_s)))
-            raise APIError(429, f"the server is at capacity: {self.gate.running} prompts running and "
-                                f"{self.gate.waiting} waiting (--max-concurrent, --max-queue); retry later",
-                           type="rate_limit_error", code="queue_full", headers={"retry-after": str(retry)}) from None
+            raise APIError(
+                429,
+                f"the server is at capacity: {self.gate.running} prompts running and "
+                f"{self.gate.waiting} waiting (--max-concurrent, --max-queue); retry later",
+                type="rate_limit_error",
+                code="queue_full",
+                headers={"retry-after": str(retry)},
+            ) from None
 
     async def _read_json(self, scope: Scope, receive: Receive) -> Any:
         limit = self.limits.max_body_bytes
@@ -232,7 +257,11 @@ class TPOServer:
             raise bad_request(f"the request body is not valid JSON: {e}", code="invalid_json") from e
 
     async def _optimize(
-        self, request: ChatRequest, slot: Slot, trace_id: str, deadline: float,
+        self,
+        request: ChatRequest,
+        slot: Slot,
+        trace_id: str,
+        deadline: float,
         on_progress: Callable[[TPOResult], None] | None = None,
     ) -> TPOResult:
         """Wait for a slot, optimise, keep the trace; raise ``APIError`` for every way that fails."""
@@ -255,15 +284,20 @@ class TPOServer:
         except asyncio.TimeoutError:
             timeout = self.limits.request_timeout_s
             if partial is not None:
-                partial = replace(partial, status="failed",
-                                  error=f"timed out after {timeout:g} s (--request-timeout-s)")
+                partial = replace(
+                    partial, status="failed", error=f"timed out after {timeout:g} s (--request-timeout-s)"
+                )
                 self.metrics.record_usage(partial)
                 await self.traces.add(trace_id, partial)
             found = "; the best answer so far is in error.tpo" if partial else ""
-            raise APIError(504, f"the request took longer than this server's limit of {timeout:g} s "
-                                f"(--request-timeout-s){found}",
-                           type="timeout_error", code="request_timeout", partial=partial,
-                           trace_id=trace_id if partial else None) from None
+            raise APIError(
+                504,
+                f"the request took longer than this server's limit of {timeout:g} s (--request-timeout-s){found}",
+                type="timeout_error",
+                code="request_timeout",
+                partial=partial,
+                trace_id=trace_id if partial else None,
+            ) from None
         except UserError as e:  # a per-request option the models cannot take (a template too long for it)
             raise bad_request(str(e)) from e
         finally:
@@ -274,8 +308,9 @@ class TPOServer:
             raise _failure(result, trace_id)
         return result
 
-    async def _respond(self, receive: Receive, send: Send, request: ChatRequest, slot: Slot, trace_id: str,
-                       deadline: float) -> int:
+    async def _respond(
+        self, receive: Receive, send: Send, request: ChatRequest, slot: Slot, trace_id: str, deadline: float
+    ) -> int:
         created = int(time.time())
         work = asyncio.create_task(self._optimize(request, slot, trace_id, deadline))
         gone = asyncio.create_task(_wait_disconnect(receive))
@@ -294,15 +329,17 @@ class TPOServer:
             await _cancel(work, gone)
             slot.leave()  # a task cancelled before it ever ran did not give its place back itself
 
-    async def _stream(self, receive: Receive, send: Send, request: ChatRequest, slot: Slot, trace_id: str,
-                      deadline: float) -> int:
+    async def _stream(
+        self, receive: Receive, send: Send, request: ChatRequest, slot: Slot, trace_id: str, deadline: float
+    ) -> int:
         created = int(time.time())
         events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
 
         async def work() -> None:
             try:
-                result = await self._optimize(request, slot, trace_id, deadline,
-                                              on_progress=lambda r: events.put_nowait(("progress", r)))
+                result = await self._optimize(
+                    request, slot, trace_id, deadline, on_progress=lambda r: events.put_nowait(("progress", r))
+                )
                 events.put_nowait(("done", result))
             except APIError as e:
                 events.put_nowait(("error", e))
@@ -317,11 +354,24 @@ class TPOServer:
         chunk = _Chunks(trace_id, created, request)
         tasks = (asyncio.create_task(work()), asyncio.create_task(watch()))
         try:
-            await send({"type": "http.response.start", "status": 200, "headers": [
-                (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
-                (b"x-accel-buffering", b"no")]})
-            await _sse(send, chunk.make([{"index": 0, "delta": {"role": "assistant", "content": ""}}],
-                                        tpo={"trace_id": trace_id, "status": "running" if slot.ready else "queued"}))
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [
+                        (b"content-type", b"text/event-stream; charset=utf-8"),
+                        (b"cache-control", b"no-cache"),
+                        (b"x-accel-buffering", b"no"),
+                    ],
+                }
+            )
+            await _sse(
+                send,
+                chunk.make(
+                    [{"index": 0, "delta": {"role": "assistant", "content": ""}}],
+                    tpo={"trace_id": trace_id, "status": "running" if slot.ready else "queued"},
+                ),
+            )
             while True:
                 try:
                     kind, payload = await asyncio.wait_for(events.get(), timeout=self.limits.keepalive_s)
@@ -360,8 +410,14 @@ class _Chunks:
         for c in choices:
             c.setdefault("logprobs", None)
             c.setdefault("finish_reason", None)
-        data: dict[str, Any] = {"id": self.trace_id, "object": "chat.completion.chunk", "created": self.created,
-                                "model": self.request.model, "system_fingerprint": None, "choices": choices}
+        data: dict[str, Any] = {
+            "id": self.trace_id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.request.model,
+            "system_fingerprint": None,
+            "choices": choices,
+        }
         if self.request.include_usage:
             data["usage"] = None
         data.update(extra)
@@ -370,10 +426,18 @@ class _Chunks:
     def progress(self, partial: TPOResult) -> dict[str, Any]:
         """An empty delta that clients ignore, with the step just finished in the ``tpo`` extension."""
         last = partial.steps[-1] if partial.steps else None
-        return self.make([{"index": 0, "delta": {}}], tpo={
-            "trace_id": self.trace_id, "status": "step", "step": last.step if last else None,
-            "depth": partial.config.get("depth"), "kind": last.kind if last else None,
-            "best_score": last.best_score if last else None, "candidates": len(partial.candidates)})
+        return self.make(
+            [{"index": 0, "delta": {}}],
+            tpo={
+                "trace_id": self.trace_id,
+                "status": "step",
+                "step": last.step if last else None,
+                "depth": partial.config.get("depth"),
+                "kind": last.kind if last else None,
+                "best_score": last.best_score if last else None,
+                "candidates": len(partial.candidates),
+            },
+        )
 
     def answer(self, result: TPOResult) -> list[dict[str, Any]]:
         answers = ranked_answers(result, self.request.n)
@@ -426,13 +490,17 @@ def _failure(result: TPOResult, trace_id: str) -> APIError:
         message, code = f"the reward model failed: {error}", "reward_error"
     else:
         message, code = f"the policy model failed: {error}", "upstream_error"
-    return APIError(502, message, type="upstream_error", code=code, partial=result if result.answer else None,
-                    trace_id=trace_id)
+    return APIError(
+        502, message, type="upstream_error", code=code, partial=result if result.answer else None, trace_id=trace_id
+    )
 
 
 def _too_large(size: int, limit: int) -> APIError:
-    return APIError(413, f"the request body is {size} bytes, over this server's limit of {limit} (--max-body-bytes)",
-                    code="request_too_large")
+    return APIError(
+        413,
+        f"the request body is {size} bytes, over this server's limit of {limit} (--max-body-bytes)",
+        code="request_too_large",
+    )
 
 
 def _name(obj: object) -> str:
@@ -483,12 +551,30 @@ async def _http_error(request: Request, exc: Exception) -> Response:
         message = f"{request.method} is not allowed on {request.url.path}"
     else:
         message = str(detail)
-    return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "param": None,
-                                   "code": "not_found" if status == 404 else None}},
-                        status_code=status, headers=getattr(exc, "headers", None))
+    return JSONResponse(
+        {
+            "error": {
+                "message": message,
+                "type": "invalid_request_error",
+                "param": None,
+                "code": "not_found" if status == 404 else None,
+            }
+        },
+        status_code=status,
+        headers=getattr(exc, "headers", None),
+    )
 
 
 async def _server_error(request: Request, exc: Exception) -> Response:
     log.error("internal error on %s %s: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
-    return JSONResponse({"error": {"message": f"internal error: {type(exc).__name__}", "type": "server_error",
-                                   "param": None, "code": None}}, status_code=500)
+    return JSONResponse(
+        {
+            "error": {
+                "message": f"internal error: {type(exc).__name__}",
+                "type": "server_error",
+                "param": None,
+                "code": None,
+            }
+        },
+        status_code=500,
+    )

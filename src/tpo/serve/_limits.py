@@ -33,8 +33,15 @@ class ServeLimits:
     keepalive_s: float = 15.0
 
     def __post_init__(self) -> None:
-        for name, low in (("max_width", 1), ("max_depth", 0), ("max_n", 1), ("max_concurrent", 1), ("max_queue", 0),
-                          ("max_body_bytes", 64), ("max_traces", 1)):
+        for name, low in (
+            ("max_width", 1),
+            ("max_depth", 0),
+            ("max_n", 1),
+            ("max_concurrent", 1),
+            ("max_queue", 0),
+            ("max_body_bytes", 64),
+            ("max_traces", 1),
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"serve limits: {name} must be an integer of at least {low}, not {value!r}")
@@ -52,8 +59,11 @@ class ServeLimits:
 
     def check_config(self, config: TPOConfig) -> None:
         """Raise ``ConfigError`` when the server's own defaults break its limits (every request would)."""
-        for name, value, limit in (("width", config.width, self.max_width), ("depth", config.depth, self.max_depth),
-                                   ("max_tokens", config.max_tokens, self.request_tokens(config))):
+        for name, value, limit in (
+            ("width", config.width, self.max_width),
+            ("depth", config.depth, self.max_depth),
+            ("max_tokens", config.max_tokens, self.request_tokens(config)),
+        ):
             if value > limit:
                 raise ConfigError(
                     f"the server's {name} {value} is over its own limit of {limit}; raise the limit or lower it"

@@ -20,20 +20,40 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter("tpo_requests", "Chat completion requests answered, by HTTP status "
-                                "(499: the client disconnected first).", ["status"], registry=r)
+        self.requests = Counter(
+            "tpo_requests",
+            "Chat completion requests answered, by HTTP status (499: the client disconnected first).",
+            ["status"],
+            registry=r,
+        )
         self.in_flight = Gauge("tpo_prompts_in_flight", "Prompts being optimised now.", registry=r)
         self.queued = Gauge("tpo_queue_length", "Requests waiting for a free slot.", registry=r)
-        self.request_latency = Histogram("tpo_request_latency_seconds", "Time from a request's arrival to its answer.",
-                                         buckets=_SECONDS_BUCKETS, registry=r)
-        self.step_latency = Histogram("tpo_step_latency_seconds", "Wall time of one step of one prompt, by kind.",
-                                      ["kind"], buckets=_SECONDS_BUCKETS, registry=r)
-        self.tokens = Counter("tpo_tokens", "Tokens spent by policy and critic calls, by kind (prompt, completion).",
-                              ["kind"], registry=r)
-        self.backend_calls = Counter("tpo_backend_calls", "Calls to the models, by role (policy, critic, reward).",
-                                     ["role"], registry=r)
-        self.batch_size = Histogram("tpo_backend_batch_size", "Requests per call to the models, by role.", ["role"],
-                                    buckets=_BATCH_BUCKETS, registry=r)
+        self.request_latency = Histogram(
+            "tpo_request_latency_seconds",
+            "Time from a request's arrival to its answer.",
+            buckets=_SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.step_latency = Histogram(
+            "tpo_step_latency_seconds",
+            "Wall time of one step of one prompt, by kind.",
+            ["kind"],
+            buckets=_SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.tokens = Counter(
+            "tpo_tokens", "Tokens spent by policy and critic calls, by kind (prompt, completion).", ["kind"], registry=r
+        )
+        self.backend_calls = Counter(
+            "tpo_backend_calls", "Calls to the models, by role (policy, critic, reward).", ["role"], registry=r
+        )
+        self.batch_size = Histogram(
+            "tpo_backend_batch_size",
+            "Requests per call to the models, by role.",
+            ["role"],
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
         for kind in ("prompt", "completion"):
             self.tokens.labels(kind=kind)
 

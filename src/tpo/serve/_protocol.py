@@ -42,8 +42,21 @@ _UNSUPPORTED = {
 }
 #: OpenAI parameters that change nothing here and are accepted as they are.
 _IGNORED = ("user", "metadata", "store", "service_tier", "parallel_tool_calls", "safety_identifier", "prompt_cache_key")
-_KNOWN = {"model", "messages", "stream", "stream_options", "n", "temperature", "top_p", "max_tokens",
-          "max_completion_tokens", "seed", "tpo", *_IGNORED, *_UNSUPPORTED}
+_KNOWN = {
+    "model",
+    "messages",
+    "stream",
+    "stream_options",
+    "n",
+    "temperature",
+    "top_p",
+    "max_tokens",
+    "max_completion_tokens",
+    "seed",
+    "tpo",
+    *_IGNORED,
+    *_UNSUPPORTED,
+}
 
 
 @dataclass(frozen=True)
@@ -77,8 +90,12 @@ def parse_chat_request(
     if not isinstance(model, str) or not model:
         raise bad_request("model is required: the name of one of the served presets (GET /v1/models)", "model")
     if model not in presets:
-        raise APIError(404, f"the model {model!r} does not exist here; served: {', '.join(presets)}",
-                       param="model", code="model_not_found")
+        raise APIError(
+            404,
+            f"the model {model!r} does not exist here; served: {', '.join(presets)}",
+            param="model",
+            code="model_not_found",
+        )
     base = presets[model]
     ext = body.get("tpo")
     if ext is None:
@@ -87,8 +104,9 @@ def parse_chat_request(
         raise bad_request(f"tpo must be an object of method parameters, not {_kind(ext)}", "tpo")
     for key in ext:
         if key not in TPO_KEYS:
-            raise bad_request(f"tpo.{key} is not a method parameter; known: {', '.join(TPO_KEYS)}", f"tpo.{key}",
-                              "unknown_parameter")
+            raise bad_request(
+                f"tpo.{key} is not a method parameter; known: {', '.join(TPO_KEYS)}", f"tpo.{key}", "unknown_parameter"
+            )
 
     options: dict[str, Any] = {}
     if ext.get("mode") is not None:
@@ -148,8 +166,12 @@ def prompt_id(messages: Sequence[Message], metadata: Mapping[str, Any]) -> str:
     Seeds derive from the prompt id, so the same request with the same seed gets the same
     answer, streamed or not, on any server with the same models.
     """
-    data = json.dumps({"messages": [m.as_dict() for m in messages], "metadata": metadata}, sort_keys=True,
-                      ensure_ascii=False, separators=(",", ":"))
+    data = json.dumps(
+        {"messages": [m.as_dict() for m in messages], "metadata": metadata},
+        sort_keys=True,
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
     return "p" + hashlib.blake2b(data.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
 
 
@@ -211,8 +233,9 @@ def _include_usage(options: Any, stream: bool) -> bool:
         raise bad_request("stream_options is only allowed with stream: true", "stream_options")
     value = options.get("include_usage", False)
     if not isinstance(value, bool):
-        raise bad_request(f"stream_options.include_usage must be true or false, not {value!r}",
-                          "stream_options.include_usage")
+        raise bad_request(
+            f"stream_options.include_usage must be true or false, not {value!r}", "stream_options.include_usage"
+        )
     return value
 
 
@@ -262,8 +285,7 @@ def ranked_answers(result: TPOResult, n: int) -> list[Candidate]:
     best = result.best
     if best is None:
         return []
-    others = sorted((c for c in result.candidates if c.score is not None and c.id != best.id),
-                    key=lambda c: -c.score)  # type: ignore[operator]  # only scored candidates
+    others = sorted((c for c in result.candidates if c.score is not None and c.id != best.id), key=lambda c: -c.score)  # type: ignore[operator]  # only scored candidates
     return [best, *others][:n]
 
 
@@ -275,8 +297,11 @@ def finish_reason(candidate: Candidate) -> str:
 def usage_of(result: TPOResult) -> dict[str, int]:
     """OpenAI usage: every token of every policy and critic call the optimisation made."""
     u = result.usage
-    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-            "total_tokens": u.prompt_tokens + u.completion_tokens}
+    return {
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.prompt_tokens + u.completion_tokens,
+    }
 
 
 def tpo_extension(result: TPOResult, trace_id: str, answers: Sequence[Candidate]) -> dict[str, Any]:
@@ -307,8 +332,12 @@ def completion_body(result: TPOResult, request: ChatRequest, trace_id: str, crea
         "model": request.model,
         "system_fingerprint": None,
         "choices": [
-            {"index": i, "message": {"role": "assistant", "content": c.text, "refusal": None},
-             "logprobs": None, "finish_reason": finish_reason(c)}
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": c.text, "refusal": None},
+                "logprobs": None,
+                "finish_reason": finish_reason(c),
+            }
             for i, c in enumerate(answers)
         ],
         "usage": usage_of(result),
