@@ -24,7 +24,7 @@ from ..batch.datasets import AUTO, AUTO_ID_FIELDS, FORMATS, read_prompts
 from ..batch.fail_fast import DEFAULT_FAIL_FAST_AFTER
 from ..batch.runner import BatchObserver, BatchRun, BatchState, BatchSummary, sidecar_dir
 from ..config import TPOConfig
-from ..models import DEFAULT_REWARD
+from ..models import DEFAULT_REWARD, Models
 from ..result import TPOResult
 from ._common import build_config, build_models, method_options, model_options, replica_lines, with_errors
 from ._terminal import for_terminal
@@ -220,7 +220,8 @@ def batch_command(input_path: str, output: Path, **params: Any) -> None:
         sys.exit(1)
 
 
-async def _run(run: BatchRun, models: Any) -> BatchSummary:
+async def _run(run: BatchRun | Any, models: Models) -> Any:
+    """``run.arun`` with ``models`` (a batch run or a sweep), stoppable by SIGTERM; the models are closed after."""
     _SIGTERM.task = asyncio.current_task()
     try:
         return await run.arun(models.policy, models.reward, critic=models.critic)

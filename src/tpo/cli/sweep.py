@@ -23,10 +23,10 @@ from ..result import TPOResult
 from ._common import build_config, build_models, with_errors
 from ._terminal import for_terminal
 from .batch import (
-    _SIGTERM,
     PLAIN_LOG_INTERVAL_S,
     _id_field,
     _models_fingerprint,
+    _run,
     _settings,
     _stop_on_sigterm,
     _Terminated,
@@ -209,21 +209,6 @@ def sweep_command(
 
 # The rest of `tpo batch`'s options, shared as they are: a new batch option is a sweep option too.
 sweep_command.params.extend(p for p in batch_command.params if p.name not in _REPLACED)
-
-
-async def _run(sweep: Sweep, models: Any) -> SweepSummary:
-    _SIGTERM.task = asyncio.current_task()
-    try:
-        return await sweep.arun(models.policy, models.reward, critic=models.critic)
-    except asyncio.CancelledError:
-        if _SIGTERM.received:
-            raise _Terminated from None
-        raise
-    finally:
-        try:
-            await models.aclose()
-        finally:
-            _SIGTERM.task = None
 
 
 # ---------------------------------------------------------------------------- progress
