@@ -183,3 +183,24 @@ def test_flops_use_each_model_s_size_and_none_when_one_is_unknown() -> None:
     bad.parameter_count = "8B"  # type: ignore[attr-defined]
     with pytest.raises(tpo.ConfigError, match="parameter_count must be a positive number"):
         run(bad)
+
+
+def test_a_prompt_with_fewer_scored_samples_stays_on_the_curve_with_the_best_of_all_it_has() -> None:
+    """The same prompts all along the curve: one with a failed score is capped, not dropped."""
+
+    def score(messages: Any, answer: str) -> float | None:
+        return (
+            None
+            if "Question 0" in messages[-1].content and answer.startswith("Answer 3")
+            else hash_score(messages, answer)
+        )
+
+    prompts = [tpo.Prompt.of(f"Question {i}", id=f"q{i}") for i in range(3)]
+    results = tuple(
+        tpo.optimize_many(prompts, policy=ScriptedPolicy(pure_reply), reward=FunctionReward(score), mode="bon", width=4)
+    )
+    curve = best_of_curve(Run("x.jsonl", run_label(list(results)), results))
+    by_id = {r.prompt_id: sorted(c.score for c in r.candidates if c.score is not None) for r in results}
+    assert len(by_id["q0"]) == 3
+    # At n = 4 the capped prompt contributes its best of three: the mean over all three prompts.
+    assert curve[-1].reward == pytest.approx(statistics.fmean(max(s) for s in by_id.values()))

@@ -426,3 +426,31 @@ def test_the_sweep_command_refuses_a_bad_grid(tmp_path: Path) -> None:
         cli, ["sweep", str(data), "-o", str(tmp_path / "g"), "--mode", "tpo,dpo", "--width", "2", "--depth", "1"]
     )
     assert r.exit_code == 2 and "dpo" in r.output
+
+
+def test_a_tie_in_the_last_step_is_broken_as_a_run_of_that_depth_breaks_it() -> None:
+    """Rewrites that repeat an earlier answer, all scored alike: the derived answer is the real run's."""
+
+    def repeating(request: GenerationRequest) -> list[str]:
+        if request.purpose == "sample":
+            return ["old answer", "other answer"][: request.n]
+        if request.purpose == "update":
+            return [f"<improved_reply>{t}</improved_reply>" for t in ("new answer", "old answer")][: request.n]
+        return ["Be more specific."]
+
+    def run(depth: int) -> list[tpo.TPOResult]:
+        return list(
+            tpo.optimize_many(
+                _prompts(2),
+                policy=ScriptedPolicy(repeating),
+                reward=FunctionReward(lambda messages, answer: 1.0),
+                width=2,
+                depth=depth,
+                final_from="last_step",
+            )
+        )
+
+    deep = {r.prompt_id: r for r in run(3)}
+    for r in run(1):
+        assert r.answer == "new answer"  # the engine takes the first of the last step's ties
+        assert strip_timings(first_steps(deep[r.prompt_id], 1).to_dict()) == strip_timings(r.to_dict())

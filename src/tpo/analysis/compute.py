@@ -205,8 +205,8 @@ def best_of_curve(run: Run, ns: Sequence[int] | None = None) -> tuple[ComputePoi
     for n in ns if ns is not None else range(1, largest + 1):
         if n < 1:
             raise InputError(f"best-of-{n}: n must be at least 1")
-        used = [p for p in prompts if len(p.scores) >= n]
-        rewards = [expected_best_of(p.scores, n) for p in used]
+        used = prompts  # a prompt with fewer than n scored samples takes the best of all it has
+        rewards = [expected_best_of(p.scores, min(n, len(p.scores))) for p in used]
         flops = [
             p.prompt_flops + n * p.sample_flops
             for p in used

@@ -44,7 +44,7 @@ from typing import Any, Literal
 
 from .._redact import redact
 from ..config import MODES, TPOConfig
-from ..engine.algorithm import Engine
+from ..engine.algorithm import Engine, _best_of
 from ..engine.store import CandidateStore
 from ..errors import ConfigError
 from ..protocols import PolicyBackend, RewardModel
@@ -193,9 +193,8 @@ def first_steps(result: TPOResult, depth: int) -> TPOResult:
     store = CandidateStore(candidates)
     final = store.best()
     if result.config.get("final_from") == "last_step":
-        last = set(steps[-1].candidate_ids)
-        pool = [c for c in candidates if c.id in last and c.score is not None]
-        final = max(pool, key=lambda c: c.score) if pool else final  # type: ignore[arg-type,return-value]
+        # The engine's own choice, ties broken the same way as a run of that depth breaks them.
+        final = _best_of(store, steps[-1].candidate_ids) or final
     usage = steps[-1].cumulative if steps[-1].cumulative is not None else _sum(s.usage for s in steps)
     return replace(
         result,
@@ -214,6 +213,10 @@ def first_steps(result: TPOResult, depth: int) -> TPOResult:
 
 def first_samples(result: TPOResult, n: int) -> TPOResult:
     """A best-of-``n`` result from a best-of-N one: its first ``n`` samples, the best of them as the answer.
+
+    "First" counts the samples that came back with text: an empty sample has no candidate, so
+    when the first ``n`` include an empty one, the derived run has ``n`` answers where a real
+    best-of-``n`` run would have had fewer (slightly optimistic, and only with empty samples).
 
     Usage is scaled: the one sampling request, ``n`` sequences, its prompt tokens, and
     ``n / N`` of its generated tokens, time and FLOPs.
