@@ -325,3 +325,26 @@ def test_a_failure_left_behind_on_leaving_early_is_not_reported_as_never_retriev
     run(main)
     gc.collect()
     assert reported == []
+
+
+def test_a_slow_source_does_not_hold_back_results_that_are_ready() -> None:
+    """A producer that sends its next item only after it has seen a result must not wait forever."""
+
+    async def go() -> list[int]:
+        got_one = asyncio.Event()
+
+        async def producer() -> AsyncIterator[int]:
+            yield 1
+            await got_one.wait()  # the next item depends on the first result
+            yield 2
+
+        async def double(x: int) -> int:
+            return 2 * x
+
+        out = []
+        async for result in bounded_map(double, producer(), limit=4):
+            out.append(result)
+            got_one.set()
+        return out
+
+    assert asyncio.run(asyncio.wait_for(go(), timeout=5)) == [2, 4]

@@ -562,3 +562,40 @@ def test_requests_are_not_slowed_by_the_server_itself(serve: Callable[..., Uvico
         c.chat.completions.create(model="tpo", messages=[{"role": "user", "content": f"q{i}"}])
     assert (time.perf_counter() - t0) / 20 < 0.04  # about 2 ms on a laptop core
     assert json.loads(httpx.get(f"{server.root_url}/health").text)["prompts_in_flight"] == 0
+
+
+def test_hostile_bodies_and_numbers_get_400_not_500(serve: Callable[..., UvicornThread]) -> None:
+    server = serve(api_keys=(KEY,))
+    url = f"{server.base_url}/chat/completions"
+    headers = {"Authorization": f"Bearer {KEY}", "content-type": "application/json"}
+    nested = httpx.post(url, content=b"[" * 100_000 + b"]" * 100_000, headers=headers)
+    assert nested.status_code == 400 and "nests too deeply" in error_of(nested)["message"]
+    messages = [{"role": "user", "content": "hi"}]
+    for field in ("temperature", "top_p"):
+        body = json.dumps({"model": "tpo", "messages": messages})[:-1] + f', "{field}": 1{"0" * 400}}}'
+        huge = httpx.post(url, content=body.encode(), headers=headers)
+        assert huge.status_code == 400, huge.text
+        assert error_of(huge)["param"] == field and "huge integer" in error_of(huge)["message"]
+
+
+def test_an_empty_or_short_key_is_refused_and_an_empty_bearer_never_passes(serve: Callable[..., UvicornThread]) -> None:
+    models = Models(ScriptedPolicy(), None, FunctionReward(hash_score))
+    for keys in (("",), ("short",), (KEY, " ")):
+        with pytest.raises(tpo.ConfigError, match="at least 8 characters"):
+            create_app(models, api_keys=keys)
+    server = serve(api_keys=(KEY,))
+    bare = httpx.get(f"{server.base_url}/models", headers={"Authorization": "Bearer"})
+    assert bare.status_code == 401
+
+
+def test_a_server_whose_templates_cannot_fit_its_model_fails_at_start_up() -> None:
+    """Not with a 400 to every client that blames the client's request."""
+    models = Models(ScriptedPolicy(pure_reply, window=600), None, FunctionReward(hash_score))
+    app = create_app(models, TPOConfig(width=3, depth=1, max_tokens=300))
+
+    async def start() -> None:
+        async with app.router.lifespan_context(app):
+            pass
+
+    with pytest.raises(tpo.ConfigError, match="does not fit"):
+        asyncio.run(start())

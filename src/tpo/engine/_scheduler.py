@@ -38,20 +38,38 @@ async def _run(
     running: dict[asyncio.Task[R], int] = {}  # each task's start number, for a stable order among ties
     numbers = itertools.count()
     ready: list[asyncio.Task[R]] = []
+    # An async source is read in a task of its own, so that a slow source never holds back results
+    # that are ready (a producer that waits for a result before sending more would wait forever).
+    reading: asyncio.Future[T] | None = None
     exhausted = False
     try:
         while True:
             while not exhausted and len(running) < limit:
-                try:
-                    item = await source.__anext__() if isinstance(source, AsyncIterator) else next(source)
-                except (StopIteration, StopAsyncIteration):
-                    exhausted = True
-                    break
+                if isinstance(source, AsyncIterator):
+                    if reading is None:
+                        reading = asyncio.ensure_future(source.__anext__())
+                    if not reading.done():
+                        break
+                    done_read, reading = reading, None
+                    try:
+                        item = done_read.result()
+                    except StopAsyncIteration:
+                        exhausted = True
+                        break
+                else:
+                    try:
+                        item = next(source)
+                    except StopIteration:
+                        exhausted = True
+                        break
                 running[asyncio.create_task(fn(item))] = next(numbers)
-            if not running:
+            if not running and reading is None:
                 return
-            done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-            ready = sorted(done, key=running.__getitem__)
+            waiting: set[asyncio.Future[Any]] = set(running)
+            if reading is not None:
+                waiting.add(reading)
+            done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            ready = sorted((task for task in running if task in done), key=running.__getitem__)
             for task in ready:
                 del running[task]
             while ready:
@@ -60,7 +78,10 @@ async def _run(
         for task in ready:  # finished, but left behind by an error or the consumer stopping
             if not task.cancelled():
                 task.exception()  # retrieved, so asyncio does not log it as never retrieved
-        for task in running:
-            task.cancel()
-        if running:
-            await asyncio.gather(*running, return_exceptions=True)
+        pending: list[asyncio.Future[Any]] = [*running]
+        if reading is not None:
+            pending.append(reading)
+        for future in pending:
+            future.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)

@@ -209,6 +209,14 @@ class Engine:
 
     # ------------------------------------------------------------------ set-up
 
+    async def prepare(self) -> None:
+        """Learn the models' context windows and check that the templates fit them, on the running loop.
+
+        Optional: the first call that optimises does the same. A long-lived caller (``tpo serve``)
+        calls it at start-up, so that a configuration that cannot work fails there.
+        """
+        await self._prepare()
+
     async def _prepare(self) -> None:
         """Build the dispatchers of the running event loop and the context budgets, once per loop."""
         loop = asyncio.get_running_loop()

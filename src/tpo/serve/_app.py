@@ -25,7 +25,7 @@ from starlette.types import Receive, Scope, Send
 
 from ..config import MODES, TPOConfig
 from ..engine.algorithm import Engine
-from ..errors import ConfigError, UserError
+from ..errors import ConfigError, RunError, UserError
 from ..models import Models, aclose_each
 from ..result import TPOResult
 from ..rewards.judge import JudgeReward
@@ -125,6 +125,9 @@ class TPOServer:
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
         try:
+            # Fit the server's own templates to the models' windows now: a misconfigured server
+            # must fail at start-up, not answer every request with an error that blames the client.
+            await self.engine.prepare()
             yield
         finally:
             await self.traces.aclose()
@@ -253,6 +256,8 @@ class TPOServer:
             raise bad_request("the request body is empty; send the chat completion request as JSON")
         try:
             return json.loads(raw)
+        except RecursionError:
+            raise bad_request("the request body nests too deeply to be a chat completion request") from None
         except ValueError as e:  # UnicodeDecodeError included
             raise bad_request(f"the request body is not valid JSON: {e}", code="invalid_json") from e
 
@@ -300,6 +305,8 @@ class TPOServer:
             ) from None
         except UserError as e:  # a per-request option the models cannot take (a template too long for it)
             raise bad_request(str(e)) from e
+        except RunError as e:  # the models failed before the engine could start (the policy server is down)
+            raise APIError(502, str(e), type="upstream_error", code="upstream_error") from e
         finally:
             slot.leave()
         self.metrics.record_usage(result)

@@ -56,12 +56,17 @@ class KeyCheck:
     """Accepts a bearer key when it equals one of ``keys``; every key is compared, each in constant time."""
 
     def __init__(self, keys: Iterable[str]) -> None:
-        self._keys = tuple(k.encode("utf-8") for k in keys)
+        keys = tuple(keys)
+        if any(not isinstance(k, str) or len(k.strip()) < 8 for k in keys):
+            raise ConfigError("every API key the server accepts must be a string of at least 8 characters")
+        self._keys = tuple(k.strip().encode("utf-8") for k in keys)
 
     def __repr__(self) -> str:
         return f"KeyCheck({len(self._keys)} keys)"
 
     def accepts(self, given: bytes) -> bool:
+        if not given:
+            return False
         ok = False
         for key in self._keys:
             ok |= hmac.compare_digest(key, given)

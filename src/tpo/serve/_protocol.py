@@ -130,7 +130,7 @@ def parse_chat_request(
     if max_tokens is not None:
         options["max_tokens"] = max_tokens
     try:
-        config = base.with_options(**options)
+        config = base.with_options(**options) if options else base
     except ConfigError as e:
         raise bad_request(str(e), "tpo") from e
 
@@ -250,8 +250,13 @@ def _int_in(value: Any, name: str, low: int, high: int, option: str) -> int:
 
 
 def _number_in(value: Any, name: str, low: float, high: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise bad_request(f"{name} must be a number, not {value!r}", name)
+    try:
+        finite = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    except OverflowError:  # an integer too large for a float (10**400)
+        finite = False
+    if not finite:
+        shown = repr(value) if not isinstance(value, int) or value.bit_length() < 64 else "a huge integer"
+        raise bad_request(f"{name} must be a number, not {shown}", name)
     if not low <= value <= high:
         raise bad_request(f"{name} must be from {low:g} to {high:g}, not {value}", name)
     return float(value)
