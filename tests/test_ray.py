@@ -13,6 +13,7 @@ and resumed, ends with the results of an uninterrupted run.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import os
 import signal
@@ -218,7 +219,9 @@ async def _run_killing(models: tpo.Models, kill: Any, after_requests: int) -> di
     async def killer() -> None:
         while sum(r.requests for r in models.policy.replica_reports()) < after_requests:  # type: ignore[union-attr]
             await asyncio.sleep(0.005)
-        kill()
+        killed = kill()
+        if inspect.isawaitable(killed):
+            await killed
 
     task = asyncio.ensure_future(killer())
     out = {}
@@ -236,10 +239,14 @@ def test_a_replica_killed_mid_run_loses_nothing(ray_address: str, reward_model: 
         models = _ray_models(reward_model)
         try:
 
-            def kill() -> None:
-                # One policy replica (restarted by Ray: max_restarts=3) and one reward replica, mid-call.
-                ray.kill(models.policy._pool._replicas[0].actor, no_restart=False)  # type: ignore[union-attr]
-                ray.kill(models.reward._pool._replicas[1].actor, no_restart=False)  # type: ignore[union-attr]
+            async def kill() -> None:
+                # One policy replica (restarted by Ray: max_restarts=3) and one reward replica, each while a
+                # call is in flight on it: a replica killed between calls may be back before its next one.
+                for pool, i in ((models.policy._pool, 0), (models.reward._pool, 1)):  # type: ignore[union-attr]
+                    replica = pool._replicas[i]
+                    while replica.in_flight == 0:
+                        await asyncio.sleep(0.001)
+                    ray.kill(replica.actor, no_restart=False)
 
             out = await _run_killing(models, kill, after_requests=30)
             return out, models.policy.replica_reports(), models.reward.replica_reports()  # type: ignore[union-attr]

@@ -197,6 +197,15 @@ class ActorPool:
 
     # ------------------------------------------------------------------ calls
 
+    async def run(
+        self, method: str, items: Sequence[Any], costs: Sequence[float], sequences: Callable[[Any], int]
+    ) -> list[Any]:
+        """``method`` over ``items``, results in order: in chunks for a batching model, else one call per item."""
+        if self.info["batching"]:
+            return await self.run_batch(method, items, costs, sequences)
+        calls = [self.run_one(method, x, c, sequences(x)) for x, c in zip(items, costs, strict=True)]
+        return list(await asyncio.gather(*calls))
+
     async def run_batch(
         self, method: str, items: Sequence[Any], costs: Sequence[float], sequences: Callable[[Any], int]
     ) -> list[Any]:

@@ -12,7 +12,6 @@ re-sends the requests of a replica that dies. From Python::
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from typing import Any
 
@@ -69,10 +68,7 @@ class RayPolicy:
     async def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
         """One ``Generation`` per request, in order, from whichever replicas were free."""
         costs = [generation_cost(r) for r in requests]
-        if self.batching:
-            return await self._pool.run_batch("generate", requests, costs, lambda r: int(r.n))
-        calls = [self._pool.run_one("generate", r, c, r.n) for r, c in zip(requests, costs, strict=True)]
-        return list(await asyncio.gather(*calls))
+        return await self._pool.run("generate", requests, costs, lambda r: int(r.n))
 
     async def context_window(self) -> int | None:
         """The replicated backend's context window (the smallest any replica reported)."""

@@ -10,7 +10,6 @@ option goes to the replicated reward model. From Python::
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from typing import Any
 
@@ -59,10 +58,7 @@ class RayReward:
     async def score(self, requests: Sequence[ScoreRequest]) -> list[Score]:
         """One ``Score`` per request, in order, from whichever replicas were free."""
         costs = [score_cost(r) for r in requests]
-        if self.batching:
-            return await self._pool.run_batch("score", requests, costs, lambda r: 1)
-        calls = [self._pool.run_one("score", r, c, 1) for r, c in zip(requests, costs, strict=True)]
-        return list(await asyncio.gather(*calls))
+        return await self._pool.run("score", requests, costs, lambda r: 1)
 
     async def preflight(self) -> None:
         """The replicated reward model's pre-flight check, on every replica."""
