@@ -14,6 +14,7 @@ __all__ = [
     "Message",
     "Prompt",
     "PromptLike",
+    "ReplicaReport",
     "SamplingParams",
     "Score",
     "ScoreRequest",
@@ -189,3 +190,25 @@ class Score:
     def failed(cls, error: str, details: Mapping[str, Any] | None = None) -> Score:
         """A score that could not be computed."""
         return cls(None, error, details)
+
+
+@dataclass(frozen=True)
+class ReplicaReport:
+    """One replica's share of a run so far, as a model spread over replicas (servers or Ray actors) reports it.
+
+    Such a policy or reward has a method ``replica_reports() -> list[ReplicaReport]``; ``tpo run``
+    and ``tpo batch`` show one line per replica after a run.
+    """
+
+    #: Where it is: a server's URL (credentials masked) or a Ray actor's host and process.
+    label: str
+    #: ``up``, ``cooling off`` (set aside after failures, probed again later), ``restarting`` or ``dead``.
+    state: str
+    #: Requests it completed (a generation request for ``n`` answers counts once).
+    requests: int
+    #: Sequences it produced (``n`` per generation request; one per score).
+    sequences: int
+    #: Calls or attempts that failed on it (and were sent to another replica, or retried).
+    failures: int = 0
+    #: The last failure, for the message when no replica is left.
+    last_error: str | None = None

@@ -35,9 +35,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from .._replica_report import ReplicaReport
 from ..errors import BackendError, ConfigError, RewardError, RunError
-from ..types import Generation, GenerationRequest, Message, Score, ScoreRequest
+from ..types import Generation, GenerationRequest, Message, ReplicaReport, Score, ScoreRequest
 
 __all__ = ["ReplicaPool", "ReplicatedPolicy", "ReplicatedReward", "joined_urls", "split_urls"]
 

@@ -33,10 +33,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-from .._replica_report import ReplicaReport
 from ..errors import BackendError, ConfigError, MissingDependencyError, RewardError, RunError, TPOError
 from ..options import PluginOptions, integer, mapping, number, option, string
 from ..registry import BACKENDS_GROUP, REWARDS_GROUP, load_plugin, split_spec
+from ..types import ReplicaReport
 from .actor import Kind, ReplicaActor
 
 __all__ = ["ActorPool", "RayOptions", "import_ray", "next_chunk", "split_ray_options"]

@@ -16,9 +16,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from .._ray.pool import ActorPool, RayOptions
-from .._replica_report import ReplicaReport
 from ..engine._budget import estimate_messages
-from ..types import Generation, GenerationRequest
+from ..types import Generation, GenerationRequest, ReplicaReport
 
 __all__ = ["RayPolicy"]
 

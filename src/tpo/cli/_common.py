@@ -10,12 +10,12 @@ from typing import Any, TypeVar
 
 import click
 
-from .._replica_report import describe_replicas
 from ..config import MODES, TPOConfig
 from ..engine.prompts import PromptSet
 from ..errors import ConfigError, RunError, UserError
 from ..models import DEFAULT_POLICY, DEFAULT_REWARD, Models
 from ..models import build_models as _build_models
+from ..types import ReplicaReport
 from ._config_file import config_file_option
 from ._terminal import for_terminal
 
@@ -345,3 +345,20 @@ def with_errors(f: F) -> F:
             sys.exit(2)
 
     return wrapper  # type: ignore[return-value]
+
+
+def describe_replicas(what: str, reports: list[ReplicaReport]) -> list[str]:
+    """Lines such as ``policy replica http://a:8000/v1: 412 requests, 2,060 sequences (52%), up``."""
+    total = sum(r.sequences for r in reports) or 1
+    lines = []
+    for r in reports:
+        line = (
+            f"{what} replica {r.label}: {r.requests:,} requests, {r.sequences:,} sequences "
+            f"({r.sequences / total:.0%}), {r.state}"
+        )
+        if r.failures:
+            line += f"; {r.failures} failure{'s' * (r.failures != 1)}"
+            if r.last_error:
+                line += f", the last: {r.last_error}"
+        lines.append(line)
+    return lines

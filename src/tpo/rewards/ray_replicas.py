@@ -14,9 +14,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from .._ray.pool import ActorPool, RayOptions
-from .._replica_report import ReplicaReport
 from ..engine._budget import estimate_messages, estimate_tokens
-from ..types import Score, ScoreRequest
+from ..types import ReplicaReport, Score, ScoreRequest
 
 __all__ = ["RayReward"]
 
