@@ -112,11 +112,37 @@ def _finish(proc: subprocess.Popen[bytes], timeout_s: float = 90) -> None:
     assert proc.returncode == 0, err.decode()
 
 
-def _kill_and_resume(
-    start: Start, output: Path, log: Path, schedule: list[tuple[str, float]]
-) -> list[tuple[str, float, int]]:
-    """Start the run, SIGKILL it when the schedule says, and again; finally let it finish. Returns the kills made."""
-    kills = []
+def _finished_ids(path: Path) -> set[str]:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return set()
+    return {json.loads(line)["prompt_id"] for line in raw.split(b"\n")[:-1]}
+
+
+def _unfinished_in(log: Path, pid: int, output: Path) -> set[str]:
+    """Prompts that process ``pid`` made a policy call for and that have no line in the output yet."""
+    try:
+        calls = [line.split("\t") for line in log.read_text().splitlines()]
+    except FileNotFoundError:
+        return set()
+    mine = {c[1] for c in calls if len(c) == 4 and c[0] == str(pid)}
+    return mine - _finished_ids(output)
+
+
+Kill = tuple[str, float, int, bool]
+
+
+def _kill_and_resume(start: Start, output: Path, log: Path, schedule: list[tuple[str, float]]) -> list[Kill]:
+    """Start the run, SIGKILL it when the schedule says, and again; finally let it finish. Returns the kills made.
+
+    Kinds: ``("more", k)`` kills once k more results are written, ``("time", s)`` after s seconds
+    (start-up included), ``("mid", k)`` once the process has written k more results and has made
+    a call for a prompt it has not finished. Each kill records whether some prompt was left
+    half-done, so the test knows a resume had to continue a prompt rather than only skip
+    finished ones (group commits and fsyncs make a random kill often land between prompts).
+    """
+    kills: list[Kill] = []
     for kind, when in schedule:
         before = _complete_lines(output)
         proc = start(output, log)
@@ -126,21 +152,25 @@ def _kill_and_resume(
                 break
             if kind == "time" and time.monotonic() - started >= when:
                 break
+            if kind == "mid" and _complete_lines(output) >= before + when and _unfinished_in(log, proc.pid, output):
+                break
             if time.monotonic() - started > 30:
                 break
             time.sleep(0.005)
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
-            kills.append((kind, when, _complete_lines(output)))
+            proc.wait()
+            kills.append((kind, when, _complete_lines(output), bool(_unfinished_in(log, proc.pid, output))))
         _, err = proc.communicate()
         assert proc.returncode in (0, -signal.SIGKILL), err.decode()
     _finish(start(output, log))
     return kills
 
 
-def _check(output: Path, reference: Path, log: Path, kills: list[tuple[str, float, int]]) -> None:
+def _check(output: Path, reference: Path, log: Path, kills: list[Kill]) -> None:
     assert len(kills) >= 4, kills
-    assert any(0 < lines < PROMPTS for _, _, lines in kills), kills
+    assert any(0 < lines < PROMPTS for _, _, lines, _ in kills), kills
+    assert any(half_done for *_, half_done in kills), kills  # some kill left a prompt half-done
     expected = {d["prompt_id"]: d for d in map(json.loads, reference.read_text().splitlines())}
     assert len(expected) == PROMPTS
 
@@ -178,7 +208,7 @@ def _check(output: Path, reference: Path, log: Path, kills: list[tuple[str, floa
             )
     assert len(seen) == PROMPTS * CALLS_PER_PROMPT
     assert len(calls) == PROMPTS * CALLS_PER_PROMPT + repeated
-    # Resuming did happen mid-prompt: some prompt ran its steps in more than one process.
+    # Resuming did continue a prompt: it ran its steps in more than one process.
     spread = defaultdict(set)
     for (prompt, _, _), segs in seen.items():
         spread[prompt].update(segs)
@@ -196,10 +226,11 @@ def test_kill_9_of_a_real_tpo_batch_process_then_resume_matches_an_uninterrupted
 
     output, log = tmp_path / "out.jsonl", tmp_path / "calls.tsv"
     rng = random.Random(20250501)
-    # Kill when a few more results were written, and at random times (start-up included).
+    # Kill when a few more results were written, at random times (start-up included), and mid-prompt.
     schedule: list[tuple[str, float]] = [
         ("more", 5),
         ("time", rng.uniform(0.2, 1.5)),
+        ("mid", 3),
         ("more", 20),
         ("time", rng.uniform(1.0, 2.5)),
         ("more", 1),
@@ -224,6 +255,7 @@ def test_kill_9_during_checkpoint_compactions_of_run_batch(tmp_path: Path) -> No
     schedule: list[tuple[str, float]] = [
         ("time", rng.uniform(0.5, 1.5)),
         ("more", 10),
+        ("mid", 2),
         ("time", rng.uniform(0.5, 1.5)),
         ("more", 25),
         ("time", rng.uniform(0.3, 1.0)),
