@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import statistics
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -557,10 +558,15 @@ def test_requests_are_not_slowed_by_the_server_itself(serve: Callable[..., Uvico
     server = serve()
     c = client(server)
     c.chat.completions.create(model="tpo", messages=HELLO)
-    t0 = time.perf_counter()
+    took = []
     for i in range(20):
+        t0 = time.perf_counter()
         c.chat.completions.create(model="tpo", messages=[{"role": "user", "content": f"q{i}"}])
-    assert (time.perf_counter() - t0) / 20 < 0.04  # about 2 ms on a laptop core
+        took.append(time.perf_counter() - t0)
+    # About 2 ms on a laptop core; the median, so a busy shared machine's hiccups do not count.
+    # A poll or a sleep on the request path (tens of milliseconds at least) would show here;
+    # throughput under load is benchmarks/bench_serve.py's job.
+    assert statistics.median(took) < 0.05, took
     assert json.loads(httpx.get(f"{server.root_url}/health").text)["prompts_in_flight"] == 0
 
 
