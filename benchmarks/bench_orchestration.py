@@ -100,6 +100,24 @@ class Server:
         self.proc.wait(10)
 
 
+def add_sim_args(ap: argparse.ArgumentParser, *, time_scale: float, slots: bool = True) -> None:
+    """The simulated server's options, for the benchmarks that start one: ``--slots`` (when ``slots``),
+    ``--decode-rate``, ``--prefill-rate``, ``--answer-tokens`` and ``--time-scale`` (default ``time_scale``)."""
+    if slots:
+        ap.add_argument("--slots", type=int, default=64)
+    ap.add_argument("--decode-rate", type=float, default=30.0, help="simulated tokens/s per sequence")
+    ap.add_argument("--prefill-rate", type=float, default=8000.0, help="simulated prompt tokens/s per request")
+    ap.add_argument("--answer-tokens", type=int, default=128)
+    ap.add_argument("--time-scale", type=float, default=time_scale)
+
+
+def chain_s(prompt_tokens: int, policy_calls: int, args: argparse.Namespace) -> float:
+    """The real seconds of one chain of dependent calls on the simulated server: its prefill, then one
+    sequence's decode per call, sped up by ``--time-scale``."""
+    decode_s = args.answer_tokens / args.decode_rate
+    return (prompt_tokens / args.prefill_rate + policy_calls * decode_s) / args.time_scale
+
+
 def prompts(n: int) -> list[tpo.Prompt]:
     return [
         tpo.Prompt(f"q{i}", (tpo.Message("user", f"Question {i}: explain how a heat pump works in a cold climate."),))
@@ -129,8 +147,7 @@ async def run_tpo(server: Server, n_prompts: int, concurrent: int, args: argpars
     if failed:
         raise RuntimeError(f"{len(failed)} prompts failed, e.g. {failed[0].error}")
     scale = args.time_scale
-    decode_s = args.answer_tokens / args.decode_rate
-    chains = [(r.usage.prompt_tokens / args.prefill_rate + r.usage.policy_calls * decode_s) / scale for r in results]
+    chains = [chain_s(r.usage.prompt_tokens, r.usage.policy_calls, args) for r in results]
     throughput_bound = st["busy_slot_s"] / args.slots / scale
     bound = max(throughput_bound, max(chains))
     return {
@@ -151,11 +168,7 @@ async def run_tpo(server: Server, n_prompts: int, concurrent: int, args: argpars
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--slots", type=int, default=64)
-    ap.add_argument("--decode-rate", type=float, default=30.0, help="simulated tokens/s per sequence")
-    ap.add_argument("--prefill-rate", type=float, default=8000.0, help="simulated prompt tokens/s per request")
-    ap.add_argument("--answer-tokens", type=int, default=128)
-    ap.add_argument("--time-scale", type=float, default=15.0)
+    add_sim_args(ap, time_scale=15.0)
     ap.add_argument("--max-in-flight", type=int, default=512, help="the backend's limit on sequences in flight")
     ap.add_argument("--sizes", type=int, nargs="+", default=[64, 256, 1024])
     ap.add_argument("--reference-size", type=int, default=256)

@@ -1,4 +1,4 @@
-"""Benchmark: what the ``ray:`` wrapper costs per call, and how throughput grows with replicas.
+"""Benchmark 6: what the ``ray:`` wrapper costs per call, and how throughput grows with replicas.
 
 On a local Ray instance (``ray.init(num_cpus=2)``), with the ``fixed`` policy backend of
 ``benchmarks/ray_fixture`` (a set service time per call, one call at a time, like a saturated
@@ -13,6 +13,11 @@ GPU), found by the actors through ``runtime_env``:
   flight), and a batching backend taking ``--batch-service-s`` per request of a call, given
   ``--batches`` batches of 256 one after another (each batch cut into chunks for the
   replicas). Ideal time = the work ÷ the replicas; target: throughput ≥ 0.85 × linear.
+
+Not loopback-only: Ray's GCS server and raylet listen on every interface (``*:PORT``), and
+``ray.init`` has no option to bind them to 127.0.0.1; Ray's token authentication
+(``RAY_AUTH_MODE=token``, Ray 2.52 and later: every external API and internal call must carry
+a shared token) is what limits who can use those ports.
 
 Run: .venv/bin/python benchmarks/bench_ray.py     (about 2 minutes)
 """

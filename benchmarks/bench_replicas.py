@@ -1,4 +1,4 @@
-"""Benchmark: one run spread over several OpenAI-compatible servers, against one server of the same capacity.
+"""Benchmark 7: one run spread over several OpenAI-compatible servers, against one server of the same capacity.
 
 Starts simulated continuous-batching servers (benchmarks/sim_server.py) on loopback and runs
 TPO D2-N5 over 1,024 prompts through tpo's OpenAI backend:
@@ -28,7 +28,7 @@ from typing import Any
 
 import tpo
 from _results import write_section
-from bench_orchestration import Server, prompts
+from bench_orchestration import Server, add_sim_args, chain_s, prompts
 from tpo.registry import policy_from_spec
 from tpo.testing import FunctionReward
 
@@ -75,8 +75,7 @@ async def run(servers: list[Server], args: argparse.Namespace, *, kill_at: float
         raise RuntimeError(f"{len(failed)} prompts failed, e.g. {failed[0].error}")
     live = servers[:-1] if killed else servers
     busy_s = sum(s.stats()["busy_slot_s"] for s in live) / scale
-    decode_s = args.answer_tokens / args.decode_rate
-    chain = max((r.usage.prompt_tokens / args.prefill_rate + r.usage.policy_calls * decode_s) / scale for r in results)
+    chain = max(chain_s(r.usage.prompt_tokens, r.usage.policy_calls, args) for r in results)
     return {
         "servers": len(servers),
         "slots": total_slots,
@@ -92,10 +91,7 @@ async def run(servers: list[Server], args: argparse.Namespace, *, kill_at: float
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompts", type=int, default=1024)
-    ap.add_argument("--decode-rate", type=float, default=30.0, help="simulated tokens/s per sequence")
-    ap.add_argument("--prefill-rate", type=float, default=8000.0, help="simulated prompt tokens/s per request")
-    ap.add_argument("--answer-tokens", type=int, default=128)
-    ap.add_argument("--time-scale", type=float, default=25.0)
+    add_sim_args(ap, time_scale=25.0, slots=False)
     ap.add_argument("--max-in-flight", type=int, default=512, help="sequences in flight, over all replicas")
     ap.add_argument("--concurrent", type=int, default=256, help="prompts in flight")
     ap.add_argument("--quick", action="store_true", help="256 prompts")

@@ -34,7 +34,7 @@ import httpx
 import openai
 
 from _results import write_section
-from bench_orchestration import Server, free_port
+from bench_orchestration import Server, add_sim_args, chain_s, free_port
 
 HERE = Path(__file__).resolve().parent
 REWARD = "def score(messages, answer):\n    return float(sum(map(ord, answer[:64])) % 101)\n"
@@ -108,7 +108,6 @@ async def run_clients(
     latencies: list[float] = []
     chains: dict[int, float] = {}
     request_chains: list[float] = []
-    decode_s = args.answer_tokens / args.decode_rate
     limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients + 8)
     async with openai.AsyncOpenAI(
         base_url=serve.base + "/v1",
@@ -128,8 +127,7 @@ async def run_clients(
                 if not reply.choices or not reply.choices[0].message.content:
                     raise RuntimeError(f"request {c}-{r} got no answer")
                 usage = reply.model_extra["tpo"]["usage"]
-                prefill_s = usage["prompt_tokens"] / args.prefill_rate
-                chain = (prefill_s + usage["policy_calls"] * decode_s) / args.time_scale
+                chain = chain_s(usage["prompt_tokens"], usage["policy_calls"], args)
                 request_chains.append(chain)
                 chains[c] = chains.get(c, 0.0) + chain
 
@@ -166,11 +164,7 @@ async def run_clients(
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--slots", type=int, default=64)
-    ap.add_argument("--decode-rate", type=float, default=30.0, help="simulated tokens/s per sequence")
-    ap.add_argument("--prefill-rate", type=float, default=8000.0, help="simulated prompt tokens/s per request")
-    ap.add_argument("--answer-tokens", type=int, default=128)
-    ap.add_argument("--time-scale", type=float, default=15.0)
+    add_sim_args(ap, time_scale=15.0)
     ap.add_argument("--max-in-flight", type=int, default=512, help="the backend's limit on sequences in flight")
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 16, 64, 128])
     ap.add_argument("--requests-per-client", type=int, default=4)

@@ -1,4 +1,4 @@
-"""Benchmark 5: a whole sweep through one set of models, against the physical limit and against one run at a time.
+"""Benchmark 8: a whole sweep through one set of models, against the physical limit and against one run at a time.
 
 Starts benchmarks/sim_server.py on loopback (as bench_orchestration.py does) and runs the grid
 of issue 13, ``--mode tpo,revision,bon --width 2,5,10 --depth 1,2,3 --bon-width 15,30,60``,
@@ -34,8 +34,9 @@ from pathlib import Path
 from typing import Any
 
 from _results import write_section
-from bench_orchestration import Server
+from bench_orchestration import Server, add_sim_args, chain_s
 from tpo import TPOConfig
+from tpo.analysis.evaluate import read_results
 from tpo.batch.datasets import read_prompts
 from tpo.batch.runner import BatchRun
 from tpo.batch.sweep import Sweep, plan_sweep
@@ -60,14 +61,7 @@ def _input(folder: Path, n: int) -> Path:
 
 
 def _chains(results: list[TPOResult], args: argparse.Namespace) -> float:
-    decode_s = args.answer_tokens / args.decode_rate
-    return max(
-        (r.usage.prompt_tokens / args.prefill_rate + r.usage.policy_calls * decode_s) / args.time_scale for r in results
-    )
-
-
-def _results(path: Path) -> list[TPOResult]:
-    return [TPOResult.from_dict(json.loads(line)) for line in path.read_text().splitlines()]
+    return max(chain_s(r.usage.prompt_tokens, r.usage.policy_calls, args) for r in results)
 
 
 async def _sweep(server: Server, data: Path, folder: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -88,7 +82,7 @@ async def _sweep(server: Server, data: Path, folder: Path, args: argparse.Namesp
         raise RuntimeError(f"the sweep did not finish cleanly: {summary.runs}")
     st = server.stats()
     runs = [e for e in entries if e.how == "run"]
-    chain = max(_chains(_results(folder / e.file), args) for e in runs)
+    chain = max(_chains(read_results(folder / e.file)[0], args) for e in runs)
     throughput = st["busy_slot_s"] / args.slots / args.time_scale
     bound = max(throughput, chain)
     return {
@@ -162,11 +156,7 @@ def _scenario(args: argparse.Namespace) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompts", type=int, default=256)
-    ap.add_argument("--slots", type=int, default=64)
-    ap.add_argument("--decode-rate", type=float, default=30.0, help="simulated tokens/s per sequence")
-    ap.add_argument("--prefill-rate", type=float, default=8000.0, help="simulated prompt tokens/s per request")
-    ap.add_argument("--answer-tokens", type=int, default=128)
-    ap.add_argument("--time-scale", type=float, default=15.0)
+    add_sim_args(ap, time_scale=15.0)
     ap.add_argument("--max-in-flight", type=int, default=512, help="the backend's limit on sequences in flight")
     ap.add_argument(
         "--wide-slots",

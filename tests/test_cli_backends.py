@@ -12,9 +12,7 @@ from __future__ import annotations
 import importlib
 import json
 import textwrap
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +21,7 @@ from click.testing import CliRunner, Result
 
 import tpo
 import tpo.models
+from servers.stand_in import Reply, StandIn
 from stubs import load_stub
 from tiny_models import build_tokenizer, save_reward_model
 from tpo import GenerationRequest
@@ -159,44 +158,11 @@ def reward_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_reward_model(tmp_path_factory.mktemp("tiny-rm"), "llama")
 
 
-class ScoreServer:
-    """A JSON scoring endpoint on 127.0.0.1, in a thread: ``{"score": len(answer)}``; every request body kept."""
-
-    def __init__(self) -> None:
-        self.requests: list[tuple[str, Any]] = []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers.get("content-length") or 0)))
-                outer.requests.append((self.path, body))
-                payload = json.dumps({"score": float(len(body["answer"]))}).encode()
-                self.send_response(200)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-        self.thread.start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/score"
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=5)
-
-
 @pytest.fixture
-def score_server() -> Iterator[ScoreServer]:
-    server = ScoreServer()
-    yield server
-    server.stop()
+def score_server() -> Iterator[StandIn]:
+    """A JSON scoring endpoint on 127.0.0.1: ``{"score": len(answer)}``; every request kept."""
+    with StandIn(lambda path, body, n: Reply(json={"score": float(len(body["answer"]))})) as server:
+        yield server
 
 
 # ---------------------------------------------------------------------------- policies
@@ -340,7 +306,7 @@ def test_vllm_reward_scores_with_the_pooling_runner(scripted: Path, monkeypatch:
     assert data["answer"].startswith("Answer 1 ") and data["score"] > 100
 
 
-def test_http_reward_against_a_loopback_server(scripted: Path, score_server: ScoreServer) -> None:
+def test_http_reward_against_a_loopback_server(scripted: Path, score_server: StandIn) -> None:
     pytest.importorskip("httpx")
     data = completed(
         tpo_run(
@@ -349,15 +315,16 @@ def test_http_reward_against_a_loopback_server(scripted: Path, score_server: Sco
             "--policy-option",
             "latency_s=0",
             "--reward",
-            f"http:{score_server.url}",
+            f"http:{score_server.url}/score",
             "--metadata",
             "topic=arithmetic",
         )
     )
     assert data["policy"] == "scripted"
     assert data["reward"].startswith("http:") and "127.0.0.1" in data["reward"]
-    preflight = [r for r in score_server.requests if r[1].get("prompt_id") == "tpo-preflight"]
-    scored = [r for r in score_server.requests if r[1].get("prompt_id") != "tpo-preflight"]
+    requests = [(seen.path, seen.body) for seen in score_server.seen]
+    preflight = [r for r in requests if r[1].get("prompt_id") == "tpo-preflight"]
+    scored = [r for r in requests if r[1].get("prompt_id") != "tpo-preflight"]
     assert len(preflight) == 1  # one trivial call checks the server before any prompt runs
     assert len(scored) == len(data["candidates"]) == 4
     for path, body in scored:
@@ -511,7 +478,7 @@ def test_models_built_before_a_failing_one_are_closed(monkeypatch: pytest.Monkey
         async def aclose(self) -> None:
             closed.append(self.name)
 
-    monkeypatch.setattr(tpo.models, "_policy", lambda spec, options, server: Closing(name=spec))
+    monkeypatch.setattr(tpo.models, "build_policy", lambda spec, options, server: Closing(name=spec))
     with pytest.raises(ConfigError, match="unknown reward 'nosuch'"):
         _common.build_models({"policy_spec": "p", "critic_spec": "c", "reward_specs": ["nosuch"]})
     assert closed == ["c", "p"]

@@ -16,10 +16,9 @@ from click.testing import CliRunner, Result
 
 import tpo.cli.batch as batch_cli
 from conftest import hash_score, pure_reply
-from tpo import BackendError, GenerationRequest
+from tpo import BackendError, GenerationRequest, Models
 from tpo.batch.runner import sidecar_dir
 from tpo.cli import cli
-from tpo.cli._common import Models
 from tpo.testing import FunctionReward, ScriptedPolicy
 
 
@@ -382,12 +381,12 @@ def test_a_lone_surrogate_is_an_invalid_row_not_a_backend_error(tmp_path: Path, 
 def test_a_run_locked_by_another_process_exits_2_also_through_a_symlink(
     tmp_path: Path, data: Path, models: Models_
 ) -> None:
-    from tpo.batch.durable import _lock
+    from tpo.batch.durable import take_lock
 
     out, link = tmp_path / "out.jsonl", tmp_path / "link.jsonl"
     link.symlink_to(out)
     assert invoke(data, "-o", out, "-n", 1, "-d", 0, "--limit", 2).exit_code == 0
-    held = _lock(sidecar_dir(out) / "lock")  # as the other process would hold it
+    held = take_lock(sidecar_dir(out) / "lock")  # as the other process would hold it
     try:
         for target in (out, link):
             result = invoke(data, "-o", target, "-n", 1, "-d", 0, "--limit", 2)

@@ -48,3 +48,20 @@ def test_a_per_call_config_that_cannot_run_is_refused_before_any_model_work() ->
         asyncio.run(engine.optimize("Hi", config={"width": 2}))  # type: ignore[arg-type]
     assert policy.calls == []
     assert asyncio.run(engine.optimize("Hi")).status == "complete"  # the engine's own configuration still runs
+
+
+def test_per_call_configs_alike_in_their_templates_are_checked_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # tpo serve makes a configuration per request: tokenizing the templates each time would be waste.
+    engine = Engine(ScriptedPolicy(pure_reply), FunctionReward(hash_score), config=TPOConfig(width=2, depth=1))
+    checked: list[TPOConfig] = []
+    check = engine._check_templates
+    monkeypatch.setattr(engine, "_check_templates", lambda budget, cfg: (checked.append(cfg), check(budget, cfg)))
+
+    async def run_all() -> None:
+        for seed in range(3):  # the seed does not change what the templates need
+            await engine.optimize("Hi", config=TPOConfig(width=2, depth=1, seed=seed))
+        await engine.optimize("Hi", config=TPOConfig(width=2, depth=1, max_tokens=100))  # this does
+
+    asyncio.run(run_all())
+    assert [c.seed for c in checked] == [0, 0, 0]  # the engine's own at preparation, then the first and the last call
+    assert checked[-1].max_tokens == 100

@@ -16,12 +16,11 @@ from click.testing import CliRunner, Result
 
 import tpo.cli.batch as batch_cli
 from conftest import hash_score, pure_reply
-from tpo import BackendError, GenerationRequest
+from tpo import BackendError, GenerationRequest, Models
 from tpo.backends.openai_server import OpenAIOptions
 from tpo.batch.fingerprint import result_options
 from tpo.batch.runner import sidecar_dir
 from tpo.cli import cli
-from tpo.cli._common import Models
 from tpo.testing import FunctionReward, ScriptedPolicy
 
 CONNECTION = {

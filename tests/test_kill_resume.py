@@ -15,13 +15,14 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
+
+from _kill import finish, kill_and_resume, newlines, reaped, wait_until
+from conftest import strip_timings
 
 HERE = Path(__file__).parent
 FIXTURE = HERE / "plugin_fixture"
@@ -32,21 +33,6 @@ WIDTH, DEPTH = 3, 2
 CALLS_PER_PROMPT = 1 + 3 * DEPTH  # sample, then loss, gradient and update per step
 
 Start = Callable[[Path, Path | None], "subprocess.Popen[bytes]"]
-
-
-def _strip_timings(data: Any) -> Any:
-    if isinstance(data, dict):
-        return {k: _strip_timings(v) for k, v in data.items() if k != "wall_time_s"}
-    if isinstance(data, list):
-        return [_strip_timings(v) for v in data]
-    return data
-
-
-def _complete_lines(path: Path) -> int:
-    try:
-        return path.read_bytes().count(b"\n")
-    except FileNotFoundError:
-        return 0
 
 
 def _write_input(path: Path) -> None:
@@ -108,8 +94,8 @@ def _driver(input_path: Path) -> Start:
 
 
 def _finish(proc: subprocess.Popen[bytes], timeout_s: float = 90) -> None:
-    _, err = proc.communicate(timeout=timeout_s)
-    assert proc.returncode == 0, err.decode()
+    err = finish(proc, timeout_s)
+    assert proc.returncode == 0, err
 
 
 def _finished_ids(path: Path) -> set[str]:
@@ -143,26 +129,15 @@ def _kill_and_resume(start: Start, output: Path, log: Path, schedule: list[tuple
     finished ones (group commits and fsyncs make a random kill often land between prompts).
     """
     kills: list[Kill] = []
-    for kind, when in schedule:
-        before = _complete_lines(output)
-        proc = start(output, log)
-        started = time.monotonic()
-        while proc.poll() is None:
-            if kind == "more" and _complete_lines(output) >= before + when:
-                break
-            if kind == "time" and time.monotonic() - started >= when:
-                break
-            if kind == "mid" and _complete_lines(output) >= before + when and _unfinished_in(log, proc.pid, output):
-                break
-            if time.monotonic() - started > 30:
-                break
-            time.sleep(0.005)
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
-            kills.append((kind, when, _complete_lines(output), bool(_unfinished_in(log, proc.pid, output))))
-        _, err = proc.communicate()
-        assert proc.returncode in (0, -signal.SIGKILL), err.decode()
+    for run in kill_and_resume(
+        lambda: start(output, log),
+        lambda: newlines(output),
+        schedule,
+        mid=lambda proc: bool(_unfinished_in(log, proc.pid, output)),
+    ):
+        if run.killed:
+            kills.append((run.kind, run.when, newlines(output), bool(_unfinished_in(log, run.pid, output))))
+        assert run.returncode in (0, -signal.SIGKILL), run.stderr
     _finish(start(output, log))
     return kills
 
@@ -183,7 +158,7 @@ def _check(output: Path, reference: Path, log: Path, kills: list[Kill]) -> None:
     for d in lines:
         assert d["status"] == "complete"
         assert d["metadata"] == {"reference": str(int(d["prompt_id"][1:]))}
-        assert _strip_timings(d) == _strip_timings(expected[d["prompt_id"]]), d["prompt_id"]
+        assert strip_timings(d) == strip_timings(expected[d["prompt_id"]]), d["prompt_id"]
     assert (output.parent / (output.name + ".tpo") / "checkpoints.jsonl").stat().st_size == 0
 
     # No finished step computed twice: a call is repeated only in a later process, and only for
@@ -275,14 +250,11 @@ def test_sigterm_stops_a_real_tpo_batch_process_cleanly_and_a_rerun_resumes(tmp_
     _finish(start(reference, None))
 
     output = tmp_path / "out.jsonl"
-    proc = start(output, None)
-    started = time.monotonic()
-    while proc.poll() is None and _complete_lines(output) < 10 and time.monotonic() - started < 30:
-        time.sleep(0.005)
-    assert proc.poll() is None, "the run ended before it could be stopped"
-    proc.send_signal(signal.SIGTERM)
-    _, raw_err = proc.communicate(timeout=30)
-    err = raw_err.decode()
+    with reaped(start(output, None)) as proc:
+        wait_until(proc, lambda _: newlines(output) >= 10, limit_s=30)
+        assert proc.poll() is None, "the run ended before it could be stopped"
+        proc.send_signal(signal.SIGTERM)
+        err = finish(proc, 30)
     assert proc.returncode == 143, err
     found = re.search(
         r"Stopped by SIGTERM: (\d+) of 100 prompts are finished in .*out\.jsonl\. "
@@ -292,17 +264,16 @@ def test_sigterm_stops_a_real_tpo_batch_process_cleanly_and_a_rerun_resumes(tmp_
     assert found, err
     done = int(found.group(1))
     # Every line whole: the results and checkpoints in hand were written before the process ended.
-    assert 10 <= done < PROMPTS and output.read_bytes().endswith(b"\n") and _complete_lines(output) == done
+    assert 10 <= done < PROMPTS and output.read_bytes().endswith(b"\n") and newlines(output) == done
     checkpoints = (output.parent / (output.name + ".tpo") / "checkpoints.jsonl").read_bytes()
     assert checkpoints == b"" or checkpoints.endswith(b"\n")
     for line in checkpoints.splitlines():
         json.loads(line)
 
     proc = start(output, None)
-    _, raw_err = proc.communicate(timeout=90)
-    err = raw_err.decode()
+    err = finish(proc, 90)
     assert proc.returncode == 0, err
     assert f"resuming: {done} of 100 prompts already finished" in err and "repaired" not in err
-    expected = {d["prompt_id"]: _strip_timings(d) for d in map(json.loads, reference.read_text().splitlines())}
+    expected = {d["prompt_id"]: strip_timings(d) for d in map(json.loads, reference.read_text().splitlines())}
     got = [json.loads(line) for line in output.read_text().splitlines()]
-    assert len(got) == PROMPTS and {d["prompt_id"]: _strip_timings(d) for d in got} == expected
+    assert len(got) == PROMPTS and {d["prompt_id"]: strip_timings(d) for d in got} == expected

@@ -31,7 +31,15 @@ from tpo.options import (
     option,
     string,
 )
-from tpo.registry import BACKENDS_GROUP, REWARDS_GROUP, list_plugins, policy_from_spec, reward_from_spec, take_options
+from tpo.registry import (
+    BACKENDS_GROUP,
+    REWARDS_GROUP,
+    list_plugins,
+    load_plugin,
+    policy_from_spec,
+    reward_from_spec,
+    take_options,
+)
 from tpo.testing import ScriptedPolicy
 
 PLUGIN_DIR = Path(__file__).parent / "plugin_fixture"
@@ -300,10 +308,6 @@ def build(group: str, spec: str, **options: Any) -> Any:
     return reward_from_spec(spec, policy=ScriptedPolicy(), **options)
 
 
-def plugin_class(group: str, name: str) -> Any:
-    return next(ep for ep in entry_points(group=group) if ep.name == name).load()
-
-
 #: Every built-in plugin installed: the ones above, and any wrapper (``ray``) that declares options of its own.
 INSTALLED = sorted(
     (g, ep.name) for g in (BACKENDS_GROUP, REWARDS_GROUP) for ep in entry_points(group=g) if ep.value.startswith("tpo.")
@@ -316,7 +320,7 @@ def test_the_table_covers_the_plugins_that_take_their_options_themselves() -> No
 
 @pytest.mark.parametrize(("group", "name"), INSTALLED)
 def test_every_built_in_plugin_declares_its_options(group: str, name: str) -> None:
-    cls = plugin_class(group, name)
+    cls = load_plugin(group, name)
     declared = cls.options_class
     assert issubclass(declared, PluginOptions) and dataclasses.is_dataclass(declared)
     assert declared.owner, "messages must name the plugin"
@@ -331,7 +335,7 @@ def test_every_built_in_plugin_declares_its_options(group: str, name: str) -> No
 @pytest.mark.parametrize(("group", "name"), sorted(BUILTINS))
 def test_every_built_in_plugin_refuses_an_unknown_option(group: str, name: str) -> None:
     spec, _, _ = BUILTINS[(group, name)]
-    declared = plugin_class(group, name).options_class
+    declared = load_plugin(group, name).options_class
     with pytest.raises(ConfigError) as info:
         build(group, spec, no_such_option=1)
     assert str(info.value) == (

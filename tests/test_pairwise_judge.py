@@ -12,6 +12,7 @@ import math
 import os
 import random
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -216,7 +217,15 @@ def test_an_interrupted_judging_resumes_without_judging_anything_twice(runs: tup
 
     async def interrupted() -> None:
         task = asyncio.create_task(run.arun(slow))
+        deadline = time.monotonic() + 30
         while not out.exists() or out.read_bytes().count(b"\n") < 3:
+            if task.done() or time.monotonic() > deadline:
+                task.cancel()
+                error = task.exception() if task.done() and not task.cancelled() else None
+                written = out.read_text() if out.exists() else "(nothing)"
+                pytest.fail(
+                    f"the judging wrote fewer than 3 verdicts (ended: {task.done()}, error: {error!r}):\n{written}"
+                )
             await asyncio.sleep(0.005)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -364,6 +373,20 @@ def test_the_judge_command_refuses_bad_options(runs: tuple[Run, Run], tmp_path: 
     assert r.exit_code == 2 and "two --label values" in r.output
     r = CliRunner().invoke(cli, [*base, "--rubric", "x", "--rubric-file", a.path])
     assert r.exit_code == 2 and "either --rubric or --rubric-file" in r.output
+    r = CliRunner().invoke(cli, [*base, "--rubric", "  "])
+    assert r.exit_code == 2 and "rubric is empty" in r.output
+
+
+def test_the_judge_command_defaults_to_the_judge_settings_defaults() -> None:
+    """The command's defaults are written out (the command loads tpo.analysis.judge only when it runs): pinned here."""
+    from dataclasses import fields
+
+    from tpo.cli.judge import judge_command
+
+    settings = {f.name: f.default for f in fields(JudgeSettings)}
+    options = {p.name: p.default for p in judge_command.params}
+    for name in ("temperature", "max_tokens", "seed", "concurrency", "context_window"):
+        assert options[name] == settings[name], name
 
 
 def test_options_that_cannot_change_a_verdict_may_change_on_resuming(runs: tuple[Run, Run], tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -64,8 +65,40 @@ def test_all_is_pinned_and_every_name_exists() -> None:
         assert hasattr(tpo, name), name
 
 
-# Every path the README and docs/ cite, and what they use from it.
-CITED = {
+ROOT = Path(__file__).resolve().parent.parent
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+#: Backticked ``tpo.NAME`` in the docs that are no Python path: fields of a ``tpo serve`` request body.
+NOT_PATHS = {"tpo.width", "tpo.depth"}
+
+
+def _imports_cited() -> dict[str, set[str]]:
+    """Every ``from tpo... import a, b`` (and ``import tpo...``) in the README and docs/, with the names taken."""
+    cited: dict[str, set[str]] = {}
+    for page in PAGES:
+        text = page.read_text(encoding="utf-8")
+        for module, listed, bare in re.findall(
+            r"^\s*from (tpo(?:\.\w+)*) import (?:\(([^)]*)\)|([\w, ]+)$)", text, re.MULTILINE
+        ):
+            names = (listed or bare).replace("\n", ",").split(",")
+            cited.setdefault(module, set()).update(n.strip() for n in names if n.strip())
+        for module in re.findall(r"^\s*import (tpo(?:\.\w+)*)\s*$", text, re.MULTILINE):
+            cited.setdefault(module, set())
+    return cited
+
+
+def _references_cited() -> set[str]:
+    """Every dotted ``tpo.x.Name`` the README and docs/ write in backticks (a call's arguments left off)."""
+    found = {ref for page in PAGES for ref in re.findall(r"`(tpo(?:\.\w+)+)(?:\([^`]*\))?`", page.read_text("utf-8"))}
+    return found - NOT_PATHS
+
+
+#: Every path the README and docs/ cite, and what they use from it, read from the pages themselves.
+CITED = _imports_cited()
+REFERENCES = _references_cited()
+
+# The paths the docs cited before the layers moved (the old aliases among them), and what they used
+# from them: they must keep working.
+OLD_PATHS = {
     "tpo.runner": ["run_batch", "arun_batch", "BatchRun", "BatchObserver", "BatchState", "BatchSummary", "sidecar_dir"],
     "tpo.datasets": ["read_prompts", "PromptDataset"],
     "tpo.evaluate": ["evaluate", "load_run", "compare_runs", "summarize_run", "read_results"],
@@ -97,12 +130,33 @@ HOMES = {
 }
 
 
-@pytest.mark.parametrize("path", sorted(CITED))
+def test_the_docs_are_read_for_their_citations() -> None:
+    assert {"tpo.batch.runner", "tpo.analysis.evaluate", "tpo.rewards.judge"} <= set(CITED)
+    assert "run_batch" in CITED["tpo.batch.runner"] and "tpo.batch.runner.BatchRun" in REFERENCES
+
+
+@pytest.mark.parametrize("path", sorted(set(CITED) | set(OLD_PATHS)))
 def test_cited_import_paths_work(path: str) -> None:
     module = importlib.import_module(path)
-    for name in CITED[path]:
+    for name in sorted(CITED.get(path, set()) | set(OLD_PATHS.get(path, []))):
         assert hasattr(module, name), f"{path}.{name}"
     exec(f"from {path} import *", {})
+
+
+@pytest.mark.parametrize("ref", sorted(REFERENCES))
+def test_cited_names_exist(ref: str) -> None:
+    parts = ref.split(".")
+    # The longest prefix that imports is the module; the rest are attributes of it.
+    for i in range(len(parts), 0, -1):
+        try:
+            found: object = importlib.import_module(".".join(parts[:i]))
+        except ModuleNotFoundError:
+            continue
+        for name in parts[i:]:
+            assert hasattr(found, name), ref
+            found = getattr(found, name)
+        return
+    pytest.fail(f"{ref}: no part of it imports")
 
 
 @pytest.mark.parametrize("old", sorted(HOMES))
@@ -119,6 +173,17 @@ def test_import_tpo_loads_no_layer_it_does_not_need() -> None:
         "heavy = [m for m in ('tpo.batch.runner', 'tpo.analysis.report', 'tpo.analysis.evaluate', 'tpo.cli', "
         "'torch', 'transformers', 'vllm', 'llama_cpp', 'openai', 'httpx', 'ray') if m in sys.modules]\n"
         "print(heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"
+
+
+def test_the_command_line_loads_the_analysis_layers_only_when_a_command_runs() -> None:
+    code = (
+        "import sys, tpo.cli\n"
+        "late = ('tpo.analysis.evaluate', 'tpo.analysis.compute', 'tpo.analysis.stats', 'tpo.analysis.judge', "
+        "'tpo.analysis.report', 'tpo.batch.runner', 'tpo.batch.sweep')\n"
+        "print([m for m in late if m in sys.modules])\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"

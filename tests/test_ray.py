@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 
 import tpo
+from _kill import finish, kill_and_resume, newlines, reaped, wait_until
 from tpo import TPOConfig
 from tpo._ray.pool import CHUNK_FRACTION, next_chunk, split_ray_options
 from tpo.errors import BackendError, ConfigError, MissingDependencyError
@@ -130,7 +131,13 @@ def test_tpo_never_imports_ray_unless_asked() -> None:
 
 @pytest.fixture(scope="session")
 def ray_address() -> Iterator[str]:
-    """One local Ray instance of two CPUs for the whole session; its address, for other processes to join."""
+    """One local Ray instance of two CPUs for the whole session; its address, for other processes to join.
+
+    Not loopback-only: Ray's GCS server and raylet listen on every interface (``*:PORT``), and
+    ``ray.init`` has no option to bind them to 127.0.0.1. What limits who can use those ports is
+    Ray's token authentication (``RAY_AUTH_MODE=token``, Ray 2.52 and later: every external API
+    and internal call must carry a shared token), not where they listen.
+    """
     ray = pytest.importorskip("ray")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
@@ -352,13 +359,6 @@ def _batch(input_path: Path, output: Path, log: Path | None, ray_address: str | 
     return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-def _lines(path: Path) -> int:
-    try:
-        return path.read_bytes().count(b"\n")
-    except FileNotFoundError:
-        return 0
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_kill_9_of_tpo_batch_on_ray_replicas_then_resume_matches_an_uninterrupted_run(
@@ -370,27 +370,24 @@ def test_kill_9_of_tpo_batch_on_ray_replicas_then_resume_matches_an_uninterrupte
         "".join(json.dumps({"id": f"p{i:03d}", "prompt": f"Question number {i}?"}) + "\n" for i in range(prompts))
     )
     reference = tmp_path / "reference.jsonl"
-    proc = _batch(input_path, reference, None, None)  # without Ray
-    assert proc.wait(timeout=120) == 0, proc.stderr.read().decode() if proc.stderr else ""
+    with reaped(_batch(input_path, reference, None, None)) as proc:  # without Ray
+        assert proc.wait(timeout=120) == 0, proc.stderr.read().decode() if proc.stderr else ""
 
     output = tmp_path / "out.jsonl"
-    logs = []
-    for kill_after in (3, 8, 8):  # more results written, then SIGKILL
+    logs: list[Path] = []
+
+    def start() -> subprocess.Popen[bytes]:
         logs.append(tmp_path / f"calls{len(logs)}.tsv")
-        before = _lines(output)
-        proc = _batch(input_path, output, logs[-1], ray_address)
-        started = time.monotonic()
-        while proc.poll() is None and _lines(output) < before + kill_after and time.monotonic() - started < 60:
-            time.sleep(0.005)
-        assert proc.poll() is None, "the run ended before it was killed"
-        proc.send_signal(signal.SIGKILL)
-        _, err = proc.communicate(timeout=30)
-        assert _lines(output) < prompts, err.decode()
-    logs.append(tmp_path / f"calls{len(logs)}.tsv")
-    proc = _batch(input_path, output, logs[-1], ray_address)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err.decode()
-    assert "replica" in err.decode()  # the replicas and their work are shown
+        return _batch(input_path, output, logs[-1], ray_address)
+
+    # More results written, then SIGKILL.
+    for run in kill_and_resume(start, lambda: newlines(output), [("more", 3), ("more", 8), ("more", 8)], limit_s=60):
+        assert run.killed, "the run ended before it was killed"
+        assert newlines(output) < prompts, run.stderr
+    proc = start()
+    err = finish(proc, 120)
+    assert proc.returncode == 0, err
+    assert "replica" in err  # the replicas and their work are shown
 
     expected = {d["prompt_id"]: _comparable(d) for d in map(json.loads, reference.read_text().splitlines())}
     got = [json.loads(line) for line in output.read_text().splitlines()]
@@ -422,12 +419,10 @@ def test_sigterm_still_stops_tpo_batch_cleanly_with_ray_replicas(ray_address: st
         "".join(json.dumps({"id": f"p{i:03d}", "prompt": f"Question {i}?"}) + "\n" for i in range(40))
     )
     output = tmp_path / "out.jsonl"
-    proc = _batch(input_path, output, None, ray_address)
-    started = time.monotonic()
-    while proc.poll() is None and _lines(output) < 3 and time.monotonic() - started < 60:
-        time.sleep(0.005)
-    assert proc.poll() is None, "the run ended before it could be stopped"
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 143, err.decode()
-    assert "Stopped by SIGTERM" in err.decode()
+    with reaped(_batch(input_path, output, None, ray_address)) as proc:
+        wait_until(proc, lambda _: newlines(output) >= 3, limit_s=60)
+        assert proc.poll() is None, "the run ended before it could be stopped"
+        proc.send_signal(signal.SIGTERM)
+        err = finish(proc, 60)
+    assert proc.returncode == 143, err
+    assert "Stopped by SIGTERM" in err

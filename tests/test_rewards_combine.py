@@ -253,7 +253,7 @@ def test_the_cli_builds_a_weighted_reward(tmp_path: Path, monkeypatch: pytest.Mo
     rm.write_text(
         "def a(messages, answer):\n    return 1.0\n\ndef b(messages, answer):\n    return 3.0\n", encoding="utf-8"
     )
-    monkeypatch.setattr(tpo.models, "_policy", lambda spec, options, server: ScriptedPolicy())
+    monkeypatch.setattr(tpo.models, "build_policy", lambda spec, options, server: ScriptedPolicy())
     models = _common.build_models(
         {"policy_spec": "scripted", "reward_specs": [f"python:{rm}:a", f"python:{rm}:b"], "reward_weights": "0.7,0.3"}
     )

@@ -8,18 +8,16 @@ import json
 import random
 import re
 import socket
-import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
 
 import tpo
+from servers.stand_in import Reply, StandIn
 from tpo import ConfigError, Message, Score, ScoreRequest
 from tpo.registry import reward_from_spec
 from tpo.rewards.http_server import HTTPReward
@@ -30,82 +28,6 @@ pytest.importorskip("httpx")
 import httpx  # after the skip, which a missing httpx (the openai extra) takes
 
 CONVERSATION = (Message("system", "Be kind."), Message("user", "Say hello."))
-
-
-@dataclass
-class Reply:
-    """What the stand-in server answers to one request."""
-
-    status: int = 200
-    json: Any = None
-    raw: bytes | None = None
-    headers: dict[str, str] = field(default_factory=dict)
-    delay_s: float = 0.0
-
-
-@dataclass
-class Seen:
-    path: str
-    body: Any
-    headers: dict[str, str]
-
-
-class StandIn:
-    """An HTTP server in a thread whose replies come from ``handle(path, body, n)`` (n: the request's number)."""
-
-    def __init__(self, handle: Callable[[str, Any, int], Reply]) -> None:
-        self.handle = handle
-        self.seen: list[Seen] = []
-        self.in_flight = 0
-        self.peak = 0
-        self._lock = threading.Lock()
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_POST(self) -> None:
-                length = int(self.headers.get("content-length") or 0)
-                raw = self.rfile.read(length)
-                try:
-                    body = json.loads(raw)
-                except ValueError:
-                    body = raw
-                with outer._lock:
-                    n = len(outer.seen)
-                    outer.seen.append(Seen(self.path, body, {k.lower(): v for k, v in self.headers.items()}))
-                    outer.in_flight += 1
-                    outer.peak = max(outer.peak, outer.in_flight)
-                try:
-                    reply = outer.handle(self.path, body, n)
-                    if reply.delay_s:
-                        time.sleep(reply.delay_s)
-                    payload = reply.raw if reply.raw is not None else json.dumps(reply.json).encode()
-                    self.send_response(reply.status)
-                    self.send_header("content-type", "application/json")
-                    self.send_header("content-length", str(len(payload)))
-                    for k, v in reply.headers.items():
-                        self.send_header(k, v)
-                    self.end_headers()
-                    self.wfile.write(payload)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client gave up (a timeout test)
-                finally:
-                    with outer._lock:
-                        outer.in_flight -= 1
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-        self.thread.start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture

@@ -82,6 +82,18 @@ def test_help_lists_the_server_options() -> None:
         assert option in result.output
 
 
+def test_the_limit_options_default_to_the_serve_limits() -> None:
+    """The command line cannot import ``tpo.serve`` (an optional extra) for its defaults, so this pins the copy."""
+    from tpo.cli.serve import serve_command
+    from tpo.serve import ServeLimits
+
+    defaults = ServeLimits()
+    options = {p.name: p.default for p in serve_command.params if p.name is not None and hasattr(defaults, p.name)}
+    assert len(options) == 9
+    for name, default in options.items():
+        assert default == getattr(defaults, name), name
+
+
 @pytest.mark.slow
 def test_sigterm_stops_accepting_lets_the_request_in_flight_finish_and_exits_0(tmp_path: Path) -> None:
     def slow_upstream(call: Call) -> Reply:
@@ -142,7 +154,12 @@ def test_sigterm_stops_accepting_lets_the_request_in_flight_finish_and_exits_0(t
                 )
             )
             asking.start()
+            deadline = time.monotonic() + 30
             while not upstream.chat_calls():  # the request is being worked on
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    proc.kill()
+                    assert proc.stdout is not None
+                    pytest.fail(f"tpo serve made no upstream call (exit code {proc.wait()}):\n{proc.stdout.read()}")
                 time.sleep(0.02)
             proc.send_signal(signal.SIGTERM)
             time.sleep(0.5)

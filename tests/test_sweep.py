@@ -10,7 +10,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -19,10 +18,12 @@ import pytest
 from click.testing import CliRunner
 
 import tpo
+from _kill import finish, kill_and_resume, newlines
 from conftest import hash_score, pure_reply, strip_timings
 from tpo import ConfigError, GenerationRequest, TPOConfig
 from tpo.analysis.evaluate import load_run
 from tpo.batch.datasets import read_prompts
+from tpo.batch.progress import BatchObserver
 from tpo.batch.runner import BatchRun
 from tpo.batch.sweep import MANIFEST, Sweep, first_samples, first_steps, plan_sweep
 from tpo.cli import cli
@@ -209,6 +210,33 @@ def test_a_sweep_batches_every_configuration_together_on_one_backend(tmp_path: P
     assert got == want
 
 
+def test_a_sweep_checks_each_model_once_for_all_its_configurations(tmp_path: Path) -> None:
+    data = _input(tmp_path / "in.jsonl", 3)
+    policy, reward = ScriptedPolicy(pure_reply), FunctionReward(hash_score)
+    checks: list[str] = []
+
+    def counting(name: str) -> Any:
+        async def preflight() -> None:
+            checks.append(name)
+
+        return preflight
+
+    policy.preflight = counting("policy")  # type: ignore[attr-defined]
+    reward.preflight = counting("reward")  # type: ignore[attr-defined]
+    entries = plan_sweep(TPOConfig(), modes=["tpo", "revision", "bon"], widths=[2, 3], depths=[1])
+    sweep = Sweep(read_prompts(data, id_field="id"), tmp_path / "grid", entries, models={})
+    sweep.open()
+    assert sweep.open() == []  # opening again (arun does) changes nothing
+    summary = sweep.run(policy, reward)
+    assert summary.ok and len(summary.runs) == 5
+    assert sorted(checks) == ["policy", "reward"]
+
+    # Nothing left to do: no check at all.
+    checks.clear()
+    Sweep(read_prompts(data, id_field="id"), tmp_path / "grid", entries, models={}).run(policy, reward)
+    assert checks == []
+
+
 def test_each_configuration_has_the_fingerprint_tpo_batch_would_give_it(tmp_path: Path) -> None:
     data = _input(tmp_path / "in.jsonl", 3)
     models = {"policy": "scripted", "reward": ["python:score.py"]}
@@ -272,13 +300,7 @@ def _start(input_path: Path, folder: Path, log: Path | None) -> subprocess.Popen
 
 
 def _lines(folder: Path) -> int:
-    total = 0
-    for name in ("tpo-d2-n2", "tpo-d2-n3", "bon-n6"):
-        try:
-            total += (folder / f"{name}.jsonl").read_bytes().count(b"\n")
-        except FileNotFoundError:
-            pass
-    return total
+    return newlines(*(folder / f"{name}.jsonl" for name in ("tpo-d2-n2", "tpo-d2-n3", "bon-n6")))
 
 
 @pytest.mark.slow
@@ -288,36 +310,25 @@ def test_kill_9_of_a_sweep_then_resume_matches_an_uninterrupted_sweep(tmp_path: 
     input_path = _input(tmp_path / "in.jsonl", prompts)
     reference = tmp_path / "reference"
     proc = _start(input_path, reference, None)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err.decode()
+    err = finish(proc, 120)
+    assert proc.returncode == 0, err
 
     folder, log = tmp_path / "grid", tmp_path / "calls.tsv"
     rng = random.Random(13)
     kills = 0
-    for kind, when in [
+    schedule = [
         ("time", rng.uniform(0.3, 0.9)),
         ("more", 20),
         ("time", rng.uniform(0.5, 1.2)),
         ("more", 40),
         ("time", rng.uniform(0.2, 0.8)),
-    ]:
-        before = _lines(folder)
-        proc = _start(input_path, folder, log)
-        started = time.monotonic()
-        while proc.poll() is None and time.monotonic() - started < 30:
-            if (kind == "more" and _lines(folder) >= before + when) or (
-                kind == "time" and time.monotonic() - started >= when
-            ):
-                break
-            time.sleep(0.005)
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-            kills += 1
-        _, err = proc.communicate()
-        assert proc.returncode in (0, -signal.SIGKILL), err.decode()
+    ]
+    for run in kill_and_resume(lambda: _start(input_path, folder, log), lambda: _lines(folder), schedule):
+        kills += run.killed
+        assert run.returncode in (0, -signal.SIGKILL), run.stderr
     proc = _start(input_path, folder, log)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err.decode()
+    err = finish(proc, 120)
+    assert proc.returncode == 0, err
     assert kills >= 3
 
     # Every configuration, run or derived, holds exactly the uninterrupted sweep's results.
@@ -350,6 +361,26 @@ def test_kill_9_of_a_sweep_then_resume_matches_an_uninterrupted_sweep(tmp_path: 
     per_prompt = 2 * (1 + 3 * 2) + 1  # two TPO D2 configurations and one best-of-6 sampling
     assert len(seen) == prompts * per_prompt and len(calls) == prompts * per_prompt + repeated
     assert len(segments) >= 3
+
+
+def test_a_sweep_says_what_it_notes_about_its_dataset_once(tmp_path: Path) -> None:
+    data = _input(tmp_path / "in.jsonl", 3)
+    with data.open("a") as f:
+        f.write(json.dumps({"id": "bad", "question": "no prompt field"}) + "\n")
+    dataset = read_prompts(data, skip_invalid=True)
+    assert dataset.id_note and dataset.problem_count == 1
+    shared: list[str] = []
+    per_configuration: list[str] = []
+
+    class Notes(BatchObserver):
+        def on_note(self, message: str) -> None:
+            per_configuration.append(message)
+
+    entries = plan_sweep(TPOConfig(), modes=["tpo", "bon"], widths=[2], depths=[1])
+    sweep = Sweep(dataset, tmp_path / "grid", entries, models={}, observer_for=lambda e: Notes(), on_note=shared.append)
+    assert sweep.run(ScriptedPolicy(pure_reply), FunctionReward(hash_score)).ok
+    assert shared == [dataset.id_note, shared[1]] and shared[1].startswith("skipped 1 invalid row(s)")
+    assert per_configuration == []
 
 
 # --------------------------------------------------------------------------- the command

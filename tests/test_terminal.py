@@ -17,9 +17,8 @@ from click.testing import CliRunner, Result
 
 import tpo.cli.batch as batch_cli
 import tpo.models
-from tpo import BackendError, GenerationRequest
+from tpo import BackendError, GenerationRequest, Models
 from tpo.cli import cli
-from tpo.cli._common import Models
 from tpo.cli._terminal import for_terminal
 from tpo.testing import FunctionReward, ScriptedPolicy, default_reply
 

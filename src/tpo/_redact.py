@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote_plus, urlsplit
 
-__all__ = ["is_secret_name", "mask_secrets_in_text", "mask_url", "redact", "url_secrets"]
+__all__ = ["display_url", "is_secret_name", "mask_secrets_in_text", "mask_url", "redact", "url_secrets"]
 
 #: Option names whose values are secrets, masked in fingerprint.json and config.json. Whole names
 #: only (lower-cased, ``-`` read as ``_``): ``max_tokens`` or ``tokenizer`` change results and must
@@ -120,6 +120,21 @@ def mask_secrets_in_text(text: str, secrets: Iterable[str] = ()) -> str:
 def mask_url(url: str) -> str:
     """The URL as it may be shown: its password, a lone token and key-like query values masked."""
     return mask_secrets_in_text(url) if "://" in url else mask_secrets_in_text("http://" + url)[len("http://") :]
+
+
+def display_url(url: str) -> str:
+    """The URL as names and messages show a server: without its ``user:password@`` part, the rest as ``mask_url``.
+
+    Nothing else of the URL changes. One that cannot be parsed is only masked.
+    """
+    try:
+        netloc = urlsplit(url).netloc
+    except ValueError:
+        return mask_url(url)
+    if "@" in netloc:
+        # The first occurrence is the URL's own authority: nothing before it (the scheme and "//") holds an "@".
+        url = url.replace(netloc, netloc.rsplit("@", 1)[1], 1)
+    return mask_url(url)
 
 
 def url_secrets(url: str) -> list[str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import warnings
-from collections.abc import AsyncGenerator, AsyncIterable, Generator, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterable, Callable, Generator, Iterable, Iterator, Mapping
 from typing import Any
 
 from .config import TPOConfig
@@ -155,16 +155,9 @@ async def aclose_per_loop(*objects: object) -> None:
     A failure to close is reported as a ``RuntimeWarning``, never raised: the work is done.
     Whoever runs tpo on an event loop of its own and then closes the loop calls this first.
     """
-    seen: set[int] = set()
-    stack = list(reversed(objects))
-    while stack:
-        obj = stack.pop()
-        if obj is None or id(obj) in seen:
-            continue
-        seen.add(id(obj))
-        if getattr(obj, "closes_per_loop", False) is not True:
-            # A wrapper (weighted, cached, judge reward) is not per-loop itself, but what it wraps may be.
-            stack.extend(reversed(list(getattr(obj, "parts", ()))))
+    # A wrapper (weighted, cached, judge reward) is not per-loop itself, but what it wraps may be.
+    for obj in _each_once(objects, descend=lambda o: not _per_loop(o)):
+        if not _per_loop(obj):
             continue
         close = getattr(obj, "aclose", None)
         if close is None:
@@ -183,21 +176,36 @@ async def apreflight(*objects: object) -> None:
     inside a wrapper without one through its ``parts``. The first failure is raised as is: a
     server that cannot be reached (``BackendError``, ``RewardError``), a key it refuses or a
     reward function with the wrong parameters (``ConfigError``). Objects without checks pass.
-    ``tpo batch``'s runner and ``tpo run`` call this before their first prompt, so that such
+    ``tpo batch``'s runner, ``tpo sweep`` and ``tpo run`` call this before their first prompt, so that such
     a mistake costs seconds instead of every prompt's retries.
     """
-    seen: set[int] = set()
-    stack = list(reversed(objects))
+    for obj in _each_once(objects, descend=lambda o: getattr(o, "preflight", None) is None):
+        check = getattr(obj, "preflight", None)
+        if check is not None:
+            await check()
+
+
+def _per_loop(obj: object) -> bool:
+    return getattr(obj, "closes_per_loop", False) is True
+
+
+def _each_once(
+    objects: Iterable[object], descend: Callable[[object], bool], seen: set[int] | None = None
+) -> Iterator[object]:
+    """``objects`` and, inside each for which ``descend`` is true, its ``parts`` (depth first), each object once.
+
+    ``None`` is skipped. ``seen`` (object ids) lets several walks share what counts as visited.
+    """
+    seen = set() if seen is None else seen
+    stack = list(reversed(list(objects)))
     while stack:
         obj = stack.pop()
         if obj is None or id(obj) in seen:
             continue
         seen.add(id(obj))
-        check = getattr(obj, "preflight", None)
-        if check is None:
+        yield obj
+        if descend(obj):
             stack.extend(reversed(list(getattr(obj, "parts", ()))))
-            continue
-        await check()
 
 
 def _drive(agen: AsyncGenerator[TPOResult, None], owned: tuple[object, ...]) -> Generator[TPOResult, None, None]:

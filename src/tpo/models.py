@@ -28,7 +28,7 @@ from .errors import ConfigError
 from .protocols import PolicyBackend, RewardModel
 from .registry import BACKENDS_GROUP, REWARDS_GROUP, load_plugin, policy_from_spec, reward_from_spec, split_spec
 
-__all__ = ["DEFAULT_POLICY", "DEFAULT_REWARD", "Models", "build_models"]
+__all__ = ["DEFAULT_POLICY", "DEFAULT_REWARD", "Models", "build_models", "build_policy"]
 
 #: The bundled SmolLM2-135M-Instruct through llama.cpp.
 DEFAULT_POLICY = "llamacpp"
@@ -167,12 +167,12 @@ def _assemble(
     server: Mapping[str, Any],
     built: list[Any],
 ) -> Models:
-    policy = _policy(policy_spec, policy_opts, server)
+    policy = build_policy(policy_spec, policy_opts, server)
     built.append(policy)
     critic = None
     # A critic with the same spec (and no options of its own) is the policy: never load one model twice.
     if critic_spec and (critic_spec != policy_spec or critic_opts):
-        critic = _policy(critic_spec, critic_opts, server)
+        critic = build_policy(critic_spec, critic_opts, server)
         built.append(critic)
     elif critic_opts:
         raise ConfigError("critic options (--critic-option) need a critic spec (--critic)")
@@ -200,13 +200,18 @@ def _assemble(
     )
 
 
-def _policy(spec: str, options: dict[str, Any], server: Mapping[str, Any]) -> PolicyBackend:
-    """A policy backend; server options (also read from the environment) go only to backends that declare them."""
-    cls = load_plugin(BACKENDS_GROUP, split_spec(spec)[0])
-    for key in getattr(cls, "server_options", ()):
-        if key in server:
-            options.setdefault(key, server[key])
+def build_policy(spec: str, options: dict[str, Any], server: Mapping[str, Any]) -> PolicyBackend:
+    """A policy backend from its spec and options (``options`` gains the server options it takes).
+
+    Server options (``base_url``, ``api_key_env``, ``ray_address``) go only to backends that
+    declare them. ``build_models`` builds the policy and critic with this; ``tpo judge`` its judge.
+    """
+    _add_server_options(load_plugin(BACKENDS_GROUP, split_spec(spec)[0]), options, server)
     return policy_from_spec(spec, **options)
+
+
+#: The name ``build_policy`` had before it was public.
+_policy = build_policy
 
 
 def _reward_server_options(name: str, opts: dict[str, Any], server: Mapping[str, Any]) -> None:
@@ -215,6 +220,11 @@ def _reward_server_options(name: str, opts: dict[str, Any], server: Mapping[str,
         cls = load_plugin(REWARDS_GROUP, name)
     except (ConfigError, ImportError):
         return  # a bare URL (https://...) or an unknown name: building the reward says what is wrong
+    _add_server_options(cls, opts, server)
+
+
+def _add_server_options(cls: Any, opts: dict[str, Any], server: Mapping[str, Any]) -> None:
+    """The server options ``cls`` declares (``server_options``) that were given, unless ``opts`` has its own."""
     for key in getattr(cls, "server_options", ()):
         if key in server:
             opts.setdefault(key, server[key])
@@ -235,20 +245,28 @@ def _split_reward_options(options: Mapping[str, Any], names: Sequence[str]) -> l
     """Options per reward: ``key`` goes to every reward, ``name.key`` or ``position.key`` (1-based) to one."""
     out: list[dict[str, Any]] = [{} for _ in names]
     for key, value in options.items():
-        target, dot, rest = key.partition(".")
-        if not dot:
-            for opts in out:
-                opts[key] = value
-            continue
-        if target.isdigit():
-            pos = int(target)
-            if not 1 <= pos <= len(names):
-                raise ConfigError(f"--reward-option {key}: there is no reward number {pos} (there are {len(names)})")
-            out[pos - 1][rest] = value
-            continue
-        matches = [i for i, name in enumerate(names) if name == target]
-        if not matches:
+        receivers, option = _reward_receivers(key, names)
+        if not receivers:
+            target = key.partition(".")[0]
+            if target.isdigit():
+                raise ConfigError(
+                    f"--reward-option {key}: there is no reward number {int(target)} (there are {len(names)})"
+                )
             raise ConfigError(f"--reward-option {key}: no --reward named {target!r} (rewards: {', '.join(names)})")
-        for i in matches:
-            out[i][rest] = value
+        for i in receivers:
+            out[i][option] = value
     return out
+
+
+def _reward_receivers(key: str, names: Sequence[str]) -> tuple[list[int], str]:
+    """The rewards (positions in ``names``) a reward option reaches, and the option's name there.
+
+    ``key`` reaches every reward; ``N.key`` reward N (1-based); ``name.key`` every reward of that
+    name. None may receive it (a number out of range, a name not there): the caller decides.
+    """
+    target, dot, option = key.partition(".")
+    if not dot:
+        return list(range(len(names))), key
+    if target.isdigit():
+        return ([int(target) - 1] if 1 <= int(target) <= len(names) else []), option
+    return [i for i, name in enumerate(names) if name == target], option

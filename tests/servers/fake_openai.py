@@ -1,6 +1,6 @@
 """A scriptable OpenAI-compatible server on 127.0.0.1 for fault tests: any status, header, body or delay.
 
-It runs uvicorn in a background thread and records every request::
+It runs uvicorn in a background thread (``UvicornThread``) and records every request::
 
     def handler(call: Call) -> Reply:
         if call.number == 0:
@@ -29,11 +29,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+
+from servers.uvicorn_thread import UvicornThread
 
 
 @dataclass
@@ -127,20 +128,17 @@ class FakeOpenAIServer:
         self.peak_requests = 0
         self.peak_sequences = 0
         self._lock = threading.Lock()
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
-        self._socket: socket.socket | None = None
+        app = Starlette(routes=[Route("/{path:path}", self._endpoint, methods=["GET", "POST"])])
+        self._server = UvicornThread(app, lifespan="off", log_level="error")
 
     @property
     def base_url(self) -> str:
         """``http://127.0.0.1:PORT/v1``."""
-        return f"{self.root_url}/v1"
+        return self._server.base_url
 
     @property
     def root_url(self) -> str:
-        if self._socket is None:
-            raise RuntimeError("the server is not running")
-        return f"http://127.0.0.1:{self._socket.getsockname()[1]}"
+        return self._server.root_url
 
     def reset(self, handler: Handler | None = None, *, routes: Mapping[str, Reply] | None = None) -> None:
         """Forget the calls and the peaks and take a new script, so that one server can serve many tests.
@@ -201,32 +199,11 @@ class FakeOpenAIServer:
         return Response(content, status_code=reply.status, headers=dict(reply.headers), media_type=reply.content_type)
 
     def start(self) -> FakeOpenAIServer:
-        app = Starlette(routes=[Route("/{path:path}", self._endpoint, methods=["GET", "POST"])])
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        self._socket = sock
-        config = uvicorn.Config(app, log_level="error", lifespan="off", access_log=False, backlog=1024)
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + 20
-        while not self._server.started:
-            if time.monotonic() > deadline or not self._thread.is_alive():
-                raise RuntimeError("the fake OpenAI server did not start")
-            time.sleep(0.01)
+        self._server.start()
         return self
 
     def stop(self) -> None:
-        if self._server is not None:
-            # Requests that hang on purpose must not hold the shutdown up.
-            self._server.should_exit = True
-            self._server.force_exit = True
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-        if self._socket is not None:
-            self._socket.close()
-        self._server = self._thread = None
+        self._server.stop(force=True)  # requests that hang on purpose must not hold the shutdown up
 
     def __enter__(self) -> FakeOpenAIServer:
         return self.start()

@@ -1,1 +1,1 @@
-"""Private HTTP helpers for the served plugins only: the retry policy, per-event-loop clients, loopback checks."""
+"""Private HTTP helpers for the served plugins only: retries, per-event-loop clients, loopback checks, replica pools."""

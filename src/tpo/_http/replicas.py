@@ -90,7 +90,6 @@ class _Attempts:
     """The outcome of the last HTTP attempt made for one request on one replica (``None``: the server answered)."""
 
     last_failure: str | None = None
-    failed: bool = False
 
 
 #: Set around each call the pool makes, so that a replica's ``on_attempt`` reports reach that call.
@@ -215,9 +214,12 @@ class ReplicaPool(Generic[B]):
             tried.add(id(rep))
             last = error if error is not None else result
 
-    async def preflight(self, check: Callable[[B], Awaitable[None]]) -> None:
-        """``check`` every replica at once; set aside those that fail, and raise only when all do."""
-        outcomes = await asyncio.gather(*(check(rep.backend) for rep in self.replicas), return_exceptions=True)
+    async def preflight(self) -> None:
+        """Run every replica's ``preflight()`` at once; set aside those that fail, and raise only when all do."""
+        outcomes = await asyncio.gather(
+            *(rep.backend.preflight() for rep in self.replicas),  # type: ignore[attr-defined]
+            return_exceptions=True,
+        )
         failures = [(rep, o) for rep, o in zip(self.replicas, outcomes, strict=True) if isinstance(o, BaseException)]
         for _, outcome in failures:
             if not isinstance(outcome, Exception):
@@ -313,7 +315,26 @@ class ReplicaPool(Generic[B]):
         return "; ".join(f"{rep.label}: {rep.last_error or 'no error recorded'}" for rep in self.replicas)
 
 
-class ReplicatedPolicy:
+class _Replicated:
+    """What the replicated policy and reward share: the pool's pre-flight check, closing and reports."""
+
+    closes_per_loop = True
+    pool: ReplicaPool[Any]
+
+    async def preflight(self) -> None:
+        """Check every server; those that fail are set aside, and only when all fail does this raise."""
+        await self.pool.preflight()
+
+    async def aclose(self) -> None:
+        """Close every replica's connections of the running event loop."""
+        await _aclose_all(self.pool.backends)
+
+    def replica_reports(self) -> list[ReplicaReport]:
+        """Each server's share of the work so far."""
+        return self.pool.reports()
+
+
+class ReplicatedPolicy(_Replicated):
     """A policy backend spread over several servers of one model (``OpenAIPolicy`` replicas, say).
 
     Name and capabilities are the replicas' (they serve one model). ``aclose()`` closes each
@@ -322,14 +343,14 @@ class ReplicatedPolicy:
 
     batching = False
     supports_n = True
-    closes_per_loop = True
 
     def __init__(self, replicas: Sequence[tuple[str, Any]], **pool_options: Any) -> None:
         """``replicas``: ``(label, backend)`` pairs, each backend non-batching with an ``on_attempt`` hook."""
-        first = replicas[0][1]
+        self.pool = ReplicaPool(replicas, what="the replicated policy", error=BackendError, **pool_options)
+        first = self.pool.backends[0]
         self.name: str = first.name
         self.supports_logprobs: bool = bool(getattr(first, "supports_logprobs", False))
-        self.pool: ReplicaPool[Any] = ReplicaPool(replicas, what=f"{self.name}", error=BackendError, **pool_options)
+        self.pool.what = self.name  # the pool's errors name the model
 
     def __repr__(self) -> str:
         return f"ReplicatedPolicy({self.name!r}, replicas={[r.label for r in self.pool.replicas]})"
@@ -353,34 +374,21 @@ class ReplicatedPolicy:
         """Always ``None``: the engine estimates prompt tokens, as for one server."""
         return None
 
-    async def preflight(self) -> None:
-        """Check every server; those that fail are set aside, and only when all fail does this raise."""
-        await self.pool.preflight(lambda b: b.preflight())
 
-    async def aclose(self) -> None:
-        """Close every replica's connections of the running event loop."""
-        await _aclose_all(self.pool.backends)
-
-    def replica_reports(self) -> list[ReplicaReport]:
-        """Each server's share of the work so far."""
-        return self.pool.reports()
-
-
-class ReplicatedReward:
+class ReplicatedReward(_Replicated):
     """A reward model spread over several servers (``HTTPReward`` replicas); see ``ReplicatedPolicy``.
 
     A score that failed because its server failed (refused connections, timeouts, 5xx after
     retries) is asked again of another server; one the server refused is returned as it is.
     """
 
-    closes_per_loop = True
-
     def __init__(self, replicas: Sequence[tuple[str, Any]], **pool_options: Any) -> None:
         """``replicas``: ``(label, reward)`` pairs, each with an ``on_attempt`` hook."""
-        first = replicas[0][1]
+        self.pool = ReplicaPool(replicas, what="the replicated reward", error=RewardError, **pool_options)
+        first = self.pool.backends[0]
         self.batching: bool = bool(getattr(first, "batching", False))
-        self.name: str = first.name.split(":", 1)[0] + ":" + ",".join(label for label, _ in replicas)
-        self.pool: ReplicaPool[Any] = ReplicaPool(replicas, what=self.name, error=RewardError, **pool_options)
+        self.name: str = first.name.split(":", 1)[0] + ":" + ",".join(rep.label for rep in self.pool.replicas)
+        self.pool.what = self.name  # the pool's errors name the model
 
     def __repr__(self) -> str:
         return f"ReplicatedReward(replicas={[r.label for r in self.pool.replicas]})"
@@ -399,18 +407,6 @@ class ReplicatedReward:
             return out[0]
 
         return list(await asyncio.gather(*(one(r) for r in requests)))
-
-    async def preflight(self) -> None:
-        """Check every server; those that fail are set aside, and only when all fail does this raise."""
-        await self.pool.preflight(lambda b: b.preflight())
-
-    async def aclose(self) -> None:
-        """Close every replica's connections of the running event loop."""
-        await _aclose_all(self.pool.backends)
-
-    def replica_reports(self) -> list[ReplicaReport]:
-        """Each server's share of the work so far."""
-        return self.pool.reports()
 
 
 def _consume(task: asyncio.Task[Any]) -> None:

@@ -1,4 +1,4 @@
-"""What the in-process torch plugins (the hf policy and the hf reward) share: one device, dtype and dtype-keyword rule.
+"""What the in-process torch plugins (the hf policy and the hf reward) share: the loading options and one device and dtype rule.
 
 torch and Transformers are never imported here. The callers import them (each with its own
 missing-extra message) and pass the modules in, so this module imports without either
@@ -9,16 +9,18 @@ slow import or load; the ``resolve_*`` functions ask torch what the machine has.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigError
-from ..options import Check, custom
+from ..options import Check, PluginOptions, custom, flag, option
 
 __all__ = [
     "DEVICE_CHOICES",
     "DEVICE_OPTION",
     "DTYPE_CHOICES",
     "DTYPE_OPTION",
+    "LoadOptions",
     "check_device",
     "check_dtype",
     "dtype_keyword",
@@ -166,3 +168,16 @@ DTYPE_OPTION: Check = custom(
     description=f"one of {', '.join(DTYPE_CHOICES)} (or bf16, fp16, half, fp32)",
     constraint=f"{', '.join(DTYPE_CHOICES)} (or bf16, fp16, half, fp32)",
 )
+
+
+@dataclass(frozen=True)
+class LoadOptions(PluginOptions):
+    """The options both hf plugins take to load their model (their own options extend these).
+
+    Only ``from_spec`` uses them; a constructor given a loaded model refuses them
+    (``tpo._local.refuse_loading_options``).
+    """
+
+    device: str = option("auto", DEVICE_OPTION, "where the model runs (auto: CUDA, else MPS, else the CPU)")
+    dtype: str = option("auto", DTYPE_OPTION, "the weights' dtype (auto: bfloat16 on a recent GPU, float32 elsewhere)")
+    trust_remote_code: bool = option(False, flag(), "run the model repository's own code")

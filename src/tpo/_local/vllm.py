@@ -8,7 +8,7 @@ caller keeps its own place in the error hierarchy.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,20 +65,21 @@ def import_vllm(purpose: str, error: ErrorFactory) -> Any:
     return vllm
 
 
-def engine_kwargs(opts: EngineOptions, *, explicit: Collection[str]) -> dict[str, Any]:
+def engine_kwargs(opts: EngineOptions, given: Mapping[str, Any]) -> dict[str, Any]:
     """The keyword arguments for ``vllm.LLM`` from a plugin's options (checked already by their declaration).
 
-    The named engine options the plugin takes are passed on when set, then every entry of
-    ``engine_args`` on top. ``explicit`` holds the option names the user gave: giving one of
-    them again in ``engine_args`` is a ``ConfigError``, while a plugin's own default (the
-    policy's prefix caching, say) may be overridden there.
+    ``given`` is what ``from_spec`` received and ``opts`` was built from. The named engine
+    options the plugin takes are passed on when set, then every entry of ``engine_args`` on
+    top. Giving an option again in ``engine_args`` is a ``ConfigError`` when the user gave it
+    (a value other than ``None`` in ``given``), while a plugin's own default (the policy's
+    prefix caching, say) may be overridden there.
     """
     owner = opts.owner
     extra = opts.engine_args or {}
     if "model" in extra:
         raise ConfigError(f"{owner}: give the model in the spec (vllm:MODEL), not in engine_args")
     named = {k: getattr(opts, k) for k in _ENGINE_ARG_NAMES if hasattr(opts, k)}
-    clash = sorted(k for k in extra if k in named and k in explicit)
+    clash = sorted(k for k in extra if k in named and given.get(k) is not None)
     if clash:
         raise ConfigError(f"{owner}: {', '.join(clash)} given both as an option and in engine_args; give it once")
     kwargs = {k: v for k, v in named.items() if v is not None}

@@ -40,7 +40,6 @@ class ReplicaActor:
         except Exception as e:  # reported by describe(), with its type and message intact
             self._error = e
         self._lock = asyncio.Lock()
-        self.calls = 0
 
     async def describe(self) -> dict[str, Any]:
         """What the driver needs to know of the model: its name, capabilities and context window; or the build error."""
@@ -92,14 +91,13 @@ class ReplicaActor:
     async def _serve(self, method: str, requests: Sequence[Any]) -> list[Any]:
         if self._error is not None:
             raise self._error
-        self.calls += 1
+        if not requests:
+            return []
         call = getattr(self._model, method)
         if not getattr(self._model, "batching", False):
             parts = await asyncio.gather(*(call([r]) for r in requests))
             return [out for part in parts for out in part]
-        cap = getattr(self._model, "max_batch_size", None) or len(requests) or 1
-        out: list[Any] = []
+        # The pool never sends more than the model's max_batch_size (``describe``) in one call.
         async with self._lock:
-            for start in range(0, len(requests), cap):
-                out.extend(await call(list(requests[start : start + cap])))
+            out: list[Any] = await call(list(requests))
         return out

@@ -31,7 +31,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, NoReturn
 
 from ..errors import BackendError, ConfigError, MissingDependencyError, RewardError, RunError, TPOError
 from ..options import PluginOptions, integer, mapping, number, option, string
@@ -49,6 +49,9 @@ CHUNK_FRACTION = 2
 MAX_CHUNKS_PER_REPLICA = 8
 
 State = Literal["up", "restarting", "dead"]
+
+#: The error a pool of each kind raises for a failure of its own (not the model's).
+_ERRORS: dict[Kind, type[RunError]] = {"policy": BackendError, "reward": RewardError}
 
 
 @dataclass(frozen=True)
@@ -167,7 +170,7 @@ class ActorPool:
         self._replicas = replicas
         #: The model's description, from the first replica (``ReplicaActor.describe``).
         self.info = dict(info)
-        self._error: type[RunError] = BackendError if kind == "policy" else RewardError
+        self._error = _ERRORS[kind]
         self._closed = False
 
     # ------------------------------------------------------------------ start
@@ -202,11 +205,11 @@ class ActorPool:
     ) -> list[Any]:
         """``method`` over ``items``, results in order: in chunks for a batching model, else one call per item."""
         if self.info["batching"]:
-            return await self.run_batch(method, items, costs, sequences)
-        calls = [self.run_one(method, x, c, sequences(x)) for x, c in zip(items, costs, strict=True)]
+            return await self._run_batch(method, items, costs, sequences)
+        calls = [self._run_one(method, x, c, sequences(x)) for x, c in zip(items, costs, strict=True)]
         return list(await asyncio.gather(*calls))
 
-    async def run_batch(
+    async def _run_batch(
         self, method: str, items: Sequence[Any], costs: Sequence[float], sequences: Callable[[Any], int]
     ) -> list[Any]:
         """``method`` over ``items``, spread over the replicas in chunks; results in order."""
@@ -220,12 +223,13 @@ class ActorPool:
         failure: BaseException | None = None
         try:
             while pending or running:
+                up = self._up()
                 busy = {id(rep) for rep, _ in running.values()}
-                idle = [rep for rep in self._up() if id(rep) not in busy]
+                idle = [rep for rep in up if id(rep) not in busy]
                 while idle and pending and failure is None:
                     rep = min(idle, key=lambda r: r.in_flight)
                     idle.remove(rep)
-                    chunk = next_chunk(pending, costs, len(self._up()), cap)
+                    chunk = next_chunk(pending, costs, len(up), cap)
                     cost = sum(costs[i] for i in chunk)
                     batch = [items[i] for i in chunk]
                     task = asyncio.ensure_future(self._call(rep, method, batch, cost, sum(map(sequences, batch))))
@@ -255,7 +259,7 @@ class ActorPool:
             raise failure
         return results
 
-    async def run_one(self, method: str, item: Any, cost: float, sequences: int) -> Any:
+    async def _run_one(self, method: str, item: Any, cost: float, sequences: int) -> Any:
         """``method`` on one item, at the replica with the fewest tokens in flight; re-sent if that replica is lost."""
         self._check_open()
         while True:
@@ -298,10 +302,15 @@ class ActorPool:
     # ------------------------------------------------------------------ internals
 
     def _up(self) -> list[_Replica]:
+        """The replicas up now, after starting the probes of those restarting (``_start_probes``)."""
+        self._start_probes()
+        return [rep for rep in self._replicas if rep.state == "up"]
+
+    def _start_probes(self) -> None:
+        """Probe each restarting replica that has no probe running (in this event loop)."""
         for rep in self._replicas:
             if rep.state == "restarting" and (rep.probe is None or rep.probe.done()):
-                rep.probe = asyncio.ensure_future(self._probe(rep))  # in this event loop
-        return [rep for rep in self._replicas if rep.state == "up"]
+                rep.probe = asyncio.ensure_future(self._probe(rep))
 
     def _recheck_s(self) -> float | None:
         # While a replica is restarting, look every so often whether it is back, to give it work.
@@ -326,11 +335,7 @@ class ActorPool:
         try:
             return await ref
         except exceptions.RayTaskError as e:  # raised by the model, inside the actor
-            cause = getattr(e, "cause", None)
-            if isinstance(cause, TPOError):
-                raise cause from None
-            shown = f"{type(cause).__name__}: {cause}" if cause is not None else str(e).splitlines()[0]
-            raise self._error(f"ray: {self.spec} failed on replica {rep.label if rep else '?'}: {shown}") from e
+            _raise_task_error(e, self._error, f"ray: {self.spec} failed on replica {rep.label if rep else '?'}")
         except exceptions.RayError as e:  # the actor died, is restarting, or its node was lost
             if rep is None:
                 raise self._error(f"ray: a replica of {self.spec} was lost: {_first_line(e)}") from e
@@ -343,7 +348,7 @@ class ActorPool:
         if rep.state == "up":
             # Until a probe hears otherwise from Ray: a restart may be on its way (max_restarts).
             rep.state = "restarting"
-        self._up()  # starts its probe
+        self._start_probes()
 
     async def _probe(self, rep: _Replica) -> None:
         """Ask a lost replica every PROBE_INTERVAL_S whether Ray has restarted it; stop when Ray says it is dead."""
@@ -469,20 +474,15 @@ def _wait_built(ray: Any, actors: list[Any], timeout_s: float, kind: Kind, spec:
     """Each actor's description once it has built its model; the first build error as itself."""
     refs = [actor.describe.remote() for actor in actors]
     _, waiting = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
-    error: type[RunError] = BackendError if kind == "policy" else RewardError
+    error = _ERRORS[kind]
+    infos: list[dict[str, Any]] = []
     for i, ref in enumerate(refs):
         if ref in waiting:
             continue
         try:
-            ray.get(ref)
+            infos.append(ray.get(ref))
         except ray.exceptions.RayTaskError as e:
-            cause = getattr(e, "cause", None)
-            if isinstance(cause, TPOError):
-                raise cause from None
-            raise error(
-                f"ray: replica {i + 1} of {len(refs)} cannot build {spec}: "
-                f"{type(cause).__name__ if cause else 'error'}: {cause or _first_line(e)}"
-            ) from e
+            _raise_task_error(e, error, f"ray: replica {i + 1} of {len(refs)} cannot build {spec}")
         except ray.exceptions.RayError as e:
             raise error(f"ray: replica {i + 1} of {len(refs)} of {spec} died while starting: {_first_line(e)}") from e
     if waiting:
@@ -490,7 +490,20 @@ def _wait_built(ray: Any, actors: list[Any], timeout_s: float, kind: Kind, spec:
             f"ray: {len(waiting)} of {len(refs)} replicas of {spec} were not placed and built within "
             f"{timeout_s:g} s (start_timeout_s); does the cluster have the GPUs and CPUs they ask for?"
         )
-    return [ray.get(ref) for ref in refs]
+    return infos
+
+
+def _raise_task_error(e: BaseException, error: type[RunError], context: str) -> NoReturn:
+    """Raise the model's own error from inside an actor: a ``TPOError`` as itself, any other wrapped in ``error``.
+
+    ``e`` is Ray's ``RayTaskError``, whose ``cause`` is what the model raised; the wrapping
+    error's message is ``context`` and that cause.
+    """
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, TPOError):
+        raise cause from None
+    shown = f"{type(cause).__name__}: {cause}" if cause is not None else _first_line(e)
+    raise error(f"{context}: {shown}") from e
 
 
 def _first_line(error: BaseException) -> str:

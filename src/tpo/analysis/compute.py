@@ -186,30 +186,34 @@ def compute_curve(run: Run) -> tuple[ComputePoint, ...]:
         best: list[float] = []
         usages: list[Usage] = []
         for r in done:
-            scores = [c.score for c in r.candidates if c.score is not None and c.step <= step]
-            if not scores:
+            b = _best_up_to(r, step)
+            if b is None:
                 continue
-            best.append(max(scores))
+            best.append(b)
             usages.append(cumulative_usage(r, step))
-        out.append(_point(run.label, step, None, best, usages))
+        out.append(_point(run.label, step, best, usages))
     return tuple(out)
 
 
-def best_of_curve(run: Run, ns: Sequence[int] | None = None) -> tuple[ComputePoint, ...]:
-    """The expected best-of-n reward and cost for every n (default 1 .. N) from one best-of-N run."""
+def _best_up_to(result: TPOResult, step: int) -> float | None:
+    """The highest score among the prompt's answers first seen at a step <= ``step`` (``None``: none scored)."""
+    scores = [c.score for c in result.candidates if c.score is not None and c.step <= step]
+    return max(scores) if scores else None
+
+
+def best_of_curve(run: Run) -> tuple[ComputePoint, ...]:
+    """The expected best-of-n reward and cost for every n from 1 to N from one best-of-N run."""
     prompts = best_of_prompts(run.results)
     if not prompts:
         return ()
     largest = max(len(p.scores) for p in prompts)
     out = []
-    for n in ns if ns is not None else range(1, largest + 1):
-        if n < 1:
-            raise InputError(f"best-of-{n}: n must be at least 1")
-        used = prompts  # a prompt with fewer than n scored samples takes the best of all it has
-        rewards = [expected_best_of(p.scores, min(n, len(p.scores))) for p in used]
+    for n in range(1, largest + 1):
+        # A prompt with fewer than n scored samples takes the best of all it has.
+        rewards = [expected_best_of(p.scores, min(n, len(p.scores))) for p in prompts]
         flops = [
             p.prompt_flops + n * p.sample_flops
-            for p in used
+            for p in prompts
             if p.prompt_flops is not None and p.sample_flops is not None
         ]
         out.append(
@@ -217,26 +221,24 @@ def best_of_curve(run: Run, ns: Sequence[int] | None = None) -> tuple[ComputePoi
                 label=f"BoN-{n}",
                 step=None,
                 n=n,
-                prompts=len(used),
-                reward=statistics.fmean(rewards) if rewards else None,
-                generated_tokens=statistics.fmean(n * p.sample_tokens for p in used) if used else None,
-                tokens=statistics.fmean(p.prompt_tokens + n * p.sample_tokens for p in used) if used else None,
-                flops=statistics.fmean(flops) if used and len(flops) == len(used) else None,
+                prompts=len(prompts),
+                reward=statistics.fmean(rewards),
+                generated_tokens=statistics.fmean(n * p.sample_tokens for p in prompts),
+                tokens=statistics.fmean(p.prompt_tokens + n * p.sample_tokens for p in prompts),
+                flops=statistics.fmean(flops) if len(flops) == len(prompts) else None,
                 sequences=float(n),
             )
         )
     return tuple(out)
 
 
-def _point(
-    label: str, step: int | None, n: int | None, rewards: Sequence[float], usages: Sequence[Usage]
-) -> ComputePoint:
+def _point(label: str, step: int, rewards: Sequence[float], usages: Sequence[Usage]) -> ComputePoint:
     flops = [u.flops for u in usages]
     known = [f for f in flops if f is not None]
     return ComputePoint(
         label=label,
         step=step,
-        n=n,
+        n=None,
         prompts=len(rewards),
         reward=statistics.fmean(rewards) if rewards else None,
         generated_tokens=statistics.fmean(u.completion_tokens for u in usages) if usages else None,
@@ -309,45 +311,51 @@ def matched_compute(
         return ()
     by_id = {p.prompt_id: p for p in prompts}
     largest = max(len(p.scores) for p in prompts)
+    bases: tuple[Basis, ...] = ("completion_tokens", "sequences")
+    costs = {
+        basis: {n: statistics.fmean(p.cost(n, basis) for p in prompts) for n in range(1, largest + 1)}
+        for basis in bases
+    }
     out = []
     for run in runs:
         if run.mode == "bon":
             continue
-        done = [r for r in run.results if r.status == "complete" and r.score is not None]
+        done = [(r, r.score) for r in run.results if r.status == "complete" and r.score is not None]
         if not done:
             continue
         basis: Basis = "completion_tokens"
-        if not any(r.usage.completion_tokens for r in done) or not any(p.sample_tokens for p in prompts):
+        if not any(r.usage.completion_tokens for r, _ in done) or not any(p.sample_tokens for p in prompts):
             basis = "sequences"
         run_cost = statistics.fmean(
-            r.usage.completion_tokens if basis == "completion_tokens" else r.usage.sequences for r in done
+            r.usage.completion_tokens if basis == "completion_tokens" else r.usage.sequences for r, _ in done
         )
-        costs = {n: statistics.fmean(p.cost(n, basis) for p in prompts) for n in range(1, largest + 1)}
-        n = min(costs, key=lambda k: (abs(costs[k] - run_cost), k))
+        cost = costs[basis]
+        n = min(cost, key=lambda k: (abs(cost[k] - run_cost), k))
         out.append(
             _matched(
-                run.label,
-                source.label,
-                done,
-                by_id,
-                n,
-                basis,
-                run_cost,
-                costs[n],
-                largest,
-                tie_eps,
-                confidence,
-                bootstrap_samples,
-                seed,
+                label=run.label,
+                source=source.label,
+                done=done,
+                by_id=by_id,
+                n=n,
+                basis=basis,
+                run_cost=run_cost,
+                best_of_cost=cost[n],
+                largest=largest,
+                tie_eps=tie_eps,
+                confidence=confidence,
+                bootstrap_samples=bootstrap_samples,
+                seed=seed,
             )
         )
     return tuple(out)
 
 
 def _matched(
+    *,
     label: str,
     source: str,
-    done: Sequence[TPOResult],
+    done: Sequence[tuple[TPOResult, float]],
     by_id: Mapping[str, BestOfPrompt],
     n: int,
     basis: Basis,
@@ -359,17 +367,18 @@ def _matched(
     bootstrap_samples: int,
     seed: int,
 ) -> MatchedComparison:
+    """One run's results, each with its score, against the best-of-``n`` of the prompts in ``by_id``."""
     diffs, outcomes, wins, ties, losses, mine, theirs = [], [], [], [], [], [], []
-    for r in done:
+    for r, score in done:
         p = by_id.get(r.prompt_id)
-        if p is None or r.score is None:
+        if p is None:
             continue
         k = min(n, len(p.scores))
         expected = expected_best_of(p.scores, k)
-        win, tie, loss = best_of_outcome(p.scores, k, r.score, tie_eps=tie_eps)
-        mine.append(r.score)
+        win, tie, loss = best_of_outcome(p.scores, k, score, tie_eps=tie_eps)
+        mine.append(score)
         theirs.append(expected)
-        diffs.append(r.score - expected)
+        diffs.append(score - expected)
         outcomes.append(win + tie / 2)
         wins.append(win)
         ties.append(tie)

@@ -39,10 +39,8 @@ from ..errors import InputError
 from ..protocols import RewardModel
 from ..result import TPOResult
 from ..types import Message, Score, ScoreRequest
-from .compute import ComputePoint, MatchedComparison, best_of_curve, compute_curve, matched_compute
-from .stats import Interval, wilson_interval
-from .stats import percentile_interval as _percentile_interval
-from .stats import quantile as _quantile
+from .compute import ComputePoint, MatchedComparison, _best_up_to, best_of_curve, compute_curve, matched_compute
+from .stats import Interval, percentile_interval, quantile, wilson_interval
 
 __all__ = [
     "Comparison",
@@ -135,8 +133,12 @@ def run_label(results: Sequence[TPOResult]) -> str:
     depth = _config_value(results, "depth")
     if mode == "bon":
         return f"BoN-{width}"
-    name = {"tpo": "TPO", "revision": "Revision"}.get(str(mode), str(mode or "run"))
-    return f"{name} D{depth}-N{width}"
+    return f"{_method_name(mode)} D{depth}-N{width}"
+
+
+def _method_name(mode: Any) -> str:
+    """The paper's name of a method (``"TPO"``, ``"Revision"``, ``"BoN"``); ``"run"`` when unknown."""
+    return {"tpo": "TPO", "revision": "Revision", "bon": "BoN"}.get(str(mode), str(mode or "run"))
 
 
 def _config_value(results: Sequence[TPOResult], key: str) -> Any:
@@ -177,7 +179,7 @@ class Distribution:
         xs = sorted(values)
         if not xs:
             return cls(0, None, None, None, 0.0)
-        return cls(len(xs), statistics.fmean(xs), _quantile(xs, 0.5), _quantile(xs, 0.9), float(sum(xs)))
+        return cls(len(xs), statistics.fmean(xs), quantile(xs, 0.5), quantile(xs, 0.9), float(sum(xs)))
 
 
 @dataclass(frozen=True)
@@ -326,11 +328,6 @@ def summarize_run(run: Run, *, reference_field: str | None = None) -> RunSummary
     )
 
 
-def _best_up_to(result: TPOResult, step: int) -> float | None:
-    scores = [c.score for c in result.candidates if c.score is not None and c.step <= step]
-    return max(scores) if scores else None
-
-
 def step_stats(results: Sequence[TPOResult]) -> tuple[StepStats, ...]:
     """Reward per step over ``results`` (pass only the prompts to include; see the module docstring)."""
     means: dict[int, list[float]] = {}
@@ -435,8 +432,12 @@ def math_accuracy(results: Sequence[TPOResult], *, reference_field: str = "answe
 
 
 def _score_request(result: TPOResult, answer: str) -> ScoreRequest:
-    messages = tuple(Message(m["role"], m["content"]) for m in result.messages)  # type: ignore[arg-type]
-    return ScoreRequest(messages, answer, result.metadata, result.prompt_id)
+    return ScoreRequest(_conversation(result), answer, result.metadata, result.prompt_id)
+
+
+def _conversation(result: TPOResult) -> tuple[Message, ...]:
+    """The result's stored conversation (plain dicts) as messages."""
+    return tuple(Message(m["role"], m["content"]) for m in result.messages)  # type: ignore[arg-type]
 
 
 async def _check_each(checker: RewardModel, requests: Sequence[ScoreRequest]) -> list[Score]:
@@ -542,8 +543,8 @@ def compare_runs(
             idx = rng.choices(range(n), k=n)
             half_boot.append(sum(outcomes[i] for i in idx) / n)
             diff_boot.append(sum(diffs[i] for i in idx) / n)
-        half_ci = _percentile_interval(half_boot, confidence)
-        diff_ci = _percentile_interval(diff_boot, confidence)
+        half_ci = percentile_interval(half_boot, confidence)
+        diff_ci = percentile_interval(diff_boot, confidence)
     return Comparison(
         a=a.label,
         b=b.label,

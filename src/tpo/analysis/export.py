@@ -177,8 +177,7 @@ def resolve_arena_hard_benchmark(out: str | Path, benchmark: str = "auto", *, sc
     """
     if benchmark not in ARENA_HARD_BENCHMARKS:
         raise ConfigError(f"Arena-Hard benchmark must be one of {', '.join(ARENA_HARD_BENCHMARKS)}, not {benchmark!r}")
-    if schema not in ARENA_HARD_SCHEMAS:
-        raise ConfigError(f"Arena-Hard answer schema must be one of {', '.join(ARENA_HARD_SCHEMAS)}, not {schema!r}")
+    _check_schema(schema)
     folders = [m.group(1) for part in Path(out).parts if (m := _BENCHMARK_FOLDER.fullmatch(part))]
     folder = folders[-1] if folders else None
     if benchmark != "auto" and folder is not None and folder != benchmark:
@@ -220,6 +219,11 @@ class TokenCounter:
     why_estimate: str | None = None
 
 
+def _check_schema(schema: str) -> None:
+    if schema not in ARENA_HARD_SCHEMAS:
+        raise ConfigError(f"Arena-Hard answer schema must be one of {', '.join(ARENA_HARD_SCHEMAS)}, not {schema!r}")
+
+
 def arena_hard_token_counter(schema: str = "current") -> TokenCounter:
     """tiktoken in the encoding arena-hard-auto uses for ``schema``, or the estimate where that cannot load.
 
@@ -228,9 +232,8 @@ def arena_hard_token_counter(schema: str = "current") -> TokenCounter:
     tiktoken (the ``arena`` extra), the count is :func:`estimate_token_len` and
     ``why_estimate`` says why.
     """
-    model = _TIKTOKEN_MODEL.get(schema)
-    if model is None:
-        raise ConfigError(f"Arena-Hard answer schema must be one of {', '.join(ARENA_HARD_SCHEMAS)}, not {schema!r}")
+    _check_schema(schema)
+    model = _TIKTOKEN_MODEL[schema]
     try:
         import tiktoken
     except ImportError:
@@ -302,8 +305,7 @@ def arena_hard_records(
     prompts with the same question id are an ``InputError``: Arena-Hard keeps one answer per
     question, so one of them would silently not be judged.
     """
-    if schema not in ARENA_HARD_SCHEMAS:
-        raise ConfigError(f"Arena-Hard answer schema must be one of {', '.join(ARENA_HARD_SCHEMAS)}, not {schema!r}")
+    _check_schema(schema)
     count = count_tokens or arena_hard_token_counter(schema).count
     tstamp = time.time() if timestamp is None else timestamp
     key = "uid" if schema == "current" else "question_id"

@@ -30,28 +30,40 @@ import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from .._redact import redact
-from ..batch.durable import _fsync_dir, _GroupLog, _lock, _repair_tail, _write_atomic, _WriteFailed
+from ..batch.durable import (
+    GroupLog,
+    WriteFailed,
+    claim_output,
+    fsync_dir,
+    read_fingerprint,
+    repair_tail,
+    rewrite_lines,
+    write_atomic,
+)
 from ..batch.fingerprint import _differences, result_options
 from ..batch.jsonl import read_result_lines
 from ..batch.runner import sidecar_dir
 from ..engine._budget import DEFAULT_CONTEXT_WINDOW, ContextBudget
 from ..engine._dispatch import Dispatcher
 from ..engine.algorithm import derive_seed
-from ..engine.prompts import placeholders, render, render_conversation
+from ..engine.prompts import check_template, render, render_conversation
 from ..engine.store import answer_id
-from ..errors import ConfigError, InputError, PromptTemplateError, RunError
+from ..errors import ConfigError, InputError, RunError
+from ..options import check_fields, integer, number, option
 from ..protocols import PolicyBackend
 from ..result import dumps_json
 from ..rewards.judge import DEFAULT_RUBRIC
 from ..types import Generation, GenerationRequest, Message, SamplingParams
-from .evaluate import Run
+from .evaluate import Run, _conversation
 from .stats import Interval, bootstrap_mean_interval, fit_logistic, sigmoid, wilson_interval
 
 __all__ = [
     "DEFAULT_JUDGE_PROMPTS",
+    "JudgeOutcome",
+    "JudgeProgress",
     "JudgePrompts",
     "JudgeRun",
     "JudgeSettings",
@@ -112,19 +124,8 @@ class JudgePrompts:
     case: str = PAIRWISE_CASE
 
     def __post_init__(self) -> None:
-        for name, required in (("instructions", {"rubric"}), ("case", {"conversation", "first", "second"})):
-            text = getattr(self, name)
-            if not isinstance(text, str):
-                raise ConfigError(f"the judge's {name} template must be a string, not {type(text).__name__}")
-            found = placeholders(text)
-            if found != required:
-                wanted = " and ".join("{{" + n + "}}" for n in sorted(required))
-                missing, unknown = sorted(required - found), sorted(found - required)
-                raise PromptTemplateError(
-                    f"the judge's {name} template must use {wanted}"
-                    + (f"; missing: {', '.join(missing)}" if missing else "")
-                    + (f"; unknown: {', '.join(unknown)}" if unknown else "")
-                )
+        check_template("the judge's instructions template", self.instructions, {"rubric"})
+        check_template("the judge's case template", self.case, {"conversation", "first", "second"})
 
     def messages(self, rubric: str, conversation: str, first: str, second: str) -> tuple[Message, ...]:
         """The judge's request for one order of one pair."""
@@ -160,36 +161,24 @@ class JudgeSettings:
     the order and both answers, so a rerun asks exactly the same.
     """
 
+    owner: ClassVar[str] = "judge"
+
     rubric: str = DEFAULT_RUBRIC
     prompts: JudgePrompts = DEFAULT_JUDGE_PROMPTS
-    temperature: float = 0.0
-    retry_temperature: float = 0.7
-    max_tokens: int = 1024
-    seed: int = 0
-    concurrency: int = 64
-    context_window: int | None = None
+    temperature: float = option(0.0, number(0, 5), "sampling temperature of the first attempt")
+    retry_temperature: float = option(0.7, number(0, 5), "sampling temperature of the one retry")
+    max_tokens: int = option(1024, integer(min=1), "token limit of the judge's reply")
+    seed: int = option(0, integer(), "seed the judge's seeds derive from")
+    concurrency: int = option(64, integer(min=1), "prompts judged at once", affects_results=False)
+    context_window: int | None = option(None, integer(min=256), "the judge's context window in tokens")
 
     def __post_init__(self) -> None:
         if not isinstance(self.rubric, str) or not self.rubric.strip():
             raise ConfigError(
                 "the judge's rubric is empty; give the criterion in words, or leave it out for the default"
             )
-        for name in ("temperature", "retry_temperature"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 5:
-                raise ConfigError(f"judge {name} must be a number from 0 to 5, not {value!r}")
-        for name, low in (("max_tokens", 1), ("concurrency", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ConfigError(f"judge {name} must be an integer of at least {low}, not {value!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ConfigError(f"judge seed must be an integer, not {self.seed!r}")
-        if self.context_window is not None and (
-            isinstance(self.context_window, bool)
-            or not isinstance(self.context_window, int)
-            or self.context_window < 256
-        ):
-            raise ConfigError(f"judge context_window must be an integer of at least 256, not {self.context_window!r}")
+        # The same checks and messages as every plugin's options; None is not a value here.
+        check_fields(self, none_means_default=False)
 
     def fingerprint(self) -> dict[str, Any]:
         """What the verdicts depend on (how many run at once does not)."""
@@ -538,27 +527,17 @@ class JudgeRun:
         if self._lock_file is not None:
             return []
         fp_path = self.sidecar / "fingerprint.json"
-        if not restart and not fp_path.exists() and self.output.exists() and self.output.stat().st_size > 0:
-            raise ConfigError(
-                f"{self.output} already exists and is not the output of tpo judge (there is no {self.sidecar.name}/ "
-                "beside it); choose another output file, or add --restart to overwrite it"
-            )
         for source in (self.a.path, self.b.path):
             if Path(source).exists() and self.output.resolve() == Path(source).resolve():
                 raise ConfigError(f"the output {self.output} is one of the runs being judged; choose another file")
-        self.output.parent.mkdir(parents=True, exist_ok=True)
-        self.sidecar.mkdir(exist_ok=True)
-        self._lock_file = _lock(self.sidecar / "lock")
+        self._lock_file = claim_output(self.output, self.sidecar, made_by="tpo judge", restart=restart)
         removed: list[str] = []
         try:
             if restart:
                 removed = self._remove_old()
             fingerprint = (json.dumps(self.fingerprint, indent=2) + "\n").encode()
-            if fp_path.exists():
-                try:
-                    old = json.loads(fp_path.read_text(encoding="utf-8"))
-                except ValueError as e:
-                    raise InputError(f"{fp_path} is not valid JSON ({e}); add --restart to start over") from e
+            old = read_fingerprint(fp_path, start_over="start over")
+            if old is not None:
                 diffs = _differences(old, self.fingerprint)
                 if diffs and self.output.exists() and self.output.stat().st_size > 0:
                     raise ConfigError(
@@ -566,7 +545,7 @@ class JudgeRun:
                         + "\n  ".join(diffs)
                         + "\nRun with the same options to resume it, or add --restart to discard its verdicts."
                     )
-            _write_atomic(fp_path, fingerprint)
+            write_atomic(fp_path, fingerprint)
             self._load()
         except BaseException:
             self.close()
@@ -586,8 +565,8 @@ class JudgeRun:
     def _load(self) -> None:
         if not self.output.exists():
             self.output.touch()
-            _fsync_dir(self.output.parent)
-        torn = _repair_tail(self.output)
+            fsync_dir(self.output.parent)
+        torn = repair_tail(self.output)
         if torn:
             self.notes.append(f"repaired {self.output}: removed an unfinished last line ({torn} bytes)")
         read = read_result_lines(
@@ -612,12 +591,7 @@ class JudgeRun:
             keep[pid] = (line.offset, line.length)
         if read.superseded or len(keep) != len(read.lines):
             # Rewritten with only the lines that count, so the file holds one line per prompt.
-            with self.output.open("rb") as f:
-                chunks = []
-                for offset, length in sorted(keep.values()):
-                    f.seek(offset)
-                    chunks.append(f.read(length))
-            _write_atomic(self.output, b"".join(c if c.endswith(b"\n") else c + b"\n" for c in chunks))
+            rewrite_lines(self.output, {offset for offset, _ in keep.values()}.__contains__)
         if redo_failed:
             self.notes.append(f"judging again {redo_failed} prompt(s) whose judging failed before")
         if changed:
@@ -637,9 +611,7 @@ class JudgeRun:
     async def arun(self, backend: PolicyBackend) -> JudgeOutcome:
         """Judge every pair not judged yet, appending each prompt's verdict as soon as both orders are in."""
         self.open()
-        log = _GroupLog(self.output)
-        log.size = self.output.stat().st_size
-        judged_now = failed_now = 0
+        log = GroupLog(self.output)
         try:
             todo = [p for p in self.pairs if p.prompt_id not in self._done]
             progress = JudgeProgress(
@@ -649,12 +621,9 @@ class JudgeRun:
             limit = asyncio.Semaphore(self.settings.concurrency)
 
             async def one(pair: _Pair) -> None:
-                nonlocal judged_now, failed_now
                 async with limit:
                     verdict = await asker.judge(pair, self.a.label, self.b.label)
                     await log.append((dumps_json(verdict.to_dict()) + "\n").encode("utf-8"))
-                judged_now += 1
-                failed_now += verdict.verdict is None
                 progress.done += 1
                 progress.failed += verdict.verdict is None
                 if self.on_verdict is not None:
@@ -668,12 +637,13 @@ class JudgeRun:
                     t.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
                 await log.drain()
-        except _WriteFailed as e:
+        except WriteFailed as e:
             raise RunError(str(e)) from e.__cause__
         finally:
             log.close()
             self.close()
-        return JudgeOutcome(self.output, self.unpaired, judged_now, failed_now, list(self.notes))
+        judged_now = progress.done - progress.finished_before
+        return JudgeOutcome(self.output, self.unpaired, judged_now, progress.failed, list(self.notes))
 
     def run(self, backend: PolicyBackend) -> JudgeOutcome:
         """``arun`` from synchronous code."""
@@ -692,8 +662,7 @@ def _pairs(a: Run, b: Run) -> tuple[list[_Pair], int]:
                 f"prompt {ra.prompt_id!r} has different conversations in {a.path} and {b.path}; "
                 "judge runs over the same prompts"
             )
-        messages = tuple(Message(m["role"], m["content"]) for m in ra.messages)  # type: ignore[arg-type]
-        pairs.append(_Pair(ra.prompt_id, messages, ra.answer, rb.answer))
+        pairs.append(_Pair(ra.prompt_id, _conversation(ra), ra.answer, rb.answer))
     ids = {p.prompt_id for p in pairs}
     every = {r.prompt_id for r in a.results} | set(answers_b)
     return pairs, len(every - ids)

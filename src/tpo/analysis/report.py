@@ -1,5 +1,11 @@
 """Renders batch outputs as one self-contained HTML report: reward curves, run comparisons and every trajectory.
 
+Its sections, in order: the runs; reward by step; width and depth (for more than one run);
+reward against compute, when the runs report their cost (best-of-n curves from a best-of-N
+run, each TPO or revision run as a point, and the comparisons at matched cost, from
+``compute.py``); the verdicts of a held-out judge, when ``tpo judge`` files are given
+(``judge.py``); and every prompt's trajectory.
+
 The page needs no network: the charts are SVG drawn here, the styles and the script are
 inlined from ``report_assets/``, and a Content-Security-Policy allows nothing but those two
 (by hash) and inline images. The prompts' data travels as JSON inside a
@@ -26,7 +32,16 @@ from typing import Any
 from ..errors import ConfigError
 from ..result import TPOResult, dumps_json
 from .compute import MatchedComparison, matched_compute
-from .evaluate import Interval, Run, RunSummary, compare_runs, load_run, summarize_run, unique_labels
+from .evaluate import (
+    Interval,
+    Run,
+    RunSummary,
+    _method_name,
+    compare_runs,
+    load_run,
+    summarize_run,
+    unique_labels,
+)
 from .judge import JudgeSummary, read_verdicts, summarize_verdicts
 
 __all__ = ["build_report", "write_report"]
@@ -577,28 +592,33 @@ def _scatter_chart(points: Sequence[_Point], *, title: str, x_label: str, y_labe
             f'<circle class="dot" cx="{x:.1f}" cy="{y:.1f}" r="5" fill="{p.color}">'
             f"<title>{_e(p.label)}: {p.y:.4g} at {p.x:.3g} answers per prompt</title></circle>"
         )
-        anchor = "end" if x > _W * 0.7 else "start"
-        dx = -8 if anchor == "end" else 8
-        # Move a label down until it clears those already placed (about 6.5 px a character).
-        width = 6.5 * len(p.label)
-        left = x + dx - (width if anchor == "end" else 0)
-        ly = y - 6
-        while any(abs(ly - py) < 12 and left < pl + pw and pl < left + width for pl, py, pw in placed):
-            ly += 12
-        placed.append((left, ly, width))
-        out.append(
-            f'<text class="point-label" x="{x + dx:.1f}" y="{ly:.1f}" text-anchor="{anchor}">{_e(p.label)}</text>'
-        )
+        out.append(_point_label(placed, x, y, p.label, 6))
     out.append("</svg>")
     return "".join(out)
+
+
+def _point_label(placed: list[tuple[float, float, float]], x: float, y: float, label: str, lift: float) -> str:
+    """The label of a point drawn at ``(x, y)``, ``lift`` px above it, moved down clear of the labels in ``placed``.
+
+    Appends the label's box (left, baseline, width) to ``placed``.
+    """
+    anchor = "end" if x > _W * 0.7 else "start"
+    dx = -8 if anchor == "end" else 8
+    # Move a label down until it clears those already placed (about 6.5 px a character).
+    width = 6.5 * len(label)
+    left = x + dx - (width if anchor == "end" else 0)
+    ly = y - lift
+    while any(abs(ly - py) < 12 and left < pl + pw and pl < left + width for pl, py, pw in placed):
+        ly += 12
+    placed.append((left, ly, width))
+    return f'<text class="point-label" x="{x + dx:.1f}" y="{ly:.1f}" text-anchor="{anchor}">{_e(label)}</text>'
 
 
 # ---------------------------------------------------------------------------------- the paper's analyses
 
 
 def _group_label(mode: str | None, key: str) -> str:
-    name = {"tpo": "TPO", "revision": "Revision", "bon": "BoN"}.get(str(mode), str(mode or "run"))
-    return f"{name} {key}".strip()
+    return f"{_method_name(mode)} {key}".strip()
 
 
 def _grid_charts(summaries: Sequence[RunSummary]) -> str:
@@ -887,21 +907,10 @@ def _xy_chart(
     placed: list[tuple[float, float, float]] = []
     for p in sorted(points, key=lambda p: -p.y):
         x, y = sx(p.x), sy(p.y)
-        anchor = "end" if x > _W * 0.7 else "start"
-        dx = -8 if anchor == "end" else 8
         out.append(
             f'<circle class="dot point" cx="{x:.1f}" cy="{y:.1f}" r="5.5" fill="{p.color}">'
             f"<title>{_e(p.label)}: {p.y:.4g} at {p.x:.4g}</title></circle>"
         )
-        # Move a label down until it clears those already placed (about 6.5 px a character).
-        width = 6.5 * len(p.label)
-        left = x + dx - (width if anchor == "end" else 0)
-        ly = y - 7
-        while any(abs(ly - py) < 12 and left < pl + pw and pl < left + width for pl, py, pw in placed):
-            ly += 12
-        placed.append((left, ly, width))
-        out.append(
-            f'<text class="point-label" x="{x + dx:.1f}" y="{ly:.1f}" text-anchor="{anchor}">{_e(p.label)}</text>'
-        )
+        out.append(_point_label(placed, x, y, p.label, 7))
     out.append("</svg>")
     return "".join(out)

@@ -39,7 +39,7 @@ from .._http.loopback import exempt_from_guard
 from .._http.per_loop import PerLoop
 from .._http.replicas import ReplicatedPolicy, joined_urls, split_urls
 from .._http.retry import RetryPolicy
-from .._redact import mask_secrets_in_text, mask_url, url_secrets
+from .._redact import display_url, mask_secrets_in_text, url_secrets
 from ..errors import BackendError, ConfigError, MalformedResponseError, MissingDependencyError
 from ..options import PluginOptions, custom, flag, integer, mapping, number, option, string
 from ..types import Generation, GenerationRequest, Message, TokenLogprob
@@ -239,7 +239,10 @@ class OpenAIOptions(PluginOptions):
     context_window: int | None = option(None, integer(min=1), "the context window in tokens (default: ask the server)")
     extra_body: Mapping[str, Any] | None = option(None, mapping(), "merged into every request body")
     probe_timeout_s: float = option(
-        10.0, number(0, min_open=True), "seconds for asking the server its context window", affects_results=False
+        10.0,
+        number(0, min_open=True),
+        "seconds a probe may take (the context window, preflight(), a replica's health check)",
+        affects_results=False,
     )
 
 
@@ -318,11 +321,9 @@ class OpenAIPolicy:
             )
         self.model = model.strip()
         given_url = base_url if base_url is not None else OFFICIAL_BASE_URL
+        # Messages name the server by ``_shown_url``: its password, token and key-like query values masked.
         #: The server's URL without its query string; the query (``base_query``) goes on every request.
-        self.base_url, self.base_query = _check_base_url(given_url)
-        # Messages name the server by this: its password, token and key-like query values masked.
-        query = urlsplit(given_url.strip()).query
-        self._shown_url = mask_url(_display_url(self.base_url + (f"?{query}" if query else "")))
+        self.base_url, self.base_query, self._shown_url = _check_base_url(given_url)
         self.name = f"openai:{self.model}"
         self.max_concurrency = opts.max_concurrency
         self.timeout_s = opts.timeout_s
@@ -373,11 +374,12 @@ class OpenAIPolicy:
         if opts.base_url is None:
             opts = opts.replace(base_url=os.environ.get("OPENAI_BASE_URL") or None)
         key = (os.environ.get("OPENAI_API_KEY") or None) if opts.api_key_env is None else None
-        urls = split_urls(opts.base_url, what="base_url") if opts.base_url is not None and "," in opts.base_url else []
-        if len(urls) > 1:
-            replicas = [cls(target, options=opts.replace(base_url=url), api_key=key) for url in urls]
-            return ReplicatedPolicy([(r._shown_url, r) for r in replicas])
-        return cls(target, options=opts.replace(base_url=urls[0]) if urls else opts, api_key=key)
+        if opts.base_url is None or "," not in opts.base_url:
+            return cls(target, options=opts, api_key=key)
+        # split_urls refuses an empty part and a repeat, so a comma means two servers or more.
+        urls = split_urls(opts.base_url, what="base_url")
+        replicas = [cls(target, options=opts.replace(base_url=url), api_key=key) for url in urls]
+        return ReplicatedPolicy([(r._shown_url, r) for r in replicas])
 
     def __repr__(self) -> str:
         return (
@@ -831,8 +833,11 @@ def _resolve_key(api_key: str | None, api_key_env: str | None, base_url: str) ->
     return _PLACEHOLDER_KEY
 
 
-def _check_base_url(url: str) -> tuple[str, dict[str, str]]:
-    """The base URL without its query string, and that query's parameters (sent with every request)."""
+def _check_base_url(url: str) -> tuple[str, dict[str, str], str]:
+    """The base URL without its query string, that query's parameters (sent with every request), and the URL as shown.
+
+    The URL as shown is the base URL with its query, without credentials and with secrets masked (``display_url``).
+    """
     if not isinstance(url, str) or not url.strip():
         raise ConfigError("base_url is empty; give the server's URL, e.g. http://localhost:8000/v1")
     url = url.strip()
@@ -841,7 +846,7 @@ def _check_base_url(url: str) -> tuple[str, dict[str, str]]:
             "base_url holds several URLs, and an OpenAIPolicy talks to one server; OpenAIPolicy.from_spec "
             "and tpo.build_models make one per server and send each request to the least busy"
         )
-    shown = mask_url(_display_url(url))
+    shown = display_url(url)
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError for a port that is not a number
@@ -860,15 +865,8 @@ def _check_base_url(url: str) -> tuple[str, dict[str, str]]:
         if name in query:
             raise ConfigError(f"base_url {shown!r} gives the query parameter {name!r} twice; give it once")
         query[name] = value
-    return urlunsplit(parts._replace(query="", fragment="")).rstrip("/"), query
-
-
-def _display_url(url: str) -> str:
-    """The URL without any user:password part."""
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+    base = urlunsplit(parts._replace(query="", fragment="")).rstrip("/")
+    return base, query, display_url(base + (f"?{parts.query}" if parts.query else ""))
 
 
 def _is_official(url: str) -> bool:

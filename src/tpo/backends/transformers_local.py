@@ -23,27 +23,25 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from .._guard import check_real_request_allowed
-from .._local.torch import DEVICE_OPTION, DTYPE_OPTION, dtype_keyword, resolve_device, resolve_dtype
+from .._local import refuse_loading_options
+from .._local.torch import LoadOptions, dtype_keyword, resolve_device, resolve_dtype
 from ..errors import BackendError, ConfigError, MissingDependencyError, TPOError
-from ..options import PluginOptions, flag, integer, option
+from ..options import integer, option
 from ..types import Generation, GenerationRequest, Message, TokenLogprob
 
 __all__ = ["TransformersOptions", "TransformersPolicy"]
 
 _OWNER = "the hf policy backend"
 #: Options that only ``from_spec`` uses, to load the model.
-_LOADING = ("device", "dtype", "trust_remote_code")
+_LOADING = LoadOptions.names()
 
 
 @dataclass(frozen=True)
-class TransformersOptions(PluginOptions):
+class TransformersOptions(LoadOptions):
     """The options of ``TransformersPolicy`` (``--policy-option NAME=VALUE``); the first three are for loading."""
 
     owner: ClassVar[str] = _OWNER
 
-    device: str = option("auto", DEVICE_OPTION, "where the model runs (auto: CUDA, else MPS, else the CPU)")
-    dtype: str = option("auto", DTYPE_OPTION, "the weights' dtype (auto: bfloat16 on a recent GPU, float32 elsewhere)")
-    trust_remote_code: bool = option(False, flag(), "run the model repository's own code")
     batch_size: int = option(16, integer(min=1), "sequences (prompts x n) per generate() call")
     max_batch_tokens: int | None = option(None, integer(min=1), "cap on sequences x (longest prompt + new tokens)")
 
@@ -103,12 +101,7 @@ class TransformersPolicy:
         **kwargs: Any,
     ) -> None:
         """Wrap a loaded model and tokenizer; ``batch_size`` and ``max_batch_tokens`` as keywords or in ``options``."""
-        loading = [k for k in _LOADING if kwargs.get(k) is not None]
-        if loading:
-            raise ConfigError(
-                f"{_OWNER}: {', '.join(loading)} apply when from_spec loads the model; "
-                "the constructor takes a model already loaded"
-            )
+        refuse_loading_options(kwargs, _LOADING, owner=_OWNER, loads="model")
         opts = self.options = TransformersOptions.from_options(kwargs, base=options)
         if not getattr(tokenizer, "chat_template", None):
             raise ConfigError(

@@ -87,8 +87,7 @@ class VLLMPolicy:
         if not target.strip():
             raise ConfigError("the vllm policy backend needs a model: --policy vllm:MODEL_OR_PATH")
         opts = VLLMPolicyOptions.from_options(options)
-        explicit = {k for k, v in options.items() if v is not None}
-        engine_kwargs = _vllm.engine_kwargs(opts, explicit=explicit)
+        engine_kwargs = _vllm.engine_kwargs(opts, options)
         vllm = _import_vllm()
         name = f"vllm:{target}"
         llm = _vllm.load_llm(

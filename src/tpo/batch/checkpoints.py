@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from ..result import TPOResult
-from .durable import _dump_line, _fsync_dir, _GroupLog, _repair_tail
+from .durable import GroupLog, dump_line, fsync_dir, repair_tail
 from .jsonl import ResultLines, read_result_lines
 
 
@@ -38,7 +38,7 @@ class _Entry:
     steps: int
 
 
-class _Checkpoints(_GroupLog, Mapping[str, TPOResult]):
+class _Checkpoints(GroupLog, Mapping[str, TPOResult]):
     """The append-only file of partial results, indexed by prompt id (the latest line wins).
 
     As a mapping it is the ``resume`` argument of ``Engine.optimize_many``: a result is read
@@ -88,7 +88,7 @@ class _Checkpoints(_GroupLog, Mapping[str, TPOResult]):
     def load(self, wanted: Mapping[str, Any], finished: Mapping[str, bool]) -> tuple[int, int]:
         """Index the latest checkpoint of every unfinished prompt of ``wanted``; return (torn bytes cut, corrupt lines)."""
         self.open()  # creates it, and finds out now if it cannot be written
-        torn = _repair_tail(self.path)
+        torn = repair_tail(self.path)
         read: ResultLines[tuple[int, bool]] = read_result_lines(self.path, _checkpoint_info, skip_malformed=True)
         self.entries = {}
         for pid, line in read.lines.items():
@@ -131,7 +131,7 @@ class _Checkpoints(_GroupLog, Mapping[str, TPOResult]):
             os.fsync(dst.fileno())
             size = dst.tell()
         os.replace(tmp, self.path)
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
         return entries, size, self.path.open("rb")
 
     def _switch(self, entries: dict[str, _Entry], size: int, reader: IO[bytes]) -> None:
@@ -144,7 +144,7 @@ class _Checkpoints(_GroupLog, Mapping[str, TPOResult]):
 
     async def append_partial(self, partial: TPOResult) -> None:
         """Append a prompt's latest partial result; return once it is durable."""
-        data = _dump_line(partial)
+        data = dump_line(partial)
 
         def index(offset: int) -> None:
             old = self.entries.get(partial.prompt_id)

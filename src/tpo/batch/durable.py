@@ -3,19 +3,31 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, InputError
 from ..result import TPOResult
 from .jsonl import is_whole_object
 
-# ---------------------------------------------------------------------------- durable files
+__all__ = [
+    "GroupLog",
+    "WriteFailed",
+    "claim_output",
+    "dump_line",
+    "fsync_dir",
+    "read_fingerprint",
+    "repair_tail",
+    "rewrite_lines",
+    "take_lock",
+    "write_atomic",
+]
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     """Make a rename or a new file in ``path`` durable (where the platform allows)."""
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -35,19 +47,21 @@ def _append(f: IO[bytes], data: bytes) -> None:
     os.fsync(f.fileno())
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` whole: a crash leaves the old file or the new one, never a mix."""
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("wb") as f:
         _append(f, data)
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
-def _dump_line(result: TPOResult) -> bytes:
+def dump_line(result: TPOResult) -> bytes:
+    """One result as a line of JSON, ready to append."""
     return (result.to_json() + "\n").encode("utf-8")
 
 
-def _repair_tail(path: Path) -> int:
+def repair_tail(path: Path) -> int:
     """Make ``path`` end with a whole line before anything is appended to it; return the bytes cut off.
 
     A last line without its newline that is not a whole JSON object is a write a kill cut
@@ -88,7 +102,7 @@ def _last_line_start(f: IO[bytes], size: int) -> int:
     return 0
 
 
-def _lock(path: Path) -> IO[str]:
+def take_lock(path: Path) -> IO[str]:
     """Hold an exclusive lock on ``path`` so two processes cannot write one run (the OS releases it on exit, even on kill -9)."""
     f = path.open("a+")
     try:
@@ -107,11 +121,52 @@ def _lock(path: Path) -> IO[str]:
     return f
 
 
-class _WriteFailed(Exception):
+def claim_output(output: Path, sidecar: Path, *, made_by: str, restart: bool) -> IO[str]:
+    """Refuse an output that another program wrote, then create the output's folder and sidecar and lock it.
+
+    An output with content but no fingerprint in ``sidecar`` is not ``made_by``'s (``"tpo judge"``):
+    it is overwritten only on ``restart``. Returns the held lock (see ``take_lock``).
+    """
+    if not restart and not (sidecar / "fingerprint.json").exists() and output.exists() and output.stat().st_size > 0:
+        raise ConfigError(
+            f"{output} already exists and is not the output of {made_by} (there is no {sidecar.name}/ "
+            "beside it); choose another output file, or add --restart to overwrite it"
+        )
+    output.parent.mkdir(parents=True, exist_ok=True)
+    sidecar.mkdir(exist_ok=True)
+    return take_lock(sidecar / "lock")
+
+
+def read_fingerprint(path: Path, *, start_over: str) -> Any:
+    """The fingerprint saved at ``path``, or None without one; unreadable JSON is an ``InputError`` naming the way out."""
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise InputError(f"{path} is not valid JSON ({e}); add --restart to {start_over}") from e
+
+
+def rewrite_lines(path: Path, keep: Callable[[int], bool]) -> None:
+    """Rewrite ``path`` atomically with only its lines whose start offset ``keep`` accepts."""
+    tmp = path.with_name(path.name + ".tmp")
+    with path.open("rb") as src, tmp.open("wb") as dst:
+        offset = 0
+        for raw in src:
+            if keep(offset):
+                dst.write(raw)
+            offset += len(raw)
+        dst.flush()
+        os.fsync(dst.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+class WriteFailed(Exception):
     """A run file could not be written. Not a RunError: the engine must not take it for one prompt's failure."""
 
 
-class _GroupLog:
+class GroupLog:
     """An append-only file of lines, made durable in groups without blocking the event loop.
 
     ``append`` queues one line and returns once the line is on disk (written and fsynced).
@@ -119,7 +174,7 @@ class _GroupLog:
     ``fsync`` per group, in a worker thread. So however many prompts finish a step at once,
     they share an ``fsync``, and the model requests in flight never wait for the disk. A
     write that fails is taken back (the file is truncated to where the group began), then
-    that line's group and every later line fail with ``_WriteFailed``: nothing is ever
+    that line's group and every later line fail with ``WriteFailed``: nothing is ever
     appended after half a line.
     """
 
@@ -184,7 +239,7 @@ class _GroupLog:
 
     def _fail(self, error: BaseException, group: list[tuple[bytes, Any, asyncio.Future[None]]]) -> None:
         if isinstance(error, asyncio.CancelledError):
-            self._failure = _WriteFailed(f"could not write {self.path}: a write was interrupted")
+            self._failure = WriteFailed(f"could not write {self.path}: a write was interrupted")
         else:
             self._failure = error
         for _, _, future in [*group, *self._queue]:
@@ -202,7 +257,7 @@ class _GroupLog:
         try:
             f = self.open()
         except OSError as e:
-            raise _WriteFailed(f"could not write {self.path}: {e.strerror or e}") from e
+            raise WriteFailed(f"could not write {self.path}: {e.strerror or e}") from e
         offset = os.fstat(f.fileno()).st_size
         try:
             _append(f, data)
@@ -211,10 +266,10 @@ class _GroupLog:
                 f.truncate(offset)
                 f.flush()
             except OSError as e2:  # the file may end in half a line now; the next start cuts or reports it
-                raise _WriteFailed(
+                raise WriteFailed(
                     f"could not write {self.path}: {e}; the partial write could not be undone either ({e2})"
                 ) from e
-            raise _WriteFailed(f"could not write {self.path}: {e}") from e
+            raise WriteFailed(f"could not write {self.path}: {e}") from e
         return offset, job_result
 
     # Hooks for work that must not overlap a group's write (a compaction that replaces the file).

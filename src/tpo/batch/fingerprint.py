@@ -9,9 +9,8 @@ from typing import Any
 
 from ..config import TPOConfig
 from ..errors import ConfigError
+from ..models import _reward_receivers
 from ..registry import BACKENDS_GROUP, REWARDS_GROUP, load_plugin, split_spec
-
-# ---------------------------------------------------------------------------- fingerprints
 
 
 def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -113,20 +112,10 @@ def _for_rewards(specs: list[str], options: Mapping[str, Any]) -> dict[str, Any]
     names = [split_spec(s)[0] if s.strip() else "" for s in specs]
     out: dict[str, Any] = {}
     for key, value in options.items():
-        target, dot, name = str(key).partition(".")
-        if not dot:
-            receivers, name = list(range(len(specs))), str(key)
-        elif target.isdigit():
-            receivers = [int(target) - 1] if 1 <= int(target) <= len(specs) else []
-        else:
-            receivers = [i for i, n in enumerate(names) if n == target]
+        receivers, name = _reward_receivers(str(key), names)
         kept = [_for_plugin(REWARDS_GROUP, specs[i], {name: value}) for i in receivers]
         if not receivers or any(name in k for k in kept):
             # A judge's backend_options come back filtered for its backend.
             filtered = next((k[name] for k in kept if name in k), value)
             out[key] = filtered
     return out
-
-
-def _name(obj: object | None) -> str | None:
-    return None if obj is None else str(getattr(obj, "name", type(obj).__name__))

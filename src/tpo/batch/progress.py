@@ -8,8 +8,6 @@ from pathlib import Path
 
 from ..result import TPOResult, Usage
 
-# ---------------------------------------------------------------------------- reporting
-
 
 @dataclass(frozen=True)
 class BatchSummary:

@@ -36,15 +36,25 @@ from .._redact import redact as _redact
 from ..api import _no_running_loop, aclose_per_loop, apreflight
 from ..config import TPOConfig
 from ..engine.algorithm import Engine
-from ..errors import ConfigError, InputError, RunError
+from ..errors import ConfigError, RunError
 from ..protocols import PolicyBackend, RewardModel
 from ..result import TPOResult, Usage, dumps_json
 from ..types import Prompt
 from .checkpoints import _Checkpoints, _output_info
-from .datasets import PromptDataset, Source, read_prompts
-from .durable import _dump_line, _fsync_dir, _GroupLog, _lock, _repair_tail, _write_atomic, _WriteFailed
+from .datasets import AUTO, PromptDataset, Source, read_prompts
+from .durable import (
+    GroupLog,
+    WriteFailed,
+    claim_output,
+    dump_line,
+    fsync_dir,
+    read_fingerprint,
+    repair_tail,
+    rewrite_lines,
+    write_atomic,
+)
 from .fail_fast import DEFAULT_FAIL_FAST_AFTER, FailFast, check_fail_fast_after
-from .fingerprint import _differences, _method_fingerprint, _name, result_options
+from .fingerprint import _differences, _method_fingerprint, result_options
 from .jsonl import read_result_lines
 from .progress import BatchObserver, BatchState, BatchSummary
 
@@ -56,6 +66,8 @@ __all__ = [
     "BatchState",
     "BatchSummary",
     "arun_batch",
+    "dataset_notes",
+    "resume_id_field",
     "run_batch",
     "sidecar_dir",
 ]
@@ -74,6 +86,34 @@ def sidecar_dir(output: str | os.PathLike[str]) -> Path:
     For an output reached through a symbolic link it is beside the link's target, as ``BatchRun`` keeps it.
     """
     return Path(os.fspath(_real_path(Path(output))) + SIDECAR_SUFFIX)
+
+
+def resume_id_field(output: str | os.PathLike[str]) -> str | None:
+    """The ``read_prompts(id_field=...)`` that keeps the ids of the run writing ``output``: ``AUTO``, or None.
+
+    None (row hashes) when the run there recorded row hashes as its ids (one begun before ids
+    were found automatically, say): finding an ``id`` field now would make it a different run.
+    ``AUTO`` otherwise, a new run included; a fingerprint that cannot be read is left for
+    ``BatchRun.open()`` to report.
+    """
+    try:
+        recorded = json.loads((sidecar_dir(output) / "fingerprint.json").read_text(encoding="utf-8"))["input"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return AUTO
+    if isinstance(recorded, dict) and "id_field" in recorded and recorded["id_field"] is None:
+        return None
+    return AUTO
+
+
+def dataset_notes(dataset: PromptDataset) -> list[str]:
+    """What a run says about its dataset when it opens: where the prompt ids come from, and the invalid rows skipped."""
+    notes = [dataset.id_note] if dataset.id_note else []
+    problems = dataset.problem_count
+    if problems:
+        listed = "\n  ".join(str(p) for p in dataset.problems[:5])
+        more = f"\n  … and {problems - 5} more" if problems > 5 else ""
+        notes.append(f"skipped {problems} invalid row(s):\n  {listed}{more}")
+    return notes
 
 
 def _real_path(path: Path) -> Path:
@@ -99,6 +139,9 @@ class BatchRun:
     ``fail_fast_after`` (K): when the first K prompts of a session all fail with the same
     error, the run stops with a ``RunError`` carrying that error instead of going through
     the dataset (``tpo.batch.fail_fast``; 0 never stops early). Finished prompts stay.
+
+    ``dataset_notes=False`` leaves the notes about the dataset (``dataset_notes``) to whoever
+    shares it among several runs, as ``Sweep`` does, which notes them once.
     """
 
     def __init__(
@@ -113,9 +156,11 @@ class BatchRun:
         observer: BatchObserver | None = None,
         compact_min_bytes: int = DEFAULT_COMPACT_MIN_BYTES,
         fail_fast_after: int = DEFAULT_FAIL_FAST_AFTER,
+        dataset_notes: bool = True,
     ) -> None:
         self.fail_fast_after = check_fail_fast_after(fail_fast_after)
         self.dataset = dataset
+        self._dataset_notes = dataset_notes
         #: The output file: the target of a symlink rather than the link, so that its sidecar (and lock) is one.
         self.output = _real_path(Path(output))
         self._given_output = Path(output)
@@ -127,7 +172,7 @@ class BatchRun:
         self.observer = observer or BatchObserver()
         self._checkpoints = _Checkpoints(self.sidecar / "checkpoints.jsonl", compact_min_bytes)
         self._checkpoints.note = self.observer.on_note
-        self._out = _GroupLog(self.output)
+        self._out = GroupLog(self.output)
         #: Finished prompt id → True when it failed. Only ids; results are never kept.
         self._finished: dict[str, bool] = {}
         self._finished_before = 0
@@ -164,44 +209,29 @@ class BatchRun:
             raise ConfigError(f"cannot write {e.filename or self.output}: {e.strerror or e}") from e
 
     def _open(self, restart: bool) -> list[str]:
-        if self.dataset.id_note:
-            self.observer.on_note(self.dataset.id_note)
+        for note in dataset_notes(self.dataset) if self._dataset_notes else ():
+            self.observer.on_note(note)
         if self.output != self._given_output:
             self.observer.on_note(
                 f"{self._given_output} leads to {self.output} through a symbolic link; the run writes there"
             )
-        problems = self.dataset.problem_count
-        if problems:
-            listed = "\n  ".join(str(p) for p in self.dataset.problems[:5])
-            more = f"\n  … and {problems - 5} more" if problems > 5 else ""
-            self.observer.on_note(f"skipped {problems} invalid row(s):\n  {listed}{more}")
         fp_path = self.sidecar / "fingerprint.json"
-        if not restart and not fp_path.exists() and self.output.exists() and self.output.stat().st_size > 0:
-            raise ConfigError(
-                f"{self.output} already exists and is not the output of a tpo batch run (there is no {self.sidecar.name}/ "
-                "beside it); choose another output file, or add --restart to overwrite it"
-            )
         if self.output.resolve() == Path(self.dataset.source).resolve():
             raise ConfigError(f"the output {self.output} is the input file; choose another output file")
         if self.output.parent.exists() and not self.output.parent.is_dir():
             raise ConfigError(f"cannot write {self.output}: {self.output.parent} is a file, not a folder")
-        self.output.parent.mkdir(parents=True, exist_ok=True)
-        self.sidecar.mkdir(exist_ok=True)
-        self._lock_file = _lock(self.sidecar / "lock")
+        self._lock_file = claim_output(self.output, self.sidecar, made_by="a tpo batch run", restart=restart)
         try:
             removed = self._remove_old() if restart else []
-            if fp_path.exists():
-                try:
-                    old = json.loads(fp_path.read_text(encoding="utf-8"))
-                except ValueError as e:
-                    raise InputError(f"{fp_path} is not valid JSON ({e}); add --restart to start the run over") from e
+            old = read_fingerprint(fp_path, start_over="start the run over")
+            if old is not None:
                 if isinstance(old, dict) and isinstance(old.get("models"), dict):
                     # Fingerprints written before connection settings were left out compare without them.
                     old["models"] = result_options(old["models"])
                 diffs = _differences(old, self.fingerprint)
                 if diffs and not self._has_work():
                     # Nothing was finished or checkpointed (models failed to load, say): nothing to protect.
-                    _write_atomic(fp_path, (json.dumps(self.fingerprint, indent=2) + "\n").encode())
+                    write_atomic(fp_path, (json.dumps(self.fingerprint, indent=2) + "\n").encode())
                     self.observer.on_note(
                         "the earlier run in this folder had finished nothing; it now uses the new configuration"
                     )
@@ -216,10 +246,10 @@ class BatchRun:
                 # Without a fingerprint no model work was done: anything else in the folder is stale.
                 for stale in self.sidecar.glob("checkpoints.jsonl*"):
                     stale.unlink()
-                _write_atomic(fp_path, (json.dumps(self.fingerprint, indent=2) + "\n").encode())
+                write_atomic(fp_path, (json.dumps(self.fingerprint, indent=2) + "\n").encode())
             self._load()
             record = dumps_json(self._config_record(), indent=2) + "\n"
-            _write_atomic(self.sidecar / "config.json", record.encode("utf-8"))
+            write_atomic(self.sidecar / "config.json", record.encode("utf-8"))
         except BaseException:
             self.close()
             raise
@@ -278,8 +308,8 @@ class BatchRun:
         created = not self.output.exists()
         self._out.open()  # creates it, and finds out now if it cannot be written
         if created:
-            _fsync_dir(self.output.parent)
-        torn = _repair_tail(self.output)
+            fsync_dir(self.output.parent)
+        torn = repair_tail(self.output)
         if torn:
             self.observer.on_note(
                 f"repaired {self.output}: removed an unfinished last line ({torn} bytes) written when the run was stopped"
@@ -320,7 +350,7 @@ class BatchRun:
                         continue
                     f.seek(offset)
                     partial = replace(TPOResult.from_dict(json.loads(f.read(length))), status="partial", error=None)
-                    extra.append((pid, _dump_line(partial), len(partial.steps)))
+                    extra.append((pid, dump_line(partial), len(partial.steps)))
         self._checkpoints.compact(extra)
         if retry:
             drop = {offset for offset, _, _ in retry.values()}
@@ -337,17 +367,7 @@ class BatchRun:
     def _rewrite_output_without(self, offsets: set[int]) -> None:
         """Rewrite the output atomically without the lines that start at ``offsets``."""
         self._out.close()  # it would go on appending to the file replaced
-        tmp = self.output.with_name(self.output.name + ".tmp")
-        with self.output.open("rb") as src, tmp.open("wb") as dst:
-            offset = 0
-            for raw in src:
-                if offset not in offsets:
-                    dst.write(raw)
-                offset += len(raw)
-            dst.flush()
-            os.fsync(dst.fileno())
-        os.replace(tmp, self.output)
-        _fsync_dir(self.output.parent)
+        rewrite_lines(self.output, lambda offset: offset not in offsets)
         self._out.open()
 
     # ------------------------------------------------------------------ running
@@ -364,6 +384,7 @@ class BatchRun:
         *,
         critic: PolicyBackend | None = None,
         engine: Engine | None = None,
+        preflight: bool = True,
     ) -> BatchSummary:
         """Run every unfinished prompt, appending each result to the output as it finishes.
 
@@ -374,6 +395,8 @@ class BatchRun:
 
         Before the first prompt, the policy, critic and reward run their cheap checks
         (``tpo.api.apreflight``): an unreachable server fails the run in seconds.
+        ``preflight=False`` leaves that to the caller (``tpo sweep`` checks its models once for
+        every configuration).
 
         ``engine``: run on this engine, which must hold these same models, so that its
         dispatchers serve this run and whatever else runs on it at once (``tpo sweep`` runs
@@ -389,10 +412,10 @@ class BatchRun:
             )
         self.open()
         try:
-            if self.unfinished:
+            if preflight and self.unfinished:
                 await apreflight(policy, critic, reward)
             return await self._run(policy, reward, critic, engine)
-        except _WriteFailed as e:
+        except WriteFailed as e:
             raise RunError(str(e)) from e.__cause__
         finally:
             # A group still being written in the worker thread must not have its file closed under it.
@@ -451,7 +474,7 @@ class BatchRun:
                 self._finished[result.prompt_id] = failed
                 self._checkpoints.drop(result.prompt_id)  # only once the result is durable
 
-            await self._out.append(_dump_line(result), written)
+            await self._out.append(dump_line(result), written)
             state.done += 1
             state.failed += failed
             self.observer.on_result(result, state)
@@ -611,6 +634,10 @@ def run_batch(
             reward,
         )
     )
+
+
+def _name(obj: object | None) -> str | None:
+    return None if obj is None else str(getattr(obj, "name", type(obj).__name__))
 
 
 T = TypeVar("T")

@@ -43,18 +43,19 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .._redact import redact
+from ..api import apreflight
 from ..config import MODES, TPOConfig
-from ..engine.algorithm import Engine, _best_of
+from ..engine.algorithm import Engine, _best_of, _unscored_error
 from ..engine.store import CandidateStore
 from ..errors import ConfigError
 from ..protocols import PolicyBackend, RewardModel
 from ..result import TPOResult, Usage, dumps_json
 from .datasets import PromptDataset
-from .durable import _write_atomic
+from .durable import write_atomic
 from .fail_fast import DEFAULT_FAIL_FAST_AFTER
 from .jsonl import read_result_lines
 from .progress import BatchObserver, BatchSummary
-from .runner import DEFAULT_COMPACT_MIN_BYTES, BatchRun, _closing, sidecar_dir
+from .runner import DEFAULT_COMPACT_MIN_BYTES, BatchRun, _closing, dataset_notes, sidecar_dir
 
 __all__ = [
     "MANIFEST",
@@ -195,7 +196,7 @@ def first_steps(result: TPOResult, depth: int) -> TPOResult:
     if result.config.get("final_from") == "last_step":
         # The engine's own choice, ties broken the same way as a run of that depth breaks them.
         final = _best_of(store, steps[-1].candidate_ids) or final
-    usage = steps[-1].cumulative if steps[-1].cumulative is not None else _sum(s.usage for s in steps)
+    usage = steps[-1].cumulative if steps[-1].cumulative is not None else sum((s.usage for s in steps), Usage())
     return replace(
         result,
         status="complete",
@@ -260,9 +261,7 @@ def first_samples(result: TPOResult, n: int) -> TPOResult:
     error = None
     if final is None:
         status = "failed"
-        error = "no answer could be scored: " + "; ".join(
-            sorted({c.score_error for c in candidates if c.score_error} or {"every sample failed"})
-        )
+        error = _unscored_error(candidates)
     return replace(
         result,
         status=status,
@@ -283,13 +282,6 @@ def _derive(entry: SweepEntry, data: Mapping[str, Any]) -> TPOResult:
     return (
         first_steps(result, entry.config.depth) if entry.how == "prefix" else first_samples(result, entry.config.width)
     )
-
-
-def _sum(usages: Iterable[Usage]) -> Usage:
-    total = Usage()
-    for u in usages:
-        total = total + u
-    return total
 
 
 # ---------------------------------------------------------------------------- the sweep
@@ -317,8 +309,9 @@ class Sweep:
 
     ``models`` and ``settings`` are those of ``BatchRun`` (the same for every configuration,
     so each configuration's fingerprint is what ``tpo batch`` with its options would have).
-    ``observer_for(entry)`` gives each running configuration its observer. Call ``open()``
-    before loading models, then ``arun()``.
+    ``observer_for(entry)`` gives each running configuration its observer; ``on_note`` gets
+    the notes about the dataset they share (``tpo.batch.runner.dataset_notes``), once. Call
+    ``open()`` before loading models, then ``arun()``.
     """
 
     def __init__(
@@ -333,6 +326,7 @@ class Sweep:
         observer_for: Callable[[SweepEntry], BatchObserver] | None = None,
         compact_min_bytes: int = DEFAULT_COMPACT_MIN_BYTES,
         fail_fast_after: int = DEFAULT_FAIL_FAST_AFTER,
+        on_note: Callable[[str], None] | None = None,
     ) -> None:
         names = [e.name for e in entries]
         if len(set(names)) != len(names):
@@ -362,13 +356,16 @@ class Sweep:
                 observer=observer_for(e),
                 compact_min_bytes=compact_min_bytes,
                 fail_fast_after=fail_fast_after,
+                dataset_notes=False,  # the sweep notes them, once
             )
             for e in entries
             if e.how == "run"
         }
+        self.on_note = on_note or (lambda message: None)
         if not self.runs:
             raise ConfigError("sweep: no configuration runs (every one is derived)")
         self.notes: list[str] = []
+        self._open = False
 
     @property
     def unfinished(self) -> int:
@@ -380,8 +377,10 @@ class Sweep:
 
         A file written by an earlier sweep as a derived configuration is removed when that
         configuration now runs. ``restart`` starts every configuration over. Returns what
-        was removed.
+        was removed; nothing when the sweep is open already (``arun`` opens it too).
         """
+        if self._open:
+            return []
         if self.folder.exists() and not self.folder.is_dir():
             raise ConfigError(f"the sweep's output {self.folder} is a file; give a folder")
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -397,6 +396,8 @@ class Sweep:
             if (entry.how == "run" and derived_before) or (entry.how != "run" and restart):
                 path.unlink()
                 removed.append(f"{path} (derived by an earlier sweep)")
+        for note in dataset_notes(self.dataset):
+            self.on_note(note)
         opened: list[BatchRun] = []
         try:
             for run in self.runs.values():
@@ -407,12 +408,14 @@ class Sweep:
                 run.close()
             raise
         self._write_manifest(None)
+        self._open = True
         return removed
 
     def close(self) -> None:
         """Release every configuration's lock (``arun`` does this when it ends)."""
         for run in self.runs.values():
             run.close()
+        self._open = False
 
     async def arun(
         self, policy: PolicyBackend, reward: RewardModel, *, critic: PolicyBackend | None = None
@@ -423,11 +426,15 @@ class Sweep:
         runs = list(self.runs.values())
         # One engine for all: one dispatcher per backend, so requests of every configuration share its batches.
         engine = Engine(policy, reward, critic=critic, config=runs[0].config)
-        tasks = {
-            name: asyncio.create_task(run.arun(policy, reward, critic=critic, engine=engine))
-            for name, run in self.runs.items()
-        }
+        tasks: dict[str, asyncio.Task[BatchSummary]] = {}
         try:
+            # The models are checked once for every configuration, not once per configuration.
+            if self.unfinished:
+                await apreflight(policy, critic, reward)
+            tasks = {
+                name: asyncio.create_task(run.arun(policy, reward, critic=critic, engine=engine, preflight=False))
+                for name, run in self.runs.items()
+            }
             # The first configuration that stops on an error stops the others: they share the models.
             done, _ = await asyncio.wait(tasks.values(), return_when=asyncio.FIRST_EXCEPTION)
             for task in done:
@@ -459,7 +466,7 @@ class Sweep:
             source = self.folder / f"{entry.source}.jsonl"
             lines = read_result_lines(source, partial(_derive, entry))
             results = [line.value for line in lines.lines.values()]
-            _write_atomic(target, "".join(r.to_json() + "\n" for r in results).encode("utf-8"))
+            write_atomic(target, "".join(r.to_json() + "\n" for r in results).encode("utf-8"))
             failed = sum(1 for r in results if r.status != "complete")
             out[entry.name] = (len(results) - failed, failed)
         return out
@@ -509,4 +516,4 @@ class Sweep:
             "configurations": configurations,
             "options": redact(self.settings),
         }
-        _write_atomic(self.folder / MANIFEST, (dumps_json(data, indent=2) + "\n").encode("utf-8"))
+        write_atomic(self.folder / MANIFEST, (dumps_json(data, indent=2) + "\n").encode("utf-8"))

@@ -1,4 +1,7 @@
-"""Options shared by the commands that run the method (``run``, ``batch``), and turning them into objects."""
+"""What the commands share: the model and method options of ``run``, ``batch``, ``sweep`` and ``serve`` and their
+turning into objects, and for every command ``with_errors`` (errors to exit statuses), the ``KEY=VALUE`` parser
+``_key_values`` and the ``--json`` output of ``eval`` and ``judge``.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +12,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+from rich.console import Console
+from rich.markup import escape
 
+from ..api import _each_once
 from ..config import MODES, TPOConfig
 from ..engine.prompts import PromptSet
 from ..errors import ConfigError, RunError, UserError
@@ -276,13 +282,19 @@ def build_config(params: Mapping[str, Any]) -> TPOConfig:
     return TPOConfig().with_options(**options)
 
 
-def build_models(params: Mapping[str, Any]) -> Models:
-    """Policy, critic and reward from the command's model options, through ``tpo.build_models``."""
-    rubric = params.get("prefer")
+def _rubric(params: Mapping[str, Any]) -> str | None:
+    """The judge reward's rubric: ``--prefer``, or the text of ``--prefer-file`` (not both), or None."""
+    rubric: str | None = params.get("prefer")
     if params.get("prefer_file") is not None:
         if rubric is not None:
             raise ConfigError("give either --prefer or --prefer-file, not both")
         rubric = Path(params["prefer_file"]).read_text(encoding="utf-8")
+    return rubric
+
+
+def build_models(params: Mapping[str, Any]) -> Models:
+    """Policy, critic and reward from the command's model options, through ``tpo.build_models``."""
+    rubric = _rubric(params)
     weights = params.get("reward_weights")
     parsed = None
     if weights:
@@ -309,19 +321,36 @@ def build_models(params: Mapping[str, Any]) -> Models:
 def replica_lines(models: Models) -> list[str]:
     """One line per replica of each model spread over several (servers or Ray actors): where, and the work it did."""
     out: list[str] = []
-    seen: set[int] = set()
+    seen: set[int] = set()  # a judge's backend that is also the policy is listed once, as the policy
     for what, top in (("policy", models.policy), ("critic", models.critic), ("reward", models.reward)):
-        stack = [top]
-        while stack:
-            obj = stack.pop()
-            if obj is None or id(obj) in seen:
-                continue
-            seen.add(id(obj))
+        # Inside a combined reward or a judge too.
+        for obj in _each_once([top], descend=lambda o: True, seen=seen):
             reports = getattr(obj, "replica_reports", None)
             if callable(reports):
                 out += describe_replicas(what, reports())
-            stack.extend(reversed(list(getattr(obj, "parts", ()))))  # inside a combined reward or a judge
     return out
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def print_json_or_render(data: str, json_path: Path | None, render: Callable[[], None]) -> None:
+    """The ``--json`` option: ``-`` prints ``data`` alone on standard output; a file gets it after ``render()``.
+
+    Without the option only ``render()`` runs. A file that cannot be written is a ``ConfigError``.
+    """
+    if json_path is not None and str(json_path) == "-":
+        click.echo(data)
+        return
+    render()
+    if json_path is None:
+        return
+    try:
+        json_path.write_text(data + "\n", encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot write {json_path}: {e.strerror or e}") from e
+    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[dim]Wrote {escape(str(json_path))}[/dim]")
 
 
 def with_errors(f: F) -> F:

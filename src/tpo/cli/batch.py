@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
-import json
 import signal
 import sys
 import threading
@@ -13,21 +12,24 @@ import time
 from contextlib import nullcontext
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
 
-from ..batch.datasets import AUTO, AUTO_ID_FIELDS, FORMATS, read_prompts
+from ..batch.datasets import AUTO, AUTO_ID_FIELDS, FORMATS, PromptDataset, read_prompts
 from ..batch.fail_fast import DEFAULT_FAIL_FAST_AFTER
-from ..batch.runner import BatchObserver, BatchRun, BatchState, BatchSummary, sidecar_dir
+from ..batch.progress import BatchObserver, BatchState, BatchSummary
 from ..config import TPOConfig
 from ..models import DEFAULT_REWARD, Models
 from ..result import TPOResult
-from ._common import build_config, build_models, method_options, model_options, replica_lines, with_errors
+from ._common import _rubric, build_config, build_models, method_options, model_options, replica_lines, with_errors
 from ._terminal import for_terminal
+
+if TYPE_CHECKING:  # the runner loads when a command runs, not with every tpo command
+    from ..batch.runner import BatchRun
 
 #: Seconds between the progress lines of ``--log plain``.
 PLAIN_LOG_INTERVAL_S = 30.0
@@ -126,7 +128,10 @@ def _stop_on_sigterm(command: Any) -> Any:
     help="On resuming, run the prompts that failed again (from their last finished step).",
 )
 @click.option(
-    "--concurrency", type=click.IntRange(min=1), default=None, help="Prompts in progress at once (default 256)."
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=None,
+    help=f"Prompts in progress at once (default {TPOConfig().max_concurrent_prompts}).",
 )
 @click.option(
     "--fail-fast",
@@ -163,22 +168,12 @@ def batch_command(input_path: str, output: Path, **params: Any) -> None:
     options, a file that cannot be read or written, or an output another process is writing;
     130 Ctrl-C; 143 SIGTERM.
     """
-    config = build_config(params)
-    if params["concurrency"] is not None:
-        config = config.with_options(max_concurrent_prompts=params["concurrency"])
+    from ..batch.runner import BatchRun
+
+    config = _config(params)
     console = Console(stderr=True, highlight=False)
     observer = _observer(params["log_mode"], console)
-    dataset = read_prompts(
-        input_path,
-        prompt_field=params["prompt_field"],
-        split=params["split"],
-        id_field=_id_field(params["id_field"], output, restart=params["restart"]),
-        input_format=params["input_format"],
-        limit=params["limit"],
-        shuffle=params["shuffle"],
-        seed=config.seed if params["shuffle_seed"] is None else params["shuffle_seed"],
-        skip_invalid=params["skip_invalid"],
-    )
+    dataset = _read_input(input_path, output, config, params)
     run = BatchRun(
         dataset,
         output,
@@ -203,13 +198,7 @@ def batch_command(input_path: str, output: Path, **params: Any) -> None:
     except KeyboardInterrupt as e:
         observer.close()
         done = run.summary()
-        how = "Stopped by SIGTERM" if isinstance(e, _Terminated) else "Interrupted"
-        click.echo(
-            f"{how}: {done.done} of {done.total} prompts are finished in {output}. "
-            "Run the same command again to continue.",
-            err=True,
-        )
-        sys.exit(143 if isinstance(e, _Terminated) else 130)
+        _exit_stopped(e, f"{done.done} of {done.total} prompts are finished in {output}")
     finally:
         run.close()
         observer.close()
@@ -236,22 +225,46 @@ async def _run(run: BatchRun | Any, models: Models) -> Any:
             _SIGTERM.task = None
 
 
+def _config(params: dict[str, Any]) -> TPOConfig:
+    """The method options, and ``--concurrency``, as a ``TPOConfig`` (of ``tpo batch`` and ``tpo sweep``)."""
+    config = build_config(params)
+    if params["concurrency"] is not None:
+        config = config.with_options(max_concurrent_prompts=params["concurrency"])
+    return config
+
+
+def _read_input(input_path: str, output: Path, config: TPOConfig, params: dict[str, Any]) -> PromptDataset:
+    """The prompts the input options select (of ``tpo batch`` and ``tpo sweep``); ``output``: a run to resume."""
+    return read_prompts(
+        input_path,
+        prompt_field=params["prompt_field"],
+        split=params["split"],
+        id_field=_id_field(params["id_field"], output, restart=params["restart"]),
+        input_format=params["input_format"],
+        limit=params["limit"],
+        shuffle=params["shuffle"],
+        seed=config.seed if params["shuffle_seed"] is None else params["shuffle_seed"],
+        skip_invalid=params["skip_invalid"],
+    )
+
+
 def _id_field(option: str | None, output: Path, *, restart: bool) -> str | None:
     """What ``--id-field`` asks ``read_prompts`` for: the field, None (row hashes) for ``none``, else ``AUTO``.
 
-    Without the option, resuming a run whose ids are row hashes keeps them (one begun before ids
-    were found automatically, say): finding an ``id`` field now would make it a different run.
+    Without the option, resuming a run keeps the ids it began with (``resume_id_field``).
     """
+    from ..batch.runner import resume_id_field
+
     if option is not None:
         return None if option.lower() == "none" else option
-    if not restart:
-        try:
-            recorded = json.loads((sidecar_dir(output) / "fingerprint.json").read_text(encoding="utf-8"))["input"]
-        except (OSError, ValueError, KeyError, TypeError):
-            recorded = None  # no earlier run, or one BatchRun.open() will report on
-        if isinstance(recorded, dict) and "id_field" in recorded and recorded["id_field"] is None:
-            return None
-    return AUTO
+    return AUTO if restart else resume_id_field(output)
+
+
+def _exit_stopped(e: KeyboardInterrupt, finished: str) -> NoReturn:
+    """After Ctrl-C (exit status 130) or SIGTERM (143): say what is ``finished`` and how to continue."""
+    how = "Stopped by SIGTERM" if isinstance(e, _Terminated) else "Interrupted"
+    click.echo(f"{how}: {finished}. Run the same command again to continue.", err=True)
+    sys.exit(143 if isinstance(e, _Terminated) else 130)
 
 
 #: Options that cannot change any result, so a resumed run may change them: why, for each.
@@ -306,9 +319,7 @@ def _models_fingerprint(params: dict[str, Any]) -> dict[str, Any]:
         elif isinstance(value, dict):
             value = dict(value)
         out[_FINGERPRINT_NAMES.get(key, key)] = value
-    rubric = params.get("prefer")
-    if params.get("prefer_file") is not None:
-        rubric = Path(params["prefer_file"]).read_text(encoding="utf-8")
+    rubric = _rubric(params)
     out["rubric_sha256"] = hashlib.sha256(rubric.encode()).hexdigest() if rubric is not None else None
     return out
 

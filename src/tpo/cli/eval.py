@@ -1,22 +1,26 @@
-"""``tpo eval``: reward curves, costs, failures, paired comparisons and math accuracy of batch outputs."""
+"""``tpo eval``: reward curves, reward against compute, costs, failures, paired and matched-cost comparisons and
+math accuracy of batch outputs."""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ..analysis.compute import MatchedComparison
-from ..analysis.evaluate import Comparison, Distribution, Evaluation, Interval, RunSummary, evaluate, load_run
 from ..errors import ConfigError
 from ..result import dumps_json
-from ._common import with_errors
+from ._common import _pct, print_json_or_render, with_errors
 from ._terminal import for_terminal
+
+if TYPE_CHECKING:  # the analysis modules load when the command runs, not with every tpo command
+    from ..analysis.compute import MatchedComparison
+    from ..analysis.evaluate import Comparison, Distribution, Evaluation, Interval, RunSummary
 
 
 @click.command("eval")
@@ -81,9 +85,14 @@ def eval_command(
     """Summarise one or more `tpo batch` outputs, and compare the first with the others.
 
     Per run: mean and standard deviation of the reward at every step, the best score so far,
+    reward against cumulative compute (for best-of-N, the expected best-of-n at each n),
     costs per prompt and failures. Runs over the same prompts (paired by prompt id) are
-    compared by final reward: win, tie and loss rates with confidence intervals.
+    compared by final reward: win, tie and loss rates with confidence intervals. With a
+    best-of-N run among them, every TPO and revision run is also compared with best-of-n at
+    matched cost.
     """
+    from ..analysis.evaluate import evaluate, load_run
+
     if labels and len(labels) != len(outputs):
         raise ConfigError(f"give one --label per output: {len(labels)} label(s) for {len(outputs)} output(s)")
     runs = [load_run(path, label=labels[i] if labels else None) for i, path in enumerate(outputs)]
@@ -96,17 +105,7 @@ def eval_command(
         seed=seed,
         all_pairs=all_pairs,
     )
-    data = dumps_json(result.to_dict(), indent=2)
-    if json_path is not None and str(json_path) == "-":
-        click.echo(data)
-        return
-    render(result, _stdout_console())
-    if json_path is not None:
-        try:
-            json_path.write_text(data + "\n", encoding="utf-8")
-        except OSError as e:
-            raise ConfigError(f"cannot write {json_path}: {e.strerror or e}") from e
-        Console(stderr=True, highlight=False, soft_wrap=True).print(f"[dim]Wrote {json_path}[/dim]")
+    print_json_or_render(dumps_json(result.to_dict(), indent=2), json_path, lambda: render(result, _stdout_console()))
 
 
 #: The width given to the tables when standard output is not a terminal: enough that none is cut
@@ -140,10 +139,6 @@ def render(result: Evaluation, console: Console) -> None:
 
 def _num(x: float | None, digits: int = 3) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
-
-
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.1f}%"
 
 
 def _ci(iv: Interval | None, pct: bool = True) -> str:

@@ -8,7 +8,6 @@ import click
 from rich.console import Console
 from rich.markup import escape
 
-from ..analysis.evaluate import read_results
 from ..analysis.export import ARENA_HARD_BENCHMARKS, ARENA_HARD_SCHEMAS, FORMATS, export_results
 from ._common import with_errors
 from ._terminal import for_terminal
@@ -89,6 +88,8 @@ def export_command(
     Prompts that failed are skipped with a warning (their ids are listed); --strict makes
     them an error instead.
     """
+    from ..analysis.evaluate import read_results
+
     console = Console(stderr=True, highlight=False, soft_wrap=True)
     results, warnings = read_results(output)
     report = export_results(

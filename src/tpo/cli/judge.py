@@ -5,31 +5,23 @@ from __future__ import annotations
 import asyncio
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ..analysis.evaluate import load_run
-from ..analysis.judge import (
-    JudgeProgress,
-    JudgeRun,
-    JudgeSettings,
-    JudgeSummary,
-    Verdict,
-    read_verdicts,
-    summarize_verdicts,
-)
-from ..analysis.stats import Interval
 from ..errors import ConfigError
-from ..models import _policy
+from ..models import build_policy as _policy
 from ..result import dumps_json
-from ..rewards.judge import DEFAULT_RUBRIC
-from ._common import _key_values, with_errors
+from ._common import _key_values, _pct, print_json_or_render, with_errors
 from ._config_file import config_file_option
 from ._terminal import for_terminal
+
+if TYPE_CHECKING:  # the analysis modules load when the command runs, not with every tpo command
+    from ..analysis.judge import JudgeProgress, JudgeRun, JudgeSummary, Verdict
+    from ..analysis.stats import Interval
 
 #: A progress line after every this many verdicts.
 _PROGRESS_EVERY = 50
@@ -148,6 +140,9 @@ def judge_command(run_a: Path, run_b: Path, judge_spec: str, output: Path, **par
     rate with ties as half, how often the judge followed the position instead of the
     answers, and a length-controlled win rate.
     """
+    from ..analysis.evaluate import load_run
+    from ..analysis.judge import JudgeRun, JudgeSettings, read_verdicts, summarize_verdicts
+
     labels = params["labels"]
     if labels and len(labels) != 2:
         raise ConfigError(f"give two --label values (for A and B), not {len(labels)}")
@@ -163,11 +158,12 @@ def judge_command(run_a: Path, run_b: Path, judge_spec: str, output: Path, **par
     a = load_run(run_a, label=labels[0] if labels else None)
     b = load_run(run_b, label=labels[1] if labels else None)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
+    judge_options = dict(params["judge_options"])
     run = JudgeRun(
         a,
         b,
         output,
-        judge={"spec": judge_spec, "options": dict(params["judge_options"])},
+        judge={"spec": judge_spec, "options": judge_options},
         settings=settings,
         on_verdict=_progress,
     )
@@ -182,7 +178,7 @@ def judge_command(run_a: Path, run_b: Path, judge_spec: str, output: Path, **par
         if run.remaining:
             err.print(f"judging {run.remaining} of {len(run.pairs)} prompt(s) in both orders with {escape(judge_spec)}")
             server = {k: v for k, v in (("base_url", params["base_url"]), ("api_key_env", params["api_key_env"])) if v}
-            backend = _policy(judge_spec, dict(params["judge_options"]), server)
+            backend = _policy(judge_spec, judge_options, server)
             outcome = asyncio.run(_judge(run, backend))
             if outcome.failed_now:
                 err.print(
@@ -205,21 +201,16 @@ def judge_command(run_a: Path, run_b: Path, judge_spec: str, output: Path, **par
         path=str(output),
         warnings=warnings,
     )
-    json_path = params["json_path"]
-    data = dumps_json({**summary.to_dict(), "unpaired": run.unpaired}, indent=2)
-    if json_path is not None and str(json_path) == "-":
-        click.echo(data)
-        return
-    render(summary, Console(highlight=False), unpaired=run.unpaired)
-    if json_path is not None:
-        try:
-            json_path.write_text(data + "\n", encoding="utf-8")
-        except OSError as e:
-            raise ConfigError(f"cannot write {json_path}: {e.strerror or e}") from e
-        err.print(f"[dim]Wrote {escape(str(json_path))}[/dim]")
+    print_json_or_render(
+        dumps_json({**summary.to_dict(), "unpaired": run.unpaired}, indent=2),
+        params["json_path"],
+        lambda: render(summary, Console(highlight=False), unpaired=run.unpaired),
+    )
 
 
 def _rubric(text: str | None, path: Path | None) -> str:
+    from ..rewards.judge import DEFAULT_RUBRIC
+
     if text is not None and path is not None:
         raise ConfigError("give either --rubric or --rubric-file, not both")
     if path is not None:
@@ -229,8 +220,7 @@ def _rubric(text: str | None, path: Path | None) -> str:
             raise ConfigError(f"cannot read the rubric file {path}: {e}") from e
         if not text.strip():
             raise ConfigError(f"the rubric file {path} is empty")
-    if text is not None and not text.strip():
-        raise ConfigError("--rubric is empty; give the criterion in words, or leave it out for the default")
+    # An empty --rubric is refused by JudgeSettings.
     return text.strip() if text is not None else DEFAULT_RUBRIC
 
 
@@ -249,10 +239,6 @@ def _progress(verdict: Verdict, progress: JudgeProgress) -> None:
     new = progress.done - progress.finished_before
     if new % _PROGRESS_EVERY == 0 or progress.done == progress.total:
         click.echo(f"[{progress.done}/{progress.total}] judged ({progress.failed} failed)", err=True)
-
-
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.1f}%"
 
 
 def _ci(iv: Interval | None) -> str:

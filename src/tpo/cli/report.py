@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
-from ..analysis.report import write_report
 from ._common import with_errors
 
 
@@ -51,8 +51,10 @@ def report_command(
     `tpo judge` (--judge), and every prompt's trajectory (answers with rewards and lineage,
     chosen and rejected answers, critiques, feedback, failures), searchable by id or text.
     """
+    from ..analysis.report import write_report
+
     path = write_report(
         list(outputs), out, labels=list(labels) if labels else None, title=title, judgements=list(judgements)
     )
     size_kb = path.stat().st_size / 1024
-    Console(stderr=True, highlight=False, soft_wrap=True).print(f"Wrote {path} ({size_kb:,.0f} KB)")
+    Console(stderr=True, highlight=False, soft_wrap=True).print(f"Wrote {escape(str(path))} ({size_kb:,.0f} KB)")

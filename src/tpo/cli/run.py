@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+from collections.abc import Mapping
 from contextlib import nullcontext
 from typing import Any
 
@@ -17,6 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..api import apreflight
+from ..config import TPOConfig
 from ..engine.algorithm import Engine
 from ..errors import InputError
 from ..models import DEFAULT_POLICY
@@ -79,10 +81,8 @@ def run_command(
         if not sep or not key:
             raise InputError(f"--metadata {item!r} is not KEY=VALUE")
         meta[key] = value
-    config = build_config(params)
+    config = demo_config(params)
     demo = params["policy_spec"] == DEFAULT_POLICY
-    if demo and click.get_current_context().get_parameter_source("max_tokens") == ParameterSource.DEFAULT:
-        config = config.with_options(max_tokens=DEMO_MAX_TOKENS)
     console = Console(stderr=True, highlight=False)
     if demo and not as_json:
         console.print(
@@ -100,6 +100,20 @@ def run_command(
         console.print(f"[dim]{escape(for_terminal(line))}[/dim]")
     if result.status == "failed":
         sys.exit(1)
+
+
+def demo_config(params: Mapping[str, Any]) -> TPOConfig:
+    """``build_config(params)``, with replies of ``DEMO_MAX_TOKENS`` for the bundled demo model without --max-tokens.
+
+    For the command running now (``tpo run``, ``tpo serve``): it asks the click context where --max-tokens came from.
+    """
+    config = build_config(params)
+    if (
+        params["policy_spec"] == DEFAULT_POLICY
+        and click.get_current_context().get_parameter_source("max_tokens") == ParameterSource.DEFAULT
+    ):
+        config = config.with_options(max_tokens=DEMO_MAX_TOKENS)
+    return config
 
 
 async def _run(

@@ -6,12 +6,9 @@ from pathlib import Path
 from typing import Any
 
 import click
-from click.core import ParameterSource
 
-from ..errors import ConfigError
-from ..models import DEFAULT_POLICY
-from ._common import build_config, build_models, method_options, model_options, with_errors
-from .run import DEMO_MAX_TOKENS
+from ._common import build_models, method_options, model_options, with_errors
+from .run import demo_config
 
 
 @click.command("serve")
@@ -33,7 +30,7 @@ from .run import DEMO_MAX_TOKENS
     "--served-model-name",
     default="tpo",
     show_default=True,
-    help="The model name clients ask for; NAME-revision and NAME-bon are served too.",
+    help="The model name clients ask for; NAME-MODE is served too for each other mode (only NAME-bon at --depth 0).",
 )
 @click.option(
     "--max-width",
@@ -133,6 +130,7 @@ def serve_command(
     Stops on SIGTERM or Ctrl-C after the requests in flight finish. See docs/serve.md.
     """
     from ..serve import ServeLimits, check_bind, create_app, keys_from_env, run
+    from ..serve._traces import check_trace_log
 
     keys = keys_from_env(auth_keys_env) if auth_keys_env else ()
     check_bind(host, keys, no_auth=no_auth)
@@ -147,15 +145,10 @@ def serve_command(
         request_timeout_s=params.pop("request_timeout_s"),
         max_traces=params.pop("max_traces"),
     )
-    config = build_config(params)
-    if (
-        params["policy_spec"] == DEFAULT_POLICY
-        and click.get_current_context().get_parameter_source("max_tokens") == ParameterSource.DEFAULT
-    ):
-        config = config.with_options(max_tokens=DEMO_MAX_TOKENS)  # as tpo run does for the bundled demo model
+    config = demo_config(params)  # the demo model's replies capped, as in tpo run
     limits.check_config(config)
-    if trace_log is not None and trace_log.is_dir():
-        raise ConfigError(f"--trace-log {trace_log}: is a directory, not a file")
+    if trace_log is not None:
+        check_trace_log(trace_log)  # before the models load, which can take minutes
     click.echo("Loading models…", err=True)
     models = build_models(params)
     try:

@@ -7,7 +7,7 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
@@ -15,23 +15,25 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
 from rich.table import Table
 
-from ..batch.datasets import read_prompts
 from ..batch.progress import BatchObserver, BatchState, BatchSummary
-from ..batch.sweep import MANIFEST, Sweep, SweepEntry, SweepSummary, plan_sweep
 from ..config import MODES
 from ..result import TPOResult
-from ._common import build_config, build_models, with_errors
+from ._common import build_models, with_errors
 from ._terminal import for_terminal
 from .batch import (
     PLAIN_LOG_INTERVAL_S,
-    _id_field,
+    _config,
+    _exit_stopped,
     _models_fingerprint,
+    _read_input,
     _run,
     _settings,
     _stop_on_sigterm,
-    _Terminated,
     batch_command,
 )
+
+if TYPE_CHECKING:  # tpo.batch.sweep loads when the command runs, not with every tpo command
+    from ..batch.sweep import SweepEntry, SweepSummary
 
 #: ``tpo batch``'s options that the sweep takes as lists, or replaces (the output is a folder).
 _REPLACED = frozenset({"input_path", "output", "mode", "width", "depth"})
@@ -137,31 +139,19 @@ def sweep_command(
 
     Exit status as for `tpo batch`: 1 when any prompt of any configuration failed.
     """
-    config = build_config(params)
-    if params["concurrency"] is not None:
-        config = config.with_options(max_concurrent_prompts=params["concurrency"])
-    entries = plan_sweep(config, modes=modes, widths=widths, depths=depths or (), bon_widths=bon_widths)
+    from ..batch.sweep import Sweep, SweepSummary, plan_sweep
+
+    config = _config(params)
+    entries = plan_sweep(config, modes=modes, widths=widths, depths=depths, bon_widths=bon_widths)
     first_run = next(e for e in entries if e.how == "run")
     console = Console(stderr=True, highlight=False)
     display = _display(params["log_mode"], console)
-    dataset = read_prompts(
-        input_path,
-        prompt_field=params["prompt_field"],
-        split=params["split"],
-        id_field=_id_field(params["id_field"], folder / first_run.file, restart=params["restart"]),
-        input_format=params["input_format"],
-        limit=params["limit"],
-        shuffle=params["shuffle"],
-        seed=config.seed if params["shuffle_seed"] is None else params["shuffle_seed"],
-        skip_invalid=params["skip_invalid"],
-    )
-    if dataset.id_note:
-        display.shared_notes.add(dataset.id_note)
+    dataset = _read_input(input_path, folder / first_run.file, config, params)
     settings = {
         **_settings(input_path, folder, params),
         "modes": list(modes),
         "widths": list(widths),
-        "depths": list(depths or ()),
+        "depths": list(depths),
         "bon_widths": list(bon_widths) if bon_widths else None,
     }
     sweep = Sweep(
@@ -173,6 +163,7 @@ def sweep_command(
         retry_failed=params["retry_failed"],
         observer_for=display.observer_for,
         fail_fast_after=params["fail_fast"],
+        on_note=display.note,
     )
     for line in sweep.open(restart=params["restart"]):
         display.note(f"removed {line}")
@@ -189,14 +180,9 @@ def sweep_command(
             summary = asyncio.run(_run(sweep, models))
     except KeyboardInterrupt as e:
         display.close()
-        how = "Stopped by SIGTERM" if isinstance(e, _Terminated) else "Interrupted"
         done = sum(r.summary().done for r in sweep.runs.values())
         total = sum(r.summary().total for r in sweep.runs.values())
-        click.echo(
-            f"{how}: {done} of {total} prompt runs are finished in {folder}. Run the same command again to continue.",
-            err=True,
-        )
-        sys.exit(143 if isinstance(e, _Terminated) else 130)
+        _exit_stopped(e, f"{done} of {total} prompt runs are finished in {folder}")
     finally:
         sweep.close()
         display.close()
@@ -219,21 +205,12 @@ class _Display:
 
     interactive = False
 
-    def __init__(self, console: Console, *, quiet: bool = False) -> None:
-        self.console = console
+    def __init__(self, *, quiet: bool = False) -> None:
         self.quiet = quiet
         self.states: dict[str, BatchState] = {}
         self._last = time.monotonic()
-        #: Notes about the shared input, which every configuration makes: shown once, without a name.
-        self.shared_notes: set[str] = set()
-        self._shown: set[str] = set()
 
     def note_from(self, name: str, message: str) -> None:
-        if message in self.shared_notes or message.startswith("skipped "):
-            if message not in self._shown:
-                self._shown.add(message)
-                self.note(message)
-            return
         self.note(f"[{name}] {message}")
 
     def observer_for(self, entry: SweepEntry) -> BatchObserver:
@@ -286,7 +263,7 @@ class _RichDisplay(_Display):
     interactive = True
 
     def __init__(self, console: Console) -> None:
-        super().__init__(console)
+        super().__init__()
         self._progress = Progress(
             SpinnerColumn(),
             TextColumn("{task.description}"),
@@ -352,10 +329,12 @@ def _display(mode: str, console: Console) -> _Display:
         mode = "rich" if console.is_terminal else "plain"
     if mode == "rich":
         return _RichDisplay(console)
-    return _Display(console, quiet=mode == "quiet")
+    return _Display(quiet=mode == "quiet")
 
 
 def _print_summary(entries: tuple[SweepEntry, ...], summary: SweepSummary, console: Console) -> None:
+    from ..batch.sweep import MANIFEST
+
     t = Table(
         title=f"Sweep in {escape(str(summary.folder))} ({MANIFEST} lists every configuration)", title_justify="left"
     )

@@ -40,7 +40,10 @@ from ._scheduler import bounded_map
 from .prompts import extract_answer, render, render_conversation
 from .store import Candidate, CandidateStore, answer_id
 
-__all__ = ["Engine", "StepCallback", "derive_seed"]
+__all__ = ["UNSCORED_ERROR_PREFIX", "Engine", "StepCallback", "derive_seed"]
+
+#: How the error of a prompt none of whose answers could be scored begins (``tpo serve`` tells it apart by this).
+UNSCORED_ERROR_PREFIX = "no answer could be scored: "
 
 #: Called with a partial result after every finished step of every prompt (for progress and checkpoints).
 StepCallback = Callable[[TPOResult], Awaitable[None] | None]
@@ -68,35 +71,23 @@ class _Chain:
     steps: list[StepRecord] = field(default_factory=list)
     usage: Usage = field(default_factory=Usage)
     stopped_early: str | None = None
+    #: Parameters of the sampling model and of the critic, for FLOPs (``_model_sizes``); None when unknown.
+    model_sizes: tuple[float, float] | None = None
 
 
 @dataclass
 class _StepTally:
-    """Counters for the step in progress."""
+    """What the step in progress has done so far, and which of its values were cut to fit."""
 
-    policy_calls: int = 0
-    sequences: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    reward_calls: int = 0
-    reward_failures: int = 0
+    #: Everything but the wall time, added up call by call (FLOPs stay None when a model's size is unknown).
+    work: Usage = field(default_factory=Usage)
     truncated: set[str] = field(default_factory=set)
-    #: Estimated FLOPs (2 × parameters × tokens); None when a model's size is unknown.
-    prompt_flops: float | None = None
-    completion_flops: float | None = None
+
+    def add(self, work: Usage) -> None:
+        self.work = self.work + work
 
     def usage(self, wall_time_s: float) -> Usage:
-        return Usage(
-            self.policy_calls,
-            self.sequences,
-            self.prompt_tokens,
-            self.completion_tokens,
-            self.reward_calls,
-            self.reward_failures,
-            wall_time_s,
-            self.prompt_flops,
-            self.completion_flops,
-        )
+        return replace(self.work, wall_time_s=wall_time_s)
 
 
 class Engine:
@@ -136,6 +127,8 @@ class Engine:
         #: The event loop the dispatchers above belong to; set only once they are all built.
         self._started_loop: asyncio.AbstractEventLoop | None = None
         self._preparing: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
+        #: ``_template_check_key`` of every per-call configuration whose templates were found to fit.
+        self._checked_templates: set[tuple[Any, ...]] = set()
 
     # ------------------------------------------------------------------ public
 
@@ -165,9 +158,7 @@ class Engine:
         p = Prompt.of(prompt, id=id, metadata=metadata)
         _check_resume(p, resume_from)
         await self._prepare()
-        if config is not None and config is not self.config:
-            self._check_call_config(config)
-        return await self._run_chain(p, resume_from, on_step, config)
+        return await self._run_chain(p, resume_from, on_step, self._call_config(config))
 
     async def optimize_many(
         self,
@@ -194,9 +185,7 @@ class Engine:
         """
         normalized = _numbered(prompts)
         await self._prepare()
-        cfg = self.config if config is None else config
-        if cfg is not self.config:
-            self._check_call_config(cfg)
+        cfg = self._call_config(config)
         earlier = resume or {}
 
         def run(p: Prompt) -> Coroutine[Any, Any, TPOResult]:
@@ -258,6 +247,13 @@ class Engine:
             self._budgets, self._dispatchers, self._scorer = budgets, dispatchers, scorer
             self._started_loop = loop  # last: only a whole preparation counts
 
+    def _call_config(self, config: TPOConfig | None) -> TPOConfig:
+        """The configuration of one call: the engine's by default, else ``config`` once checked (after ``_prepare``)."""
+        if config is None or config is self.config:
+            return self.config
+        self._check_call_config(config)
+        return config
+
     def _check_call_config(self, config: TPOConfig) -> None:
         """Raise ``ConfigError`` when a per-call configuration cannot run on this engine."""
         if not isinstance(config, TPOConfig):
@@ -267,12 +263,18 @@ class Engine:
                 f"a per-call config cannot change context_window ({config.context_window} instead of the "
                 f"engine's {self.config.context_window}); give it to the Engine"
             )
-        self._check_templates(self._budgets[id(self.critic)], config)
+        # tpo serve makes a configuration per request: the templates (tokenized) are checked once per
+        # combination of what the check reads, not once per request.
+        key = _template_check_key(config)
+        if key not in self._checked_templates:
+            self._check_templates(self._budgets[id(self.critic)], config)
+            self._checked_templates.add(key)
 
     def _check_templates(self, budget: ContextBudget, cfg: TPOConfig) -> None:
         """Raise ``ConfigError`` now if a template the run will use cannot fit the critic's window even empty.
 
         Found later, the same problem would fail every prompt half-way through its work.
+        What it reads of ``cfg`` is ``_template_check_key(cfg)``.
         """
         if cfg.depth == 0:  # best-of-N (and depth 0) never sends a template
             return
@@ -309,9 +311,9 @@ class Engine:
         prompt: Prompt,
         resume_from: TPOResult | None,
         on_step: StepCallback | None,
-        config: TPOConfig | None = None,
+        config: TPOConfig,
     ) -> TPOResult:
-        chain = _Chain(prompt, config if config is not None else self.config)
+        chain = _Chain(prompt, config, model_sizes=_model_sizes(config, self.policy, self.critic))
         started = time.perf_counter()
         error: str | None = None
         try:
@@ -346,9 +348,7 @@ class Engine:
                 await _notify(on_step, self._result(chain, "partial"))
         chain.usage = replace(chain.usage, wall_time_s=earlier_s + time.perf_counter() - started)
         if error is None and not chain.store.scored():
-            error = "no answer could be scored: " + "; ".join(
-                sorted({c.score_error for c in chain.store if c.score_error} or {"every sample failed"})
-            )
+            error = _unscored_error(chain.store)
         result = self._result(chain, "failed" if error else "complete", error)
         self.usage = self.usage + result.usage
         return result
@@ -564,15 +564,18 @@ class Engine:
             step=step,
         )
         gen = await self._dispatchers[id(backend)].submit(request)
-        tally.policy_calls += 1
-        tally.sequences += len(gen.texts)
-        tally.prompt_tokens += gen.prompt_tokens or 0
-        tally.completion_tokens += gen.completion_tokens or 0
-        sizes = _model_sizes(cfg, self.policy, self.critic)
-        if sizes is not None:
-            params = sizes[0] if purpose == "sample" else sizes[1]
-            tally.prompt_flops = (tally.prompt_flops or 0.0) + 2.0 * params * (gen.prompt_tokens or 0)
-            tally.completion_flops = (tally.completion_flops or 0.0) + 2.0 * params * (gen.completion_tokens or 0)
+        prompt_tokens, completion_tokens = gen.prompt_tokens or 0, gen.completion_tokens or 0
+        params = None if chain.model_sizes is None else chain.model_sizes[0 if purpose == "sample" else 1]
+        tally.add(
+            Usage(
+                policy_calls=1,
+                sequences=len(gen.texts),
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                prompt_flops=None if params is None else 2.0 * params * prompt_tokens,
+                completion_flops=None if params is None else 2.0 * params * completion_tokens,
+            )
+        )
         return gen
 
     async def _score_and_store(
@@ -603,7 +606,7 @@ class Engine:
         # together with the chains that did score, so their next requests share a batch.
         # A call that failed fails only the answers it was scoring.
         outcomes = await scorer.submit_many(requests)
-        tally.reward_calls += len(requests)
+        tally.add(Usage(reward_calls=len(requests)))
         for i, outcome in zip(order, outcomes, strict=True):
             score = Score.failed(str(outcome)) if isinstance(outcome, RunError) else outcome
             value = score.value if score.error is None else None
@@ -613,7 +616,7 @@ class Engine:
                     Score.failed(f"the reward model returned a non-finite score ({score.value!r})", score.details),
                 )
             if value is None:
-                tally.reward_failures += 1
+                tally.add(Usage(reward_failures=1))
                 failures.append(f"answer {ids[i]} could not be scored: {score.error or 'no score'}")
             chain.store.add(
                 Candidate(
@@ -684,8 +687,21 @@ def _name(obj: object) -> str:
     return str(getattr(obj, "name", type(obj).__name__))
 
 
+def _unscored_error(candidates: Iterable[Candidate]) -> str:
+    """The error of a prompt none of whose answers could be scored: why each could not, or that there were none."""
+    reasons = {c.score_error for c in candidates if c.score_error} or {"every sample failed"}
+    return UNSCORED_ERROR_PREFIX + "; ".join(sorted(reasons))
+
+
 def _describe(error: Exception) -> str:
     return f"{type(error).__name__}: {error}"
+
+
+def _template_check_key(cfg: TPOConfig) -> tuple[Any, ...]:
+    """What ``Engine._check_templates`` reads of ``cfg``: configurations with the same key pass or fail it alike."""
+    if cfg.depth == 0:
+        return (0,)
+    return (cfg.mode == "tpo", cfg.prompts, cfg.critic_max_tokens or cfg.max_tokens, cfg.max_tokens)
 
 
 def _parameter_count(obj: object, what: str) -> float | None:

@@ -19,7 +19,15 @@ from typing import Literal
 from ..errors import ConfigError, PromptTemplateError
 from ..types import Message
 
-__all__ = ["DEFAULT_PROMPTS", "Extraction", "PromptSet", "extract_answer", "render", "render_conversation"]
+__all__ = [
+    "DEFAULT_PROMPTS",
+    "Extraction",
+    "PromptSet",
+    "check_template",
+    "extract_answer",
+    "render",
+    "render_conversation",
+]
 
 _PLACEHOLDER = re.compile(r"\{\{\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*\}\}")
 
@@ -105,6 +113,26 @@ _ALLOWED: dict[str, frozenset[str]] = {
 def placeholders(template: str) -> set[str]:
     """The placeholder names a template uses."""
     return set(_PLACEHOLDER.findall(template))
+
+
+def check_template(label: str, text: object, required: set[str]) -> str:
+    """``text`` as a template that uses exactly the placeholders ``required``; else raise, naming it by ``label``.
+
+    ``label`` opens each message (``"the judge's case template"``): a non-string raises
+    ``ConfigError``, a missing or unknown placeholder ``PromptTemplateError``.
+    """
+    if not isinstance(text, str):
+        raise ConfigError(f"{label} must be a string, not {type(text).__name__}")
+    found = placeholders(text)
+    if found != required:
+        wanted = " and ".join("{{" + n + "}}" for n in sorted(required))
+        missing, unknown = sorted(required - found), sorted(found - required)
+        raise PromptTemplateError(
+            f"{label} must use {wanted}"
+            + (f"; missing: {', '.join(missing)}" if missing else "")
+            + (f"; unknown: {', '.join(unknown)}" if unknown else "")
+        )
+    return text
 
 
 def render(template: str, values: Mapping[str, str]) -> str:

@@ -1,5 +1,6 @@
-"""Reward models: an LLM judge, sequence-classification models, served models, verifiers, functions.
+"""Reward models: an LLM judge, Transformers and vLLM reward models, served ones, verifiers, functions, Ray replicas.
 
 Each lives in its own module and imports its heavy library only when used; they are found
-through the ``tpo.rewards`` entry-point group (see ``tpo.registry``).
+through the ``tpo.rewards`` entry-point group (see ``tpo.registry``). ``combine`` adds a
+weighted sum of rewards and a cache.
 """

@@ -50,7 +50,7 @@ from .._http.loopback import exempt_from_guard
 from .._http.per_loop import PerLoop
 from .._http.replicas import ReplicatedReward, split_urls
 from .._http.retry import RetryPolicy
-from .._redact import is_secret_name, mask_secrets_in_text, mask_url, url_secrets
+from .._redact import display_url, is_secret_name, mask_secrets_in_text, mask_url, url_secrets
 from ..errors import ConfigError, MissingDependencyError, RewardError
 from ..options import PluginOptions, flag, integer, mapping, number, one_of, option, string
 from ..types import Message, Score, ScoreRequest
@@ -182,7 +182,7 @@ class HTTPReward:
         self._transport = transport
         self.batching = opts.batched
         # Names and messages show the URL with its password, token and key-like query values masked.
-        self._shown = mask_url(_display(self._httpx.URL(self.url)))
+        self._shown = display_url(self.url)
         header_secrets = [v.rpartition(" ")[2] for k, v in self._headers.items() if is_secret_name(k)]
         self._secrets = (*url_secrets(self.url), *header_secrets)
         self.name = f"http:{self._shown}"
@@ -206,8 +206,9 @@ class HTTPReward:
             raise ConfigError("the http reward needs a URL: --reward http:http://HOST:PORT/pooling")
         if "," not in target:
             return cls(target, options=opts)
+        # split_urls refuses an empty part and a repeat, so a comma means two servers or more.
         replicas = [cls(url, options=opts) for url in split_urls(target, what="the http reward's URL list")]
-        return ReplicatedReward([(r._shown, r) for r in replicas]) if len(replicas) > 1 else replicas[0]
+        return ReplicatedReward([(r._shown, r) for r in replicas])
 
     async def score(self, requests: Sequence[ScoreRequest]) -> list[Score]:
         """One score per request; an answer the server could not score is returned as ``Score.failed``."""
@@ -427,11 +428,6 @@ def _resolve_url(url: str, api: str) -> tuple[str, str]:
         # A bare server address: the endpoint is implied by the API.
         parsed = parsed.copy_with(path=_ENDPOINTS[api])
     return str(parsed), api
-
-
-def _display(url: httpx.URL) -> str:
-    # Credentials in the URL never reach names, logs or results.
-    return str(url.copy_with(username=None, password=None)) if url.userinfo else str(url)
 
 
 def _simple_item(request: ScoreRequest) -> dict[str, Any]:

@@ -47,9 +47,9 @@ from typing import Any, ClassVar
 
 from ..engine._budget import DEFAULT_CONTEXT_WINDOW, ContextBudget
 from ..engine.algorithm import derive_seed
-from ..engine.prompts import placeholders, render, render_conversation
+from ..engine.prompts import check_template, render, render_conversation
 from ..engine.store import answer_id
-from ..errors import ConfigError, PromptTemplateError, TPOError
+from ..errors import ConfigError, TPOError
 from ..options import PluginOptions, flag, integer, mapping, number, option, string
 from ..protocols import PolicyBackend
 from ..registry import policy_from_spec
@@ -248,11 +248,13 @@ class JudgeReward:
         opts = self.options = JudgeOptions.from_options({**kwargs, "prefer": prefer}, base=options)
         if not callable(getattr(policy, "generate", None)):
             raise ConfigError(f"the judge needs a policy backend with an async generate(); got {type(policy).__name__}")
-        self.instructions = _checked_template(
-            "instructions", JUDGE_INSTRUCTIONS if opts.instructions is None else opts.instructions, {"rubric"}
+        self.instructions = check_template(
+            "judge: the instructions template",
+            JUDGE_INSTRUCTIONS if opts.instructions is None else opts.instructions,
+            {"rubric"},
         )
-        self.case = _checked_template(
-            "case", JUDGE_CASE if opts.case is None else opts.case, {"conversation", "answer"}
+        self.case = check_template(
+            "judge: the case template", JUDGE_CASE if opts.case is None else opts.case, {"conversation", "answer"}
         )
         self.policy = policy
         self.rubric = opts.prefer.strip() if opts.prefer is not None else DEFAULT_RUBRIC
@@ -469,21 +471,6 @@ class _Job:
 
 def _first_text(gen: Generation) -> str:
     return gen.texts[0] if gen.texts else ""
-
-
-def _checked_template(label: str, template: object, required: set[str]) -> str:
-    if not isinstance(template, str):
-        raise ConfigError(f"judge: the {label} template must be a string, not {type(template).__name__}")
-    names = placeholders(template)
-    if names != required:
-        missing, unknown = required - names, names - required
-        wanted = " and ".join("{{" + n + "}}" for n in sorted(required))
-        raise PromptTemplateError(
-            f"judge: the {label} template must use {wanted}"
-            + (f"; missing: {', '.join(sorted(missing))}" if missing else "")
-            + (f"; unknown: {', '.join(sorted(unknown))}" if unknown else "")
-        )
-    return template
 
 
 def _failure(e: Exception) -> str:

@@ -52,9 +52,10 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from .._guard import check_real_request_allowed
-from .._local.torch import DEVICE_OPTION, DTYPE_OPTION, dtype_keyword, resolve_device, resolve_dtype
+from .._local import refuse_loading_options
+from .._local.torch import LoadOptions, dtype_keyword, resolve_device, resolve_dtype
 from ..errors import ConfigError, InputError, MissingDependencyError, RewardError
-from ..options import PluginOptions, flag, integer, one_of, option
+from ..options import integer, one_of, option
 from ..types import Message, Score, ScoreRequest, to_messages
 
 __all__ = ["SequenceClassifierOptions", "SequenceClassifierReward"]
@@ -71,17 +72,15 @@ _MIDDLE_MARKER = " … "
 _PURPOSE = "The hf: reward model"
 _OWNER = "the hf reward"
 #: Options that only ``from_spec`` uses, to load the model.
-_LOADING = ("device", "dtype", "trust_remote_code")
+_LOADING = LoadOptions.names()
 
 
 @dataclass(frozen=True)
-class SequenceClassifierOptions(PluginOptions):
+class SequenceClassifierOptions(LoadOptions):
     """The options of ``SequenceClassifierReward`` (``--reward-option NAME=VALUE``); see the module docstring."""
 
     owner: ClassVar[str] = _OWNER
 
-    device: str = option("auto", DEVICE_OPTION, "where the model runs (auto: CUDA, else MPS, else the CPU)")
-    dtype: str = option("auto", DTYPE_OPTION, "the weights' dtype (auto: bfloat16 on a recent GPU, float32 elsewhere)")
     max_batch_tokens: int | None = option(
         None, integer(min=1), "padded tokens per forward pass (default: 16384 on a GPU, else 2048)"
     )
@@ -91,7 +90,6 @@ class SequenceClassifierOptions(PluginOptions):
     )
     output_index: int = option(0, integer(min=0), "which output logit is the score")
     input_format: InputFormat = option("auto", one_of(*_FORMATS), "chat template or text pair (auto: chat if any)")
-    trust_remote_code: bool = option(False, flag(), "run the model repository's own code")
 
 
 @dataclass
@@ -146,12 +144,7 @@ class SequenceClassifierReward:
         The options other than ``device``, ``dtype`` and ``trust_remote_code`` (which are for
         loading) come as keywords or in ``options``.
         """
-        loading = [k for k in _LOADING if kwargs.get(k) is not None]
-        if loading:
-            raise ConfigError(
-                f"{_OWNER}: {', '.join(loading)} apply when from_spec loads the model; "
-                "the constructor takes a model already loaded"
-            )
+        refuse_loading_options(kwargs, _LOADING, owner=_OWNER, loads="model")
         opts = self.options = SequenceClassifierOptions.from_options(kwargs, base=options)
         self.name = name
         max_batch_tokens = opts.max_batch_tokens

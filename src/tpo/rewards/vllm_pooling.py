@@ -45,6 +45,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from .._local import refuse_loading_options
 from .._local import vllm as _vllm
 from ..errors import ConfigError, RewardError
 from ..options import flag, integer, one_of, option
@@ -95,11 +96,7 @@ class VLLMReward:
         **kwargs: Any,
     ) -> None:
         """Wrap a loaded engine; ``method``, ``index`` and ``raw`` as keywords or in ``options``."""
-        loading = [k for k in _vllm.EngineOptions.names() if kwargs.get(k) is not None]
-        if loading:
-            raise ConfigError(
-                f"{_OWNER}: {', '.join(loading)} apply when from_spec loads the engine, not to a loaded one"
-            )
+        refuse_loading_options(kwargs, _vllm.EngineOptions.names(), owner=_OWNER, loads="engine")
         opts = self.options = VLLMRewardOptions.from_options(kwargs, base=options)
         method, index, raw = opts.method, opts.index, opts.raw
         if not callable(getattr(llm, method, None)):
@@ -131,8 +128,7 @@ class VLLMReward:
             raise ConfigError("the vllm reward needs a model: --reward vllm:MODEL_OR_PATH")
         opts = VLLMRewardOptions.from_options(options)
         method, raw = opts.method, opts.raw
-        explicit = {k for k, v in options.items() if v is not None}
-        engine_kwargs = _vllm.engine_kwargs(opts, explicit=explicit)
+        engine_kwargs = _vllm.engine_kwargs(opts, options)
         vllm = _vllm.import_vllm("The vllm reward", RewardError)
         engine_kwargs.update(_runner_kwargs(vllm, method, engine_kwargs))
         pooling_params = None

@@ -33,10 +33,11 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the installation
     raise MissingDependencyError(e.name or "uvicorn", "serve", "tpo serve") from e
 
+from .._http.loopback import is_loopback_host as is_loopback
 from ..config import TPOConfig
 from ..models import Models
 from ._app import TPOServer
-from ._auth import check_bind, is_loopback, keys_from_env
+from ._auth import check_bind, keys_from_env
 from ._limits import ServeLimits
 
 if TYPE_CHECKING:
@@ -58,9 +59,10 @@ def create_app(
     """The ASGI application serving ``models`` with TPO (``config``: the defaults a request may change).
 
     ``api_keys``: the bearer keys accepted (none: no authentication). ``trace_log``: a JSONL
-    file every result is appended to. ``model_name`` is the served model; ``NAME-revision``
-    and ``NAME-bon`` are served too. ``close_models``: close the models when the app shuts
-    down (the app then owns them). Raises ``ConfigError`` for settings that cannot work.
+    file every result is appended to. ``model_name`` is the served model; ``NAME-MODE`` is
+    served too for each other mode (only ``NAME-bon`` when ``config.depth`` is 0). ``close_models``:
+    close the models when the app shuts down (the app then owns them). Raises ``ConfigError``
+    for settings that cannot work.
     """
     if isinstance(api_keys, str):
         api_keys = [api_keys]

@@ -24,13 +24,13 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from ..config import MODES, TPOConfig
-from ..engine.algorithm import Engine
+from ..engine.algorithm import UNSCORED_ERROR_PREFIX, Engine
 from ..errors import ConfigError, RunError, UserError
-from ..models import Models, aclose_each
+from ..models import Models
 from ..result import TPOResult
 from ..rewards.judge import JudgeReward
 from ._auth import AuthMiddleware, KeyCheck
-from ._errors import APIError, bad_request
+from ._errors import APIError, bad_request, internal_error, model_not_found, send_json
 from ._gate import Gate, QueueFull, Slot
 from ._limits import ServeLimits
 from ._metrics import MeteredPolicy, MeteredReward, Metrics
@@ -132,7 +132,7 @@ class TPOServer:
         finally:
             await self.traces.aclose()
             if self._close_models:
-                await aclose_each((self.models.reward, self.models.critic, self.models.policy))
+                await self.models.aclose()
 
     # ------------------------------------------------------------------ small endpoints
 
@@ -142,12 +142,7 @@ class TPOServer:
     async def get_model(self, request: Request) -> JSONResponse:
         name = request.path_params["model"]
         if name not in self.presets:
-            raise APIError(
-                404,
-                f"the model {name!r} does not exist here; served: {', '.join(self.presets)}",
-                param="model",
-                code="model_not_found",
-            )
+            raise model_not_found(name, self.presets)
         return JSONResponse(self._model_card(name))
 
     def _model_card(self, name: str) -> dict[str, Any]:
@@ -201,7 +196,7 @@ class TPOServer:
                 slot = self._enter()
             except APIError as e:
                 status = e.status
-                await _send_json(send, e.status, e.body(), e.headers)
+                await e.send(send)
                 return
             except _Disconnected:
                 status = 499
@@ -307,8 +302,6 @@ class TPOServer:
             raise bad_request(str(e)) from e
         except RunError as e:  # the models failed before the engine could start (the policy server is down)
             raise APIError(502, str(e), type="upstream_error", code="upstream_error") from e
-        finally:
-            slot.leave()
         self.metrics.record_usage(result)
         await self.traces.add(trace_id, result)
         if result.status == "failed":
@@ -328,9 +321,9 @@ class TPOServer:
             try:
                 result = work.result()
             except APIError as e:
-                await _send_json(send, e.status, e.body(), e.headers)
+                await e.send(send)
                 return e.status
-            await _send_json(send, 200, completion_body(result, request, trace_id, created))
+            await send_json(send, 200, completion_body(result, request, trace_id, created))
             return 200
         finally:
             await _cancel(work, gone)
@@ -352,7 +345,7 @@ class TPOServer:
                 events.put_nowait(("error", e))
             except Exception as e:  # a bug: the client hears of it instead of waiting forever
                 log.exception("request %s failed", trace_id)
-                events.put_nowait(("error", APIError(500, f"internal error: {type(e).__name__}", type="server_error")))
+                events.put_nowait(("error", internal_error(e)))
 
         async def watch() -> None:
             await _wait_disconnect(receive)
@@ -493,7 +486,7 @@ def _failure(result: TPOResult, trace_id: str) -> APIError:
     if kind == "InputError":
         code = "context_length_exceeded" if "context window" in error else "invalid_value"
         return APIError(400, error, param="messages", code=code, trace_id=trace_id)
-    if kind == "RewardError" or error.startswith("no answer could be scored"):
+    if kind == "RewardError" or error.startswith(UNSCORED_ERROR_PREFIX):
         message, code = f"the reward model failed: {error}", "reward_error"
     else:
         message, code = f"the policy model failed: {error}", "upstream_error"
@@ -527,14 +520,6 @@ async def _cancel(*tasks: asyncio.Task[Any]) -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def _send_json(send: Send, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
-    data = json.dumps(body, ensure_ascii=False).encode("utf-8", "surrogatepass")
-    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
-    raw += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
-    await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": data})
-
-
 async def _sse(send: Send, data: Any) -> None:
     await _send_raw(send, b"data: " + json.dumps(data, ensure_ascii=False).encode("utf-8", "surrogatepass") + b"\n\n")
 
@@ -558,30 +543,10 @@ async def _http_error(request: Request, exc: Exception) -> Response:
         message = f"{request.method} is not allowed on {request.url.path}"
     else:
         message = str(detail)
-    return JSONResponse(
-        {
-            "error": {
-                "message": message,
-                "type": "invalid_request_error",
-                "param": None,
-                "code": "not_found" if status == 404 else None,
-            }
-        },
-        status_code=status,
-        headers=getattr(exc, "headers", None),
-    )
+    code = "not_found" if status == 404 else None
+    return await _api_error(request, APIError(status, message, code=code, headers=getattr(exc, "headers", None)))
 
 
 async def _server_error(request: Request, exc: Exception) -> Response:
     log.error("internal error on %s %s: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
-    return JSONResponse(
-        {
-            "error": {
-                "message": f"internal error: {type(exc).__name__}",
-                "type": "server_error",
-                "param": None,
-                "code": None,
-            }
-        },
-        status_code=500,
-    )
+    return await _api_error(request, internal_error(exc))

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import hmac
-import ipaddress
-import json
 import os
 from collections.abc import Iterable, Sequence
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from .._http.loopback import is_loopback_host
 from ..errors import ConfigError
+from ._errors import APIError
 
 #: Paths anyone may call: a load balancer's health check carries no key.
 OPEN_PATHS = frozenset({"/health"})
@@ -30,21 +30,11 @@ def keys_from_env(name: str) -> tuple[str, ...]:
     return keys
 
 
-def is_loopback(host: str) -> bool:
-    """True for an address only this machine can reach (``127.0.0.1``, ``::1``, ``localhost``)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
 def check_bind(host: str, keys: Sequence[str], *, no_auth: bool) -> None:
     """Refuse to listen beyond loopback without keys unless ``no_auth`` says so on purpose."""
     if no_auth and keys:
         raise ConfigError("--no-auth and --auth-keys-env contradict each other; give one")
-    if not keys and not no_auth and not is_loopback(host):
+    if not keys and not no_auth and not is_loopback_host(host):
         raise ConfigError(
             f"refusing to listen on {host} without API keys: anyone who can reach it could spend your models. "
             "Give --auth-keys-env NAME (keys in that environment variable, comma-separated), "
@@ -97,18 +87,4 @@ class AuthMiddleware:
         else:
             await self.app(scope, receive, send)
             return
-        body = json.dumps(
-            {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}}
-        ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 401,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"www-authenticate", b"Bearer"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        await APIError(401, message, code=code, headers={"www-authenticate": "Bearer"}).send(send)

@@ -1,8 +1,12 @@
-"""The errors ``tpo serve`` answers with, all in the OpenAI error shape ``{"error": {message, type, param, code}}``."""
+"""The errors ``tpo serve`` answers with, in the OpenAI shape ``{"error": {message, type, param, code}}``, and how they are sent."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterable
 from typing import Any
+
+from starlette.types import Send
 
 from ..result import TPOResult
 
@@ -46,7 +50,35 @@ class APIError(Exception):
             error["tpo"] = extra
         return {"error": error}
 
+    async def send(self, send: Send) -> None:
+        """Answer with this error on a raw ASGI connection."""
+        await send_json(send, self.status, self.body(), self.headers)
+
 
 def bad_request(message: str, param: str | None = None, code: str = "invalid_value") -> APIError:
     """400: the request is wrong; ``param`` names the field."""
     return APIError(400, message, param=param, code=code)
+
+
+def model_not_found(name: str, presets: Iterable[str]) -> APIError:
+    """404: ``name`` is none of the served ``presets``."""
+    return APIError(
+        404,
+        f"the model {name!r} does not exist here; served: {', '.join(presets)}",
+        param="model",
+        code="model_not_found",
+    )
+
+
+def internal_error(exc: BaseException) -> APIError:
+    """500: a bug; the client learns the exception's type only."""
+    return APIError(500, f"internal error: {type(exc).__name__}", type="server_error")
+
+
+async def send_json(send: Send, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
+    """A whole JSON response on a raw ASGI connection."""
+    data = json.dumps(body, ensure_ascii=False).encode("utf-8", "surrogatepass")
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+    raw += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": data})

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 from ..config import TPOConfig
 from ..errors import ConfigError
+from ..options import check_fields, integer, number, option
 
 
 @dataclass(frozen=True)
@@ -21,37 +22,26 @@ class ServeLimits:
     response sends a keep-alive comment after ``keepalive_s`` without other output.
     """
 
-    max_width: int = 16
-    max_depth: int = 8
-    max_n: int = 16
-    max_request_tokens: int | None = None
-    max_concurrent: int = 64
-    max_queue: int = 256
-    max_body_bytes: int = 1_048_576
-    request_timeout_s: float = 600.0
-    max_traces: int = 1000
-    keepalive_s: float = 15.0
+    owner: ClassVar[str] = "serve limits"
+
+    max_width: int = option(16, integer(min=1), "most answers per step a request may ask for (tpo.width)")
+    max_depth: int = option(8, integer(min=0), "most improvement steps a request may ask for (tpo.depth)")
+    max_n: int = option(16, integer(min=1), "most choices (n) per request")
+    max_request_tokens: int | None = option(
+        None, integer(min=1), "most new tokens per answer a request may ask for (default: the server's max_tokens)"
+    )
+    max_concurrent: int = option(64, integer(min=1), "prompts optimised at once")
+    max_queue: int = option(256, integer(min=0), "requests that may wait for a slot; more get 429")
+    max_body_bytes: int = option(1_048_576, integer(min=64), "largest request body; larger ones get 413")
+    request_timeout_s: float = option(
+        600.0, number(0, None, min_open=True), "longest a request may take, its wait in the queue included"
+    )
+    max_traces: int = option(1000, integer(min=1), "finished results kept for GET /v1/tpo/traces/{id}")
+    keepalive_s: float = option(15.0, number(0, None, min_open=True), "a streaming keep-alive after this long quiet")
 
     def __post_init__(self) -> None:
-        for name, low in (
-            ("max_width", 1),
-            ("max_depth", 0),
-            ("max_n", 1),
-            ("max_concurrent", 1),
-            ("max_queue", 0),
-            ("max_body_bytes", 64),
-            ("max_traces", 1),
-        ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ConfigError(f"serve limits: {name} must be an integer of at least {low}, not {value!r}")
-        tokens = self.max_request_tokens
-        if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
-            raise ConfigError(f"serve limits: max_request_tokens must be a positive integer, not {tokens!r}")
-        for name in ("request_timeout_s", "keepalive_s"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise ConfigError(f"serve limits: {name} must be a positive number of seconds, not {value!r}")
+        # The same checks and messages as TPOConfig's; None is not a value here (but for max_request_tokens).
+        check_fields(self, none_means_default=False)
 
     def request_tokens(self, config: TPOConfig) -> int:
         """The most new tokens per answer a request may ask for, given the server's configuration."""

@@ -15,8 +15,9 @@ from ..engine.store import Candidate
 from ..errors import ConfigError, InputError
 from ..result import TPOResult
 from ..types import Message, Prompt, to_messages
-from ._errors import APIError, bad_request
+from ._errors import bad_request, model_not_found
 from ._limits import ServeLimits
+from ._rubrics import RUBRIC_KEY
 
 #: The keys of the ``tpo`` extension object.
 TPO_KEYS = ("mode", "width", "depth", "seed", "prefer", "metadata")
@@ -90,12 +91,7 @@ def parse_chat_request(
     if not isinstance(model, str) or not model:
         raise bad_request("model is required: the name of one of the served presets (GET /v1/models)", "model")
     if model not in presets:
-        raise APIError(
-            404,
-            f"the model {model!r} does not exist here; served: {', '.join(presets)}",
-            param="model",
-            code="model_not_found",
-        )
+        raise model_not_found(model, presets)
     base = presets[model]
     ext = body.get("tpo")
     if ext is None:
@@ -154,7 +150,7 @@ def parse_chat_request(
             raise bad_request("tpo.prefer must be the judge's rubric as non-empty text", "tpo.prefer")
         if rubrics is not None:
             raise bad_request(f"tpo.prefer cannot be used here: {rubrics}", "tpo.prefer")
-        metadata["prefer"] = prefer.strip()
+        metadata[RUBRIC_KEY] = prefer.strip()
     messages = _messages(body.get("messages"))
     prompt = Prompt(prompt_id(messages, metadata), messages, metadata)
     return ChatRequest(model, prompt, config, n, stream, include_usage)
@@ -198,8 +194,10 @@ def _metadata(ext: Mapping[str, Any]) -> dict[str, Any]:
         return {}
     if not isinstance(metadata, dict):
         raise bad_request(f"tpo.metadata must be an object, not {_kind(metadata)}", "tpo.metadata")
-    if "prefer" in metadata:
-        raise bad_request("tpo.metadata may not hold 'prefer'; give the judge's rubric as tpo.prefer", "tpo.metadata")
+    if RUBRIC_KEY in metadata:
+        raise bad_request(
+            f"tpo.metadata may not hold {RUBRIC_KEY!r}; give the judge's rubric as tpo.prefer", "tpo.metadata"
+        )
     return dict(metadata)
 
 

@@ -6,11 +6,21 @@ import logging
 from collections import OrderedDict
 from pathlib import Path
 
-from ..batch.durable import _dump_line, _GroupLog, _repair_tail
+from ..batch.durable import GroupLog, dump_line, repair_tail
 from ..errors import ConfigError
 from ..result import TPOResult
 
 log = logging.getLogger("tpo.serve")
+
+
+def check_trace_log(log_path: str | Path) -> Path:
+    """``log_path`` as a ``Path``; ``ConfigError`` when it is a directory or its directory does not exist."""
+    path = Path(log_path)
+    if path.is_dir():
+        raise ConfigError(f"--trace-log {path}: is a directory, not a file")
+    if not path.parent.is_dir():
+        raise ConfigError(f"--trace-log {path}: the directory {path.parent} does not exist")
+    return path
 
 
 class Traces:
@@ -24,19 +34,15 @@ class Traces:
     def __init__(self, capacity: int, log_path: str | Path | None = None) -> None:
         self.capacity = capacity
         self._results: OrderedDict[str, TPOResult] = OrderedDict()
-        self._log: _GroupLog | None = None
+        self._log: GroupLog | None = None
         self._log_failed = False
         if log_path is not None:
-            path = Path(log_path)
-            if path.is_dir():
-                raise ConfigError(f"--trace-log {path}: is a directory, not a file")
-            if not path.parent.is_dir():
-                raise ConfigError(f"--trace-log {path}: the directory {path.parent} does not exist")
+            path = check_trace_log(log_path)
             if path.exists():
-                cut = _repair_tail(path)  # a server killed mid-write left half a line
+                cut = repair_tail(path)  # a server killed mid-write left half a line
                 if cut:
                     log.warning("%s: removed an unfinished last line (%d bytes)", path, cut)
-            self._log = _GroupLog(path)
+            self._log = GroupLog(path)
 
     def get(self, trace_id: str) -> TPOResult | None:
         return self._results.get(trace_id)
@@ -49,7 +55,7 @@ class Traces:
         if self._log is None or self._log_failed:
             return
         try:
-            await self._log.append(_dump_line(result))
+            await self._log.append(dump_line(result))
         except Exception as e:  # the answer still goes out: a full disk must not take the server down
             self._log_failed = True
             log.error("the trace log %s cannot be written any more: %s", self._log.path, e)
