@@ -167,26 +167,22 @@ def test_old_paths_are_the_very_modules_in_their_new_homes(old: str) -> None:
     assert sys.modules[old] is module
 
 
+def _loaded_by(module: str, candidates: tuple[str, ...]) -> list[str]:
+    """Which of ``candidates`` a fresh interpreter has loaded after ``import module``."""
+    code = f"import sys, {module}\nprint([m for m in {candidates!r} if m in sys.modules])\n"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return ast.literal_eval(out.strip())
+
+
 def test_import_tpo_loads_no_layer_it_does_not_need() -> None:
-    code = (
-        "import sys, tpo\n"
-        "heavy = [m for m in ('tpo.batch.runner', 'tpo.analysis.report', 'tpo.analysis.evaluate', 'tpo.cli', "
-        "'torch', 'transformers', 'vllm', 'llama_cpp', 'openai', 'httpx', 'ray') if m in sys.modules]\n"
-        "print(heavy)\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
-    assert out == "[]"
+    heavy = ("tpo.batch.runner", "tpo.analysis.report", "tpo.analysis.evaluate", "tpo.cli")
+    assert _loaded_by("tpo", (*heavy, "torch", "transformers", "vllm", "llama_cpp", "openai", "httpx", "ray")) == []
 
 
 def test_the_command_line_loads_the_analysis_layers_only_when_a_command_runs() -> None:
-    code = (
-        "import sys, tpo.cli\n"
-        "late = ('tpo.analysis.evaluate', 'tpo.analysis.compute', 'tpo.analysis.stats', 'tpo.analysis.judge', "
-        "'tpo.analysis.report', 'tpo.batch.runner', 'tpo.batch.sweep')\n"
-        "print([m for m in late if m in sys.modules])\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
-    assert out == "[]"
+    analysis = ("tpo.analysis.evaluate", "tpo.analysis.compute", "tpo.analysis.stats", "tpo.analysis.judge")
+    late = (*analysis, "tpo.analysis.report", "tpo.batch.runner", "tpo.batch.sweep")
+    assert _loaded_by("tpo.cli", late) == []
 
 
 def _imports(path: Path) -> set[str]:
